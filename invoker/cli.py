@@ -1,0 +1,85 @@
+"""The ``invoker`` command: ``invoker run`` (the daemon) and ``invoker loadgen``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import structlog
+import trio
+
+from invoker.config import add_config_arguments, load_config
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on stderr; ``level`` filters (debug shows one line per activation)."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    # kafka-python logs through the standard library; keep its noise at warning and above.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format='{"event": "%(message)s", "logger": "%(name)s", '
+                               '"level": "%(levelname)s"}')
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    if args.print_config:
+        json.dump(config.masked(), sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+        return 0
+    configure_logging(config.log_level)
+    from invoker.daemon import Invoker
+
+    try:
+        trio.run(Invoker(config).run)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="invoker",
+        description="Serverless invoker: runs activations from Kafka in Docker containers and "
+                    "stores their records with bounded memory.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the invoker daemon",
+                              description="Run the invoker daemon until SIGTERM/SIGINT.")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the effective configuration (secrets masked) and exit")
+    add_config_arguments(run)
+    run.set_defaults(handler=_run)
+
+    from invoker import loadgen
+
+    loadgen.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValueError as exc:
+        parser.exit(2, f"invoker: error: {exc}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

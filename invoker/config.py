@@ -1,0 +1,225 @@
+"""Daemon configuration: flags > ``INVOKER_*`` environment > TOML file > defaults.
+
+Every field of :class:`Config` is settable in all three places under the same name
+(``--record-channel-size``, ``INVOKER_RECORD_CHANNEL_SIZE``, ``record_channel_size = ...``).
+Mapping fields take JSON in flags and environment variables and a table in TOML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from invoker.model import Limits
+
+ENV_PREFIX = "INVOKER_"
+# Room for everything in a record besides its result and logs (ids, annotations, JSON syntax).
+RECORD_OVERHEAD_BYTES = 16 * 1024
+
+
+def _default_invoker_id() -> str:
+    return "invoker-" + socket.gethostname().split(".")[0].lower()
+
+
+@dataclass
+class Config:
+    # Identity and Kafka
+    invoker_id: str = field(default_factory=_default_invoker_id)
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    feed_topic: str = "invoker-activations"
+    group_id: str = "invoker"
+    completions_topic: str = "invoker-completions"
+    dead_letter_topic: str = "invoker-dead-letters"
+    topic_partitions: int = 4  # used when the daemon has to create its topics
+    # Store
+    store_url: str = "sqlite:///./invoker-records.sqlite3"
+    store_timeout_s: float = 30.0
+    # Bounds of the pipeline
+    read_ahead: int = 16  # messages handed from the consumer thread, not yet dispatched
+    max_poll_records: int = 16  # messages taken per poll(); they wait in the thread if trio is full
+    fetch_max_bytes: int = 4 * 1024 * 1024  # the consumer's own fetch buffer
+    max_message_bytes: int = 1024 * 1024  # largest activation message accepted
+    max_activations: int = 32  # execution slots
+    record_channel_size: int = 256
+    record_channel_low_watermark: int = 128  # the feed resumes at or below this depth
+    batch_size: int = 100
+    linger_ms: int = 20
+    max_writes_in_flight: int = 2
+    backoff_initial_ms: int = 100
+    backoff_max_ms: int = 5000
+    # Containers
+    user_memory_mb: int = 2048
+    kind_images: dict[str, str] = field(
+        default_factory=lambda: {"python:3": "invoker-action-python:latest"}
+    )
+    prewarm: dict[str, int] = field(default_factory=dict)
+    prewarm_memory_mb: int = 256
+    idle_timeout_s: float = 600.0
+    # empty: publish container ports on 127.0.0.1; else reach containers by IP on this network
+    container_network: str = ""
+    container_pids_limit: int = 128
+    container_cpus: float = 1.0
+    init_timeout_s: float = 30.0
+    max_result_bytes: int = 1024 * 1024
+    # Action limits: defaults for missing ones, and the allowed ranges
+    default_timeout_ms: int = 60_000
+    default_memory_mb: int = 256
+    default_logs_kb: int = 10
+    default_concurrency: int = 1
+    min_timeout_ms: int = 100
+    max_timeout_ms: int = 300_000
+    min_memory_mb: int = 128
+    max_memory_mb: int = 512
+    max_logs_kb: int = 10 * 1024
+    max_concurrency: int = 100
+    # Operations
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9180
+    grace_period_s: float = 30.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("read_ahead", "max_poll_records", "max_activations", "record_channel_size",
+                     "batch_size", "max_writes_in_flight", "user_memory_mb"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if not 0 <= self.record_channel_low_watermark < self.record_channel_size:
+            problems.append("record_channel_low_watermark must be in [0, record_channel_size)")
+        if self.default_limits_problem():
+            problems.append(self.default_limits_problem())
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+
+    def default_limits_problem(self) -> str:
+        d = self.default_limits
+        bad = limits_problem(d, self)
+        return f"default limits out of range: {bad}" if bad else ""
+
+    @property
+    def default_limits(self) -> Limits:
+        return Limits(
+            timeout_ms=self.default_timeout_ms,
+            memory_mb=self.default_memory_mb,
+            logs_kb=self.default_logs_kb,
+            concurrency=self.default_concurrency,
+        )
+
+    @property
+    def max_record_bytes(self) -> int:
+        """Cap on one encoded activation record; the record builder enforces it."""
+        return self.max_result_bytes + self.max_logs_kb * 1024 + RECORD_OVERHEAD_BYTES
+
+    def worst_case_buffered(self) -> tuple[int, int]:
+        """Upper bound on (records, bytes) this daemon holds in memory at any time.
+
+        Messages count from the moment the consumer returns them (waiting in the consumer thread,
+        in the read-ahead channel, in execution slots) until their record leaves the last bulk
+        write; the consumer's fetch buffer is added in bytes.
+        """
+        messages = self.max_poll_records + self.read_ahead
+        records = self.max_activations + self.record_channel_size
+        records += self.max_writes_in_flight * self.batch_size
+        total = messages + records
+        per_item = self.max_message_bytes + self.max_record_bytes
+        return total, total * per_item + self.fetch_max_bytes
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration with credentials replaced by ``***``."""
+        values = dataclasses.asdict(self)
+        values["store_url"] = mask_url(self.store_url)
+        return values
+
+
+def limits_problem(limits: Limits, config: Config) -> str | None:
+    """Why ``limits`` are outside the configured ranges, or None when they are fine."""
+    checks = [
+        ("timeout", limits.timeout_ms, config.min_timeout_ms, config.max_timeout_ms),
+        ("memory", limits.memory_mb, config.min_memory_mb, config.max_memory_mb),
+        ("logs", limits.logs_kb, 0, config.max_logs_kb),
+        ("concurrency", limits.concurrency, 1, config.max_concurrency),
+    ]
+    for name, value, low, high in checks:
+        if not low <= value <= high:
+            return f"{name} limit {value} is outside the allowed range [{low}, {high}]"
+    return None
+
+
+def mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# --- loading -------------------------------------------------------------------------------
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Config)
+
+
+def _convert(name: str, raw: Any, kind: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is dict or kind is dict:
+        value = json.loads(raw) if isinstance(raw, str) else raw
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{name} must be a JSON object / TOML table")
+        return dict(value)
+    if isinstance(kind, types.UnionType):
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        return str(raw).lower() in ("1", "true", "yes", "on")
+    try:
+        return kind(raw)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: cannot read {raw!r} as {kind.__name__}") from exc
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per configuration field, defaulting to None so unset flags are detectable."""
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    group = parser.add_argument_group("configuration (also INVOKER_<NAME> or TOML <name>)")
+    for f in dataclasses.fields(Config):
+        group.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None,
+                           metavar=f.name.upper())
+
+
+def load_config(args: argparse.Namespace | None = None,
+                environ: Mapping[str, str] | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    kinds = _field_types()
+    values: dict[str, Any] = {}
+    path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    if path:
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+        unknown = set(table) - set(kinds)
+        if unknown:
+            raise ValueError(f"unknown settings in {path}: {', '.join(sorted(unknown))}")
+        values.update({k: _convert(k, v, kinds[k]) for k, v in table.items()})
+    for name, kind in kinds.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _convert(name, raw, kind)
+    if args is not None:
+        for name, kind in kinds.items():
+            raw = getattr(args, "cfg_" + name, None)
+            if raw is not None:
+                values[name] = _convert(name, raw, kind)
+    return Config(**values)

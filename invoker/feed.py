@@ -1,0 +1,259 @@
+"""The feed: a kafka-python consumer on its own thread, handing messages to trio.
+
+kafka-python's consumer is not thread-safe, so every consumer call (poll, pause, resume, commit,
+close) happens on the feed thread. The trio side talks to it only through:
+
+- a :class:`FeedGate` whose methods the thread calls with ``trio.from_thread.run_sync`` (they run
+  on the trio thread and never block);
+- :meth:`Feed.request_commit`, which records the offset to commit under a lock (one entry per
+  partition, so it is bounded) for the thread to commit on its next turn.
+
+When the gate cannot take a message the thread pauses every assigned partition and keeps polling
+(so the consumer stays in its group), holding at most ``max_poll_records`` messages, and resumes
+when the gate says the pipeline drained below its low watermarks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+import trio
+from kafka import ConsumerRebalanceListener, KafkaConsumer
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from invoker.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+POLL_TIMEOUT_MS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class FeedMessage:
+    partition: TopicPartition
+    epoch: int
+    offset: int
+    value: bytes
+    received_at: float  # time.time() when the consumer returned it
+
+
+class FeedGate(Protocol):
+    """The trio side of the feed. Every method runs on the trio thread and must not block."""
+
+    def offer(self, messages: Sequence[FeedMessage]) -> tuple[int, bool]:
+        """Take a prefix of ``messages``; return (how many were taken, whether to pause)."""
+
+    def should_resume(self) -> bool:
+        """True once the pipeline drained below its low watermarks."""
+
+    def assigned(self, partitions: Sequence[tuple[TopicPartition, int]]) -> None:
+        """Partitions (with their new epoch) now owned by this consumer."""
+
+    def revoked(self, partitions: Sequence[TopicPartition]) -> None:
+        """Partitions no longer owned; their in-flight work must not commit."""
+
+
+@dataclass(frozen=True)
+class FeedSettings:
+    bootstrap: str
+    topic: str
+    group_id: str
+    client_id: str
+    max_poll_records: int
+    fetch_max_bytes: int
+    max_message_bytes: int
+    session_timeout_ms: int = 10_000
+    max_poll_interval_ms: int = 300_000
+
+
+class Feed:
+    def __init__(self, settings: FeedSettings, gate: FeedGate, metrics: Metrics) -> None:
+        self._settings = settings
+        self._gate = gate
+        self._metrics = metrics
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._commit_lock = threading.Lock()
+        self._commits: dict[TopicPartition, int] = {}
+        self._stop_fetching = threading.Event()
+        self._close = threading.Event()
+        self._paused = False
+        self._paused_since = 0.0
+        self._epoch = 0
+        self._epochs: dict[TopicPartition, int] = {}
+        self._pending: deque[FeedMessage] = deque()
+        self.ready = trio.Event()
+
+    # --- trio side -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run the consumer thread until :meth:`close` (or cancellation) and it has committed.
+
+        Blocks for the life of the feed. Cancellation asks the thread to close and waits for it.
+        """
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._close_on_cancel)
+            try:
+                await trio.to_thread.run_sync(self._thread_main)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _close_on_cancel(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.stop_fetching()
+            self._close.set()
+
+    def request_commit(self, partition: TopicPartition, offset: int) -> None:
+        """Ask the thread to commit ``offset`` (the next offset to read). Never blocks."""
+        with self._commit_lock:
+            if offset > self._commits.get(partition, -1):
+                self._commits[partition] = offset
+
+    def stop_fetching(self) -> None:
+        """Hand over nothing more; messages not yet handed over are left to be redelivered."""
+        self._stop_fetching.set()
+
+    def close(self) -> None:
+        """Commit what was requested, leave the group and end the thread."""
+        self._close.set()
+
+    # --- feed thread ---------------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        s = self._settings
+        consumer = KafkaConsumer(
+            bootstrap_servers=s.bootstrap.split(","),
+            group_id=s.group_id,
+            client_id=s.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=s.max_poll_records,
+            fetch_max_bytes=s.fetch_max_bytes,
+            max_partition_fetch_bytes=min(s.fetch_max_bytes, max(s.max_message_bytes, 1 << 20)),
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=max(s.session_timeout_ms // 4, 500),
+            max_poll_interval_ms=s.max_poll_interval_ms,
+        )
+        consumer.subscribe([s.topic], listener=_Listener(self, consumer))
+        self._call(self.ready.set)
+        try:
+            while not self._close.is_set():
+                self._turn(consumer)
+            self._commit_requested(consumer)
+        finally:
+            if self._paused:
+                self._note_resumed()
+            consumer.close(autocommit=False)
+            log.info("feed closed")
+
+    def _turn(self, consumer: KafkaConsumer) -> None:
+        self._commit_requested(consumer)
+        if self._stop_fetching.is_set():
+            self._pending.clear()
+            if not self._paused:
+                self._pause(consumer, "stopping")
+        elif self._paused and not self._pending and self._call(self._gate.should_resume):
+            self._resume(consumer)
+        # Never hold more than max_poll_records in this thread (while paused, poll returns none).
+        room = max(self._settings.max_poll_records - len(self._pending), 1)
+        polled = consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=room)
+        now = time.time()
+        for partition, records in polled.items():
+            epoch = self._epoch_of(partition)
+            for record in records:
+                self._pending.append(FeedMessage(partition, epoch, record.offset,
+                                                 record.value or b"", now))
+        if self._pending and not self._stop_fetching.is_set():
+            taken, want_pause = self._call(self._gate.offer, list(self._pending))
+            for _ in range(taken):
+                self._pending.popleft()
+            if (self._pending or want_pause) and not self._paused:
+                self._pause(consumer, "pipeline saturated")
+
+    def _epoch_of(self, partition: TopicPartition) -> int:
+        return self._epochs.get(partition, 0)
+
+    def _call(self, fn, *args):  # type: ignore[no-untyped-def]
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def _pause(self, consumer: KafkaConsumer, reason: str) -> None:
+        consumer.pause(*consumer.assignment())
+        self._paused = True
+        self._paused_since = time.monotonic()
+        self._metrics.paused.set(1)
+        self._metrics.pauses.inc()
+        log.info("feed paused", reason=reason, held=len(self._pending))
+
+    def _resume(self, consumer: KafkaConsumer) -> None:
+        consumer.resume(*consumer.assignment())
+        paused_for = self._note_resumed()
+        self._metrics.resumes.inc()
+        log.info("feed resumed", paused_s=round(paused_for, 3))
+
+    def _note_resumed(self) -> float:
+        paused_for = time.monotonic() - self._paused_since
+        self._paused = False
+        self._metrics.paused.set(0)
+        self._metrics.paused_seconds.inc(paused_for)
+        return paused_for
+
+    def _commit_requested(self, consumer: KafkaConsumer,
+                          only: Iterable[TopicPartition] | None = None) -> None:
+        with self._commit_lock:
+            if only is None:
+                todo, self._commits = self._commits, {}
+            else:
+                todo = {tp: self._commits.pop(tp) for tp in only if tp in self._commits}
+        if not todo:
+            return
+        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in todo.items()}
+        try:
+            consumer.commit(offsets)
+        except KafkaError as exc:
+            # The group moved on (rebalance); the new owner re-reads from the last commit and
+            # the store's idempotency absorbs the repeats.
+            log.warning("commit failed", error=str(exc), offsets={str(k): v for k, v in
+                                                                  todo.items()})
+
+    def _on_revoked(self, consumer: KafkaConsumer, revoked: Sequence[TopicPartition]) -> None:
+        self._commit_requested(consumer, only=revoked)
+        gone = set(revoked)
+        self._pending = deque(m for m in self._pending if m.partition not in gone)
+        for tp in revoked:
+            self._epochs.pop(tp, None)
+        self._call(self._gate.revoked, list(revoked))
+        log.info("partitions revoked", partitions=[f"{tp.topic}-{tp.partition}" for tp in revoked])
+
+    def _on_assigned(self, consumer: KafkaConsumer, assigned: Sequence[TopicPartition]) -> None:
+        self._epoch += 1
+        for tp in assigned:
+            self._epochs[tp] = self._epoch
+        self._call(self._gate.assigned, [(tp, self._epoch) for tp in assigned])
+        if self._paused and assigned:
+            # A rebalance hands partitions over un-paused; the pause still holds.
+            consumer.pause(*assigned)
+        log.info("partitions assigned",
+                 partitions=[f"{tp.topic}-{tp.partition}" for tp in assigned])
+
+
+class _Listener(ConsumerRebalanceListener):
+    """Runs inside ``poll()`` on the feed thread."""
+
+    def __init__(self, feed: Feed, consumer: KafkaConsumer) -> None:
+        self._feed = feed
+        self._consumer = consumer
+
+    def on_partitions_revoked(self, revoked):  # type: ignore[no-untyped-def]
+        self._feed._on_revoked(self._consumer, list(revoked))
+
+    def on_partitions_assigned(self, assigned):  # type: ignore[no-untyped-def]
+        self._feed._on_assigned(self._consumer, list(assigned))

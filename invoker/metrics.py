@@ -1,0 +1,82 @@
+"""Prometheus metrics of one daemon process.
+
+Each process (invoker or recorder) has its own registry so tests can run several daemons' code
+in one interpreter without clashing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        ProcessCollector(registry=r)
+        self.activations = Counter(
+            "invoker_activations", "Activations finished, by status", ["status"], registry=r
+        )
+        self.in_flight = Gauge("invoker_in_flight", "Activations holding a slot", registry=r)
+        self.slots_used = Gauge("invoker_slots_used", "Execution slots in use", registry=r)
+        self.slots_total = Gauge("invoker_slots_total", "Execution slots configured", registry=r)
+        self.channel_depth = Gauge(
+            "invoker_record_channel_depth", "Records waiting in the record channel", registry=r
+        )
+        self.channel_capacity = Gauge(
+            "invoker_record_channel_capacity", "Bound of the record channel", registry=r
+        )
+        self.paused = Gauge("invoker_feed_paused", "1 while the feed is paused", registry=r)
+        self.paused_seconds = Counter(
+            "invoker_feed_paused_seconds", "Total seconds the feed was paused", registry=r
+        )
+        self.pauses = Counter("invoker_feed_pauses", "Times the feed was paused", registry=r)
+        self.resumes = Counter("invoker_feed_resumes", "Times the feed was resumed", registry=r)
+        self.dead_letters = Counter(
+            "invoker_dead_letters", "Messages sent to the dead-letter topic", registry=r
+        )
+        self.store_write_seconds = Histogram(
+            "invoker_store_write_seconds", "Latency of one bulk write", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_batch_size = Histogram(
+            "invoker_store_batch_size", "Records per bulk write", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.store_write_failures = Counter(
+            "invoker_store_write_failures", "Bulk writes that failed and were retried", registry=r
+        )
+        self.records_stored = Counter(
+            "invoker_records_stored", "Records newly stored", registry=r
+        )
+        self.records_already_stored = Counter(
+            "invoker_records_already_stored",
+            "Records the store already had (re-executed activations)",
+            registry=r,
+        )
+        self.records_refused = Counter(
+            "invoker_records_refused", "Records the store refused; dead-lettered", registry=r
+        )
+        self.container_starts = Counter(
+            "invoker_container_starts", "Activations by how their container was obtained",
+            ["kind"], registry=r,
+        )
+        self.containers = Gauge("invoker_containers", "Action containers alive", registry=r)
+        self.memory_used_mb = Gauge(
+            "invoker_pool_memory_used_mb", "Memory reserved by action containers", registry=r
+        )
+        self.peak_rss_bytes = Gauge(
+            "invoker_process_peak_rss_bytes", "Peak resident set size of the process", registry=r
+        )
+        self.worst_case_records = Gauge(
+            "invoker_worst_case_buffered_records", "Bound on records buffered in memory", registry=r
+        )
+        self.worst_case_bytes = Gauge(
+            "invoker_worst_case_buffered_bytes", "Bound on bytes of records buffered", registry=r
+        )

@@ -1,0 +1,62 @@
+"""The operations endpoint: ``GET /metrics`` (Prometheus text) and ``GET /healthz``.
+
+A deliberately small HTTP/1.0-style server on trio: one request per connection, the whole
+response written in one send (see the Nagle note in ENVIRONMENT.md), request heads capped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import partial
+
+import structlog
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from invoker.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+MAX_REQUEST_HEAD = 8192
+READ_TIMEOUT_S = 5.0
+
+
+async def serve_ops(host: str, port: int, metrics: Metrics, health: Callable[[], dict],
+                    *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; reports the bound port through ``task_status``."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    log.info("ops endpoint listening", host=host, port=bound)
+    task_status.started(bound)
+    await trio.serve_listeners(partial(_handle, metrics=metrics, health=health), listeners)
+
+
+async def _handle(stream: trio.SocketStream, *, metrics: Metrics,
+                  health: Callable[[], dict]) -> None:
+    async with stream:
+        head = b""
+        with trio.move_on_after(READ_TIMEOUT_S):
+            while b"\r\n\r\n" not in head and len(head) < MAX_REQUEST_HEAD:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                head += chunk
+        parts = head.split(b" ", 2)
+        path = parts[1].decode("latin-1") if len(parts) > 2 else ""
+        if parts[0] != b"GET":
+            status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+        elif path.split("?")[0] == "/metrics":
+            status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
+        elif path.split("?")[0] == "/healthz":
+            state = health()
+            status = "200 OK" if state.get("ok") else "503 Service Unavailable"
+            ctype, body = "application/json", json.dumps(state).encode()
+        else:
+            status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+        response = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+        try:
+            await stream.send_all(response)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass

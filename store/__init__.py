@@ -1,0 +1,137 @@
+"""Activation record stores: where finished activation records are kept, idempotently.
+
+Every record is an OpenWhisk activation record (a JSON-able dict with ``namespace`` and
+``activationId``). Its id in the store is ``doc_id_for(namespace, activationId)``, as in
+OpenWhisk. Writing an id that is already stored never makes a second copy and never changes
+the first one: the store answers ``ALREADY_STORED`` for it, so a batch can be retried after a
+``StoreUnavailable`` without duplicating anything.
+
+Backends: an embedded SQLite file (the default) and CouchDB over HTTP (Apache CouchDB 3 or
+pouchdb-server). All methods are called from trio.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "DEFAULT_SQLITE_PATH",
+    "DocResult",
+    "Outcome",
+    "Store",
+    "StoreUnavailable",
+    "doc_id_for",
+    "open_store",
+]
+
+DEFAULT_SQLITE_PATH = "./invoker-records.sqlite3"
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"  # written by this call
+    ALREADY_STORED = "already_stored"  # the id was there before; the stored record is unchanged
+    FAILED = "failed"  # this document was rejected; retrying the same document will not help
+
+
+@dataclass(frozen=True)
+class DocResult:
+    doc_id: str
+    outcome: Outcome
+    reason: str | None = None
+
+
+class StoreUnavailable(Exception):
+    """The whole write failed (connection refused, timeout, 5xx): retry the batch later."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect; create the database/table if missing. May raise StoreUnavailable."""
+
+    async def write_batch(self, docs: Sequence[Mapping[str, Any]]) -> list[DocResult]:
+        """One DocResult per doc, in the same order. Raises StoreUnavailable if the
+        write as a whole failed (then any subset of the docs may have been stored)."""
+
+    async def get(self, doc_id: str) -> dict | None: ...
+
+    async def get_many(self, doc_ids: Sequence[str]) -> dict[str, dict]:
+        """Only the ids that are present; handles at least 1000 ids per call."""
+
+    async def count(self) -> int: ...
+
+    async def aclose(self) -> None: ...
+
+    def describe(self) -> str:
+        """Where the records go, with any password masked."""
+
+
+def doc_id_for(namespace: str, activation_id: str) -> str:
+    """The store id of an activation record: ``<namespace>/<activationId>`` as in OpenWhisk."""
+    return f"{namespace}/{activation_id}"
+
+
+def record_doc_id(doc: Mapping[str, Any]) -> str | None:
+    """The store id of ``doc``, or None if it lacks a string namespace/activationId."""
+    namespace = doc.get("namespace")
+    activation_id = doc.get("activationId")
+    if not isinstance(namespace, str) or not isinstance(activation_id, str):
+        return None
+    if not namespace or not activation_id:
+        return None
+    return doc_id_for(namespace, activation_id)
+
+
+def fallback_doc_id(doc: Mapping[str, Any]) -> str:
+    """A name for a record that has no proper id, for its FAILED result."""
+    try:
+        return f"{doc.get('namespace')!s}/{doc.get('activationId')!s}"
+    except Exception:  # a Mapping with an odd .get must not fail the whole batch
+        return "<invalid record>"
+
+
+def open_store(url: str | None, *, timeout_s: float = 30.0) -> Store:
+    """Make (not yet open) the store named by ``url``.
+
+    - None or "": SQLite at ``./invoker-records.sqlite3``
+    - ``sqlite:///abs/path`` or ``sqlite://relative/path``: SQLite at that path
+    - ``http(s)://[user:pass@]host:port/dbname``: CouchDB database ``dbname``
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+    if not url:
+        from store.sqlite import SqliteStore
+
+        return SqliteStore(DEFAULT_SQLITE_PATH, timeout_s=timeout_s)
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if sep and scheme == "sqlite":
+        if not rest:
+            raise ValueError("sqlite store URL has no path: use sqlite:///abs/path")
+        from store.sqlite import SqliteStore
+
+        return SqliteStore(rest, timeout_s=timeout_s)
+    if sep and scheme in ("http", "https"):
+        from store.couchdb import CouchStore
+
+        return CouchStore(url, timeout_s=timeout_s)
+    raise ValueError(
+        "unsupported store URL (expected sqlite:///path or http(s)://host:port/db): "
+        + _mask_for_error(url)
+    )
+
+
+def _mask_for_error(url: str) -> str:
+    # Never echo a password back, even in a "bad URL" message.
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<unparseable>" if "@" in url else url
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{hostport}"
+    return f"{scheme}{sep}{netloc}{slash}{path}"

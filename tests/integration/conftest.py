@@ -1,0 +1,52 @@
+"""Fixtures for tests against the real Kafka broker, Docker engine and store servers.
+
+``make test`` starts them (deploy/services.sh up). When one is missing the tests fail with the
+reason; they never skip.
+"""
+
+import uuid
+
+import httpx
+import pytest
+
+from tests.support.daemon import COUCHDB, Daemon, Topics, remove_containers
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def topics():
+    return Topics.create()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path}/records.sqlite3"
+
+
+@pytest.fixture
+def couchdb_url():
+    url = f"{COUCHDB}/t-{uuid.uuid4().hex[:12]}"
+    yield url
+    httpx.delete(url, timeout=10)
+
+
+@pytest.fixture
+def daemons(tmp_path, topics):
+    """Factory: ``daemons(store_url, **settings)`` → a started Daemon, cleaned up after."""
+    started: list[Daemon] = []
+
+    def make(store_url: str, *, start: bool = True, invoker_id: str | None = None,
+             **settings: str) -> Daemon:
+        env = {"INVOKER_" + k.upper(): str(v) for k, v in settings.items()}
+        kwargs = {"invoker_id": invoker_id} if invoker_id else {}
+        d = Daemon(topics, store_url, tmp_path / f"daemon-{len(started)}.log", settings=env,
+                   **kwargs)
+        started.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in started:
+        d.stop_quietly()
+    for invoker_id in {d.invoker_id for d in started}:
+        remove_containers(invoker_id)

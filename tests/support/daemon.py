@@ -1,0 +1,166 @@
+"""Running the real ``invoker run`` as a subprocess, for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from kafka.admin import KafkaAdminClient, NewTopic
+from prometheus_client.parser import text_string_to_metric_families
+
+KAFKA = os.environ.get("INVOKER_TEST_KAFKA", "127.0.0.1:9092")
+COUCHDB = os.environ.get("INVOKER_TEST_COUCHDB_URL", "http://127.0.0.1:5984")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Topics:
+    feed: str
+    completions: str
+    dead_letters: str
+    group: str
+
+    @classmethod
+    def create(cls, partitions: int = 4) -> Topics:
+        tag = uuid.uuid4().hex[:10]
+        topics = cls(f"t-{tag}-feed", f"t-{tag}-done", f"t-{tag}-dlq", f"g-{tag}")
+        admin = KafkaAdminClient(bootstrap_servers=KAFKA, client_id="tests")
+        try:
+            admin.create_topics([NewTopic(t, partitions, 1) for t in
+                                 (topics.feed, topics.completions, topics.dead_letters)])
+        finally:
+            admin.close()
+        return topics
+
+    def env(self) -> dict[str, str]:
+        return {"INVOKER_FEED_TOPIC": self.feed, "INVOKER_COMPLETIONS_TOPIC": self.completions,
+                "INVOKER_DEAD_LETTER_TOPIC": self.dead_letters, "INVOKER_GROUP_ID": self.group}
+
+
+@dataclass
+class Daemon:
+    """One ``invoker run`` process; its stderr (JSON logs) goes to ``log_path``."""
+
+    topics: Topics
+    store_url: str
+    log_path: Path
+    invoker_id: str = field(default_factory=lambda: "t" + uuid.uuid4().hex[:8])
+    settings: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60.0) -> Daemon:
+        env = {**os.environ, **self.topics.env(),
+               "INVOKER_KAFKA_BOOTSTRAP": KAFKA, "INVOKER_STORE_URL": self.store_url,
+               "INVOKER_INVOKER_ID": self.invoker_id, "INVOKER_METRICS_PORT": str(self.port),
+               "INVOKER_LOG_LEVEL": "debug", **self.settings}
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        self.process = subprocess.Popen([sys.executable, "-m", "invoker.cli", "run"], env=env,
+                                        stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n"
+                                   + self.log_tail())
+            try:
+                if httpx.get(self.url("/healthz"), timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("daemon did not become healthy:\n" + self.log_tail())
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def metrics(self) -> dict[str, float]:
+        """Samples by name (labels folded into the name as name{k=v})."""
+        text = httpx.get(self.url("/metrics"), timeout=5).text
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return samples
+
+    def terminate(self, timeout_s: float = 90.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def stop_quietly(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def log_events(self, event: str) -> list[str]:
+        return [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if f'"event": "{event}"' in line]
+
+
+def group_lag(topics: Topics) -> int:
+    """Messages on the feed topic beyond the group's committed offsets (0 = all committed)."""
+    from kafka import KafkaConsumer
+    from kafka.structs import TopicPartition
+
+    admin = KafkaAdminClient(bootstrap_servers=KAFKA, client_id="tests")
+    consumer = KafkaConsumer(bootstrap_servers=KAFKA, client_id="tests")
+    try:
+        committed = admin.list_consumer_group_offsets(topics.group)
+        partitions = [TopicPartition(topics.feed, p)
+                      for p in consumer.partitions_for_topic(topics.feed) or ()]
+        ends = consumer.end_offsets(partitions)
+        lag = 0
+        for tp, end in ends.items():
+            meta = committed.get(tp)
+            lag += end - (meta.offset if meta is not None and meta.offset >= 0 else 0)
+        return lag
+    finally:
+        consumer.close()
+        admin.close()
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
+    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+def remove_containers(invoker_id: str) -> int:
+    """Remove action containers a test's daemon left (e.g. after SIGKILL)."""
+    ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=org.invoker.id={invoker_id}"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    if ids:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=True)
+    return len(ids)
