@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# `make demo`: run the daemon against the local Kafka and an embedded SQLite store under a
+# ~30 s load-generator run, print the report, then stop the daemon with SIGTERM.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${INVOKER_PYTHON:-.venv/bin/python}
+STATE=${DEMO_STATE:-/tmp/invoker-demo}
+DURATION=${DEMO_DURATION:-30}
+RATE=${DEMO_RATE:-100}
+PORT=${DEMO_METRICS_PORT:-9180}
+mkdir -p "$STATE"
+tag=$(date +%s)
+export INVOKER_KAFKA_BOOTSTRAP=127.0.0.1:9092
+export INVOKER_STORE_URL="sqlite:///$STATE/records.sqlite3"
+export INVOKER_FEED_TOPIC="demo-$tag-activations" INVOKER_COMPLETIONS_TOPIC="demo-$tag-completions"
+export INVOKER_DEAD_LETTER_TOPIC="demo-$tag-dead-letters" INVOKER_GROUP_ID="demo-$tag"
+export INVOKER_INVOKER_ID=demo-invoker INVOKER_METRICS_PORT=$PORT
+export INVOKER_PREWARM='{"python:3": 2}'
+
+"$PY" -m invoker.cli run >"$STATE/daemon.log" 2>&1 &
+daemon=$!
+trap 'kill -TERM $daemon 2>/dev/null || true; wait $daemon 2>/dev/null || true' EXIT
+for _ in $(seq 1 150); do
+  curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break
+  kill -0 $daemon 2>/dev/null || { echo "daemon exited; log:" >&2; tail -20 "$STATE/daemon.log" >&2; exit 1; }
+  sleep 0.2
+done
+echo "daemon up (pid $daemon, metrics http://127.0.0.1:$PORT/metrics, log $STATE/daemon.log)" >&2
+echo "worst-case buffer: $(grep -o '"worst_case_buffered_records": [0-9]*, "worst_case_buffered_bytes": [0-9]*' "$STATE/daemon.log" | head -1)" >&2
+
+status=0
+"$PY" -m invoker.cli loadgen --duration "$DURATION" --rate "$RATE" \
+  --action echo --action sleep:20 --action cpu:5 --action error --action logs:5 \
+  --metrics-url "http://127.0.0.1:$PORT/metrics" --progress || status=$?
+
+kill -TERM $daemon
+wait $daemon || status=$?
+trap - EXIT
+echo "daemon stopped cleanly (exit $status)" >&2
+exit $status

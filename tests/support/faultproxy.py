@@ -1,0 +1,219 @@
+"""A fault-injecting TCP proxy for tests, written with trio.
+
+In a trio test::
+
+    async with FaultProxy("127.0.0.1", 5984) as proxy:
+        url = f"http://127.0.0.1:{proxy.port}/db"
+        proxy.latency = 0.3   # each chunk from client to server waits 0.3 s first
+        proxy.down = True     # drop live connections; accept new ones and close them at once
+        proxy.down = False    # back to normal
+        proxy.connections     # how many client connections were accepted so far
+
+From a test that does not run trio, as a separate process::
+
+    python -m tests.support.faultproxy --target 127.0.0.1:5984 --listen 127.0.0.1:0 \
+        --control-file PATH
+
+prints its bound port as the first line of stdout, then re-reads PATH (JSON such as
+``{"latency": 0.2, "down": false}``) every 100 ms; write it atomically (write a temporary file,
+then rename). SIGTERM or SIGINT stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from types import TracebackType
+from typing import Any
+
+import trio
+
+_BUFSIZE = 65536
+
+
+class FaultProxy:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+    ) -> None:
+        self.target_host = target_host
+        self.target_port = target_port
+        self.listen_host = listen_host
+        self.listen_port = listen_port
+        self.latency: float = 0.0
+        self.connections = 0  # client connections accepted (including ones closed while down)
+        self._down = False
+        self._live: set[trio.CancelScope] = set()  # one per proxied connection
+        self._listener: trio.SocketListener | None = None
+        self._port: int | None = None
+        self._nursery_manager: Any = None  # what trio.open_nursery() returns
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("FaultProxy is not started (use it as `async with`)")
+        return self._port
+
+    @property
+    def active(self) -> int:
+        """Connections being proxied right now (not counting ones that `down` cut)."""
+        return len(self._live)
+
+    @property
+    def down(self) -> bool:
+        return self._down
+
+    @down.setter
+    def down(self, value: bool) -> None:
+        self._down = bool(value)
+        if self._down:
+            for scope in self._live:
+                scope.cancel()  # its task closes both sockets when it next runs
+            self._live.clear()
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> FaultProxy:
+        listeners = await trio.open_tcp_listeners(self.listen_port, host=self.listen_host)
+        self._listener = listeners[0]
+        self._port = self._listener.socket.getsockname()[1]
+        for extra in listeners[1:]:
+            extra.socket.close()
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        self._nursery.start_soon(self._serve, self._listener)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._nursery is not None and self._nursery_manager is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            if isinstance(exc, Exception) and not isinstance(exc, BaseExceptionGroup):
+                # A plain error in the `async with` body (a failed assert, say): let it
+                # propagate as it is instead of wrapped in an ExceptionGroup by the nursery.
+                await self._nursery_manager.__aexit__(None, None, None)
+            else:
+                # Cancelled, KeyboardInterrupt, groups: the nursery must see them.
+                await self._nursery_manager.__aexit__(exc_type, exc, tb)
+        finally:
+            if self._listener is not None:
+                self._listener.socket.close()
+            self._nursery = None
+
+    # ---- proxying --------------------------------------------------------------------
+
+    async def _serve(self, listener: trio.SocketListener) -> None:
+        assert self._nursery is not None
+        nursery = self._nursery
+        async with listener:
+            while True:
+                try:
+                    client = await listener.accept()
+                except OSError:  # e.g. EMFILE: back off a little, as trio.serve_listeners does
+                    await trio.sleep(0.1)
+                    continue
+                self.connections += 1
+                if self._down:
+                    await trio.aclose_forcefully(client)
+                    continue
+                nursery.start_soon(self._handle, client)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        scope = trio.CancelScope()
+        self._live.add(scope)
+        try:
+            with scope:
+                if self._down:  # went down after the accept, before this task ran
+                    return
+                try:
+                    server = await trio.open_tcp_stream(self.target_host, self.target_port)
+                except OSError:
+                    return  # target down: the client sees its connection closed
+                async with server, trio.open_nursery() as nursery:
+                    conn = nursery.cancel_scope
+                    nursery.start_soon(self._pump, client, server, True, conn)
+                    nursery.start_soon(self._pump, server, client, False, conn)
+        finally:
+            self._live.discard(scope)
+            await trio.aclose_forcefully(client)
+
+    async def _pump(
+        self,
+        src: trio.SocketStream,
+        dst: trio.SocketStream,
+        to_server: bool,
+        conn: trio.CancelScope,
+    ) -> None:
+        try:
+            while data := await src.receive_some(_BUFSIZE):
+                if to_server and self.latency > 0:
+                    await trio.sleep(self.latency)
+                await dst.send_all(data)
+            # EOF from src: pass the half-close on and let the other direction finish.
+            await dst.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            conn.cancel()  # a reset on either side ends the whole connection
+
+
+# ---- command line --------------------------------------------------------------------
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def _follow_control_file(proxy: FaultProxy, path: trio.Path) -> None:
+    seen: tuple[float, bool] | None = None
+    while True:
+        try:
+            data = json.loads(await path.read_text())
+            wanted = (float(data.get("latency", 0) or 0), bool(data.get("down", False)))
+        except (OSError, ValueError, TypeError, AttributeError):
+            wanted = None  # missing or half-written file: keep the current settings
+        if wanted is not None and wanted != seen:
+            seen = wanted
+            proxy.latency, proxy.down = wanted
+            print(f"faultproxy: latency={wanted[0]:g} down={wanted[1]}", file=sys.stderr)
+        await trio.sleep(0.1)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    target_host, target_port = args.target
+    listen_host, listen_port = args.listen
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with FaultProxy(target_host, target_port, listen_host, listen_port) as proxy:
+            print(proxy.port, flush=True)
+            async with trio.open_nursery() as nursery:
+                if args.control_file:
+                    nursery.start_soon(_follow_control_file, proxy, trio.Path(args.control_file))
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.support.faultproxy")
+    parser.add_argument("--target", type=_hostport, required=True, help="HOST:PORT to forward to")
+    parser.add_argument("--listen", type=_hostport, default=("127.0.0.1", 0), help="HOST:PORT")
+    parser.add_argument(
+        "--control-file", help='JSON {"latency": s, "down": bool}, read every 0.1 s'
+    )
+    trio.run(_main, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
