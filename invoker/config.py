@@ -80,7 +80,7 @@ class Config:
     max_timeout_ms: int = 300_000
     min_memory_mb: int = 128
     max_memory_mb: int = 512
-    max_logs_kb: int = 10 * 1024
+    max_logs_kb: int = 1024
     max_concurrency: int = 100
     # Operations
     metrics_host: str = "127.0.0.1"
@@ -127,12 +127,13 @@ class Config:
         in the read-ahead channel, in execution slots) until their record leaves the last bulk
         write; the consumer's fetch buffer is added in bytes.
         """
-        messages = self.max_poll_records + self.read_ahead
-        records = self.max_activations + self.record_channel_size
-        records += self.max_writes_in_flight * self.batch_size
-        total = messages + records
-        per_item = self.max_message_bytes + self.max_record_bytes
-        return total, total * per_item + self.fetch_max_bytes
+        waiting = self.max_poll_records + self.read_ahead  # messages only
+        running = self.max_activations  # a message and, at the end, its record
+        writing = self.record_channel_size + self.max_writes_in_flight * self.batch_size
+        size = (waiting * self.max_message_bytes
+                + running * (self.max_message_bytes + self.max_record_bytes)
+                + writing * self.max_record_bytes + self.fetch_max_bytes)
+        return waiting + running + writing, size
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration with credentials replaced by ``***``."""

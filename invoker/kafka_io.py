@@ -1,8 +1,9 @@
 """Producing to Kafka from trio, and making sure the daemon's topics exist.
 
-kafka-python's producer is thread-safe but ``send`` can block (full buffer, metadata) and acks
-arrive on futures, so every call runs on a worker thread. The producer's buffer is bounded
-(``buffer_memory``); when it is full ``send`` blocks up to ``max_block_ms`` and then fails.
+kafka-python's producer is thread-safe but ``send`` can block (metadata) and acks arrive on
+futures, so every call runs on a worker thread. kafka-python 3 has no ``buffer_memory`` bound of
+its own: what it buffers is bounded by its callers, each of which waits for the acks of one
+bounded batch before sending more.
 """
 
 from __future__ import annotations
@@ -33,14 +34,13 @@ class OutgoingMessage:
 class Publisher:
     """Publishes batches of messages and waits until Kafka acknowledged all of them."""
 
-    def __init__(self, bootstrap: str, client_id: str, buffer_bytes: int = 8 * 1024 * 1024,
-                 ack_timeout_s: float = 30.0) -> None:
+    def __init__(self, bootstrap: str, client_id: str, ack_timeout_s: float = 30.0) -> None:
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap.split(","),
             client_id=client_id,
             acks="all",
+            enable_idempotence=True,
             linger_ms=2,
-            buffer_memory=buffer_bytes,
             max_block_ms=int(ack_timeout_s * 1000),
             request_timeout_ms=int(ack_timeout_s * 1000),
         )

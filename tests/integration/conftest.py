@@ -50,3 +50,39 @@ def daemons(tmp_path, topics):
         d.stop_quietly()
     for invoker_id in {d.invoker_id for d in started}:
         remove_containers(invoker_id)
+
+
+class ProxyProcess:
+    """The fault proxy in its own process, steered through its control file."""
+
+    def __init__(self, target: str, workdir):
+        import json
+        import subprocess
+        import sys
+
+        self._json = json
+        self.control = workdir / "proxy-control.json"
+        self.set(latency=0.0, down=False)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.faultproxy", "--target", target,
+             "--listen", "127.0.0.1:0", "--control-file", str(self.control)],
+            stdout=subprocess.PIPE, text=True)
+        self.port = int(self.process.stdout.readline().strip())
+
+    def set(self, *, latency: float, down: bool) -> None:
+        tmp = self.control.with_suffix(".tmp")
+        tmp.write_text(self._json.dumps({"latency": latency, "down": down}))
+        tmp.rename(self.control)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def couch_proxy(tmp_path):
+    """A fault proxy in front of the CouchDB-API server; ``.port`` is where to connect."""
+    target = COUCHDB.split("//", 1)[1].rstrip("/")
+    proxy = ProxyProcess(target, tmp_path)
+    yield proxy
+    proxy.close()

@@ -39,15 +39,23 @@ class Topics:
         topics = cls(f"t-{tag}-feed", f"t-{tag}-done", f"t-{tag}-dlq", f"g-{tag}")
         admin = KafkaAdminClient(bootstrap_servers=KAFKA, client_id="tests")
         try:
-            admin.create_topics([NewTopic(t, partitions, 1) for t in
-                                 (topics.feed, topics.completions, topics.dead_letters)])
+            admin.create_topics(
+                [
+                    NewTopic(t, partitions, 1)
+                    for t in (topics.feed, topics.completions, topics.dead_letters)
+                ]
+            )
         finally:
             admin.close()
         return topics
 
     def env(self) -> dict[str, str]:
-        return {"INVOKER_FEED_TOPIC": self.feed, "INVOKER_COMPLETIONS_TOPIC": self.completions,
-                "INVOKER_DEAD_LETTER_TOPIC": self.dead_letters, "INVOKER_GROUP_ID": self.group}
+        return {
+            "INVOKER_FEED_TOPIC": self.feed,
+            "INVOKER_COMPLETIONS_TOPIC": self.completions,
+            "INVOKER_DEAD_LETTER_TOPIC": self.dead_letters,
+            "INVOKER_GROUP_ID": self.group,
+        }
 
 
 @dataclass
@@ -63,19 +71,27 @@ class Daemon:
     process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 60.0) -> Daemon:
-        env = {**os.environ, **self.topics.env(),
-               "INVOKER_KAFKA_BOOTSTRAP": KAFKA, "INVOKER_STORE_URL": self.store_url,
-               "INVOKER_INVOKER_ID": self.invoker_id, "INVOKER_METRICS_PORT": str(self.port),
-               "INVOKER_LOG_LEVEL": "debug", **self.settings}
+        env = {
+            **os.environ,
+            **self.topics.env(),
+            "INVOKER_KAFKA_BOOTSTRAP": KAFKA,
+            "INVOKER_STORE_URL": self.store_url,
+            "INVOKER_INVOKER_ID": self.invoker_id,
+            "INVOKER_METRICS_PORT": str(self.port),
+            "INVOKER_LOG_LEVEL": "debug",
+            **self.settings,
+        }
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-        self.process = subprocess.Popen([sys.executable, "-m", "invoker.cli", "run"], env=env,
-                                        stdout=log, stderr=log)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "invoker.cli", "run"], env=env, stdout=log, stderr=log
+        )
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n"
-                                   + self.log_tail())
+                raise RuntimeError(
+                    f"daemon exited with {self.process.returncode}:\n" + self.log_tail()
+                )
             try:
                 if httpx.get(self.url("/healthz"), timeout=1).status_code == 200:
                     return self
@@ -119,8 +135,11 @@ class Daemon:
             return "(no log)"
 
     def log_events(self, event: str) -> list[str]:
-        return [line for line in self.log_path.read_text(errors="replace").splitlines()
-                if f'"event": "{event}"' in line]
+        return [
+            line
+            for line in self.log_path.read_text(errors="replace").splitlines()
+            if f'"event": "{event}"' in line
+        ]
 
 
 def group_lag(topics: Topics) -> int:
@@ -131,9 +150,10 @@ def group_lag(topics: Topics) -> int:
     admin = KafkaAdminClient(bootstrap_servers=KAFKA, client_id="tests")
     consumer = KafkaConsumer(bootstrap_servers=KAFKA, client_id="tests")
     try:
-        committed = admin.list_consumer_group_offsets(topics.group)
-        partitions = [TopicPartition(topics.feed, p)
-                      for p in consumer.partitions_for_topic(topics.feed) or ()]
+        committed = admin.list_group_offsets(topics.group).get(topics.group, {})
+        partitions = [
+            TopicPartition(topics.feed, p) for p in consumer.partitions_for_topic(topics.feed) or ()
+        ]
         ends = consumer.end_offsets(partitions)
         lag = 0
         for tp, end in ends.items():
@@ -159,8 +179,12 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
 
 def remove_containers(invoker_id: str) -> int:
     """Remove action containers a test's daemon left (e.g. after SIGKILL)."""
-    ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=org.invoker.id={invoker_id}"],
-                         capture_output=True, text=True, check=True).stdout.split()
+    ids = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label=org.invoker.id={invoker_id}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=True)
     return len(ids)

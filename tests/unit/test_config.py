@@ -49,7 +49,8 @@ def test_worst_case_bound_adds_every_buffer():
                  fetch_max_bytes=10_000)
     records, size = cfg.worst_case_buffered()
     assert records == 2 + 3 + 4 + 5 + 2 * 6
-    assert size == records * (100 + cfg.max_record_bytes) + 10_000
+    assert size == (5 * 100 + 4 * (100 + cfg.max_record_bytes) + 17 * cfg.max_record_bytes
+                    + 10_000)
 
 
 def test_mask_url():

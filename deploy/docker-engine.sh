@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Install (if needed) and start the Docker engine on a machine without systemd.
+#
+#   deploy/docker-engine.sh up      install docker.io + debootstrap if missing, start dockerd
+#   deploy/docker-engine.sh down    stop the dockerd that THIS script started (pidfile)
+#   deploy/docker-engine.sh status  exit 0 if `docker info` answers, 3 otherwise
+#
+# Env: INVOKER_STATE (default /tmp/invoker-state)  runtime state, log and pidfile
+#      DOCKERD_TIMEOUT (default 60)                seconds to wait for `docker info`
+set -euo pipefail
+
+STATE_DIR="${INVOKER_STATE:-/tmp/invoker-state}/docker"
+LOG_FILE="$STATE_DIR/dockerd.log"
+PID_FILE="$STATE_DIR/dockerd.pid"
+TIMEOUT="${DOCKERD_TIMEOUT:-60}"
+
+log() { echo "[docker-engine] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+docker_answers() { timeout 10 docker info >/dev/null 2>&1; }
+
+# pid from our pidfile if that process is alive and really is dockerd
+our_pid() {
+    [[ -f "$PID_FILE" ]] || return 1
+    local pid
+    pid="$(cat "$PID_FILE" 2>/dev/null || true)"
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    local -a argv
+    { mapfile -d '' argv <"/proc/$pid/cmdline"; } 2>/dev/null || return 1
+    [[ "${argv[0]:-}" == *dockerd ]] || return 1
+    echo "$pid"
+}
+
+show_log_tail() {
+    if [[ -f "$LOG_FILE" ]]; then
+        log "last lines of $LOG_FILE:"
+        tail -n 30 "$LOG_FILE" >&2 || true
+    fi
+}
+
+apt_install() {
+    # apt_install PKG... : apt-get update once, then install (waits for the dpkg lock)
+    log "installing: $* (apt-get)"
+    local t0=$SECONDS
+    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get -o DPkg::Lock::Timeout=300 update -q >&2 \
+        || die "apt-get update failed"
+    # with recommends, as on the machine where this was verified (apt-get install -y docker.io)
+    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get -o DPkg::Lock::Timeout=300 install -y -q "$@" >&2 \
+        || die "apt-get install $* failed"
+    log "installed $* in $((SECONDS - t0))s"
+}
+
+ensure_packages() {
+    local missing=()
+    command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+    # debootstrap builds the base image (deploy/images.sh); install it in the same apt run
+    command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+    if ((${#missing[@]})); then
+        apt_install "${missing[@]}"
+    fi
+    command -v dockerd >/dev/null 2>&1 || die "dockerd still missing after installing docker.io"
+    command -v docker >/dev/null 2>&1 || die "docker client missing"
+}
+
+wait_for_docker() {
+    local pid="${1:-}" deadline=$((SECONDS + TIMEOUT))
+    while ! docker_answers; do
+        if [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null; then
+            show_log_tail
+            die "dockerd (pid $pid) exited during startup"
+        fi
+        if ((SECONDS >= deadline)); then
+            show_log_tail
+            die "docker info did not answer within ${TIMEOUT}s"
+        fi
+        sleep 0.5
+    done
+}
+
+cmd_up() {
+    ensure_packages
+    if docker_answers; then
+        log "docker engine already answers; nothing to do"
+        return 0
+    fi
+    mkdir -p "$STATE_DIR"
+    local pid
+    if pid="$(our_pid)"; then
+        log "dockerd (pid $pid, ours) is running but not answering yet; waiting"
+        wait_for_docker "$pid"
+        log "docker engine up"
+        return 0
+    fi
+    if pgrep -x dockerd >/dev/null 2>&1; then
+        # someone else started one; a second dockerd would fail on its lock: wait for it
+        log "a dockerd not started by this script is running; waiting for it to answer"
+        wait_for_docker ""
+        log "docker engine up"
+        return 0
+    fi
+    log "starting dockerd (log: $LOG_FILE)"
+    local t0=$SECONDS
+    {
+        echo "=== $(date -Is) starting dockerd ==="
+    } >>"$LOG_FILE"
+    setsid nohup dockerd --storage-driver=overlay2 >>"$LOG_FILE" 2>&1 </dev/null &
+    pid=$!
+    echo "$pid" >"$PID_FILE"
+    wait_for_docker "$pid"
+    log "docker engine up (pid $pid) in $((SECONDS - t0))s"
+}
+
+cmd_down() {
+    local pid
+    if ! pid="$(our_pid)"; then
+        rm -f "$PID_FILE"
+        if docker_answers; then
+            log "the running docker engine was not started by this script; leaving it alone"
+        else
+            log "no dockerd started by this script is running"
+        fi
+        return 0
+    fi
+    log "stopping dockerd (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + 45))
+    while kill -0 "$pid" 2>/dev/null; do
+        if ((SECONDS >= deadline)); then
+            log "dockerd did not stop within 45s; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            sleep 1
+            break
+        fi
+        sleep 0.5
+    done
+    rm -f "$PID_FILE"
+    log "dockerd stopped"
+}
+
+cmd_status() {
+    local pid
+    if docker_answers; then
+        if pid="$(our_pid)"; then
+            log "up (dockerd pid $pid, started by this script)"
+        else
+            log "up (dockerd not started by this script)"
+        fi
+        return 0
+    fi
+    log "down"
+    return 3
+}
+
+case "${1:-}" in
+    up) cmd_up ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+    *)
+        echo "usage: $0 up|down|status" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,253 @@
+"""The daemon end to end: real Kafka, real Docker engine, real stores.
+
+Each test runs ``invoker run`` as a subprocess on its own topics and consumer group, drives it
+with the load generator's API and asserts exact outcomes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import trio
+
+from invoker.loadgen import (
+    LoadSpec,
+    activation_message,
+    produce_messages,
+    read_completions,
+    run_load,
+)
+from store import doc_id_for, open_store
+from tests.support.daemon import KAFKA, group_lag, wait_for
+
+NS = "itest"
+
+
+def spec(topics, store_url, daemons=(), **kw) -> LoadSpec:
+    kw.setdefault("progress", False)
+    kw.setdefault("completion_timeout_s", 120)
+    return LoadSpec(bootstrap=KAFKA, feed_topic=topics.feed, completions_topic=topics.completions,
+                    store_url=store_url, metrics_urls=[d.url("/metrics") for d in daemons], **kw)
+
+
+def stored_records(store_url: str, ids: dict[str, str]) -> dict[str, dict]:
+    """Records by activation id for ``ids`` (activation id → namespace)."""
+
+    async def read():
+        store = open_store(store_url)
+        await store.open()
+        try:
+            found = await store.get_many([doc_id_for(ns, aid) for aid, ns in ids.items()])
+            return {doc["activationId"]: doc for doc in found.values()}, await store.count()
+        finally:
+            await store.aclose()
+
+    return trio.run(read)
+
+
+def test_happy_path_records_completions_and_commits(daemons, topics, sqlite_url):
+    daemon = daemons(sqlite_url)
+    actions = ["echo", "sleep:50", "error", "raise", "noop"]
+    report = run_load(spec(topics, sqlite_url, [daemon], actions=actions, count=60))
+    assert (report.produced, report.completed, report.stored, report.lost) == (60, 60, 60, 0)
+    assert report.duplicate_records == 0
+    assert report.by_status == {"success": 36, "application error": 12,
+                                "action developer error": 12}
+    wait_for(lambda: group_lag(topics) == 0, 30, "offsets committed to the end of the topic")
+    m = daemon.metrics()
+    assert m["invoker_records_stored_total"] == 60
+    assert m["invoker_container_starts_total{kind=cold}"] >= 1
+    assert m["invoker_container_starts_total{kind=warm}"] >= 1
+
+
+def test_record_content_and_blocking_completion(daemons, topics, sqlite_url):
+    daemons(sqlite_url)
+    message = activation_message("echo", NS, blocking=True)
+    message["params"] = {"name": "x"}
+    message["action"]["limits"] = {"timeout": 5000, "memory": 128}
+    produce_messages(KAFKA, topics.feed, [message])
+    aid = message["activationId"]
+    completions = read_completions(KAFKA, topics.completions, {aid}, 60)
+    (completion,) = completions[aid]
+    assert completion["status"] == "success" and completion["statusCode"] == 0
+    assert completion["result"] == {"name": "x"}
+    records, _ = stored_records(sqlite_url, {aid: NS})
+    record = records[aid]
+    assert record["response"]["result"] == {"name": "x"} and record["name"] == message[
+        "action"]["name"]
+    annotations = {a["key"]: a["value"] for a in record["annotations"]}
+    assert annotations["limits"] == {"timeout": 5000, "memory": 128, "logs": 10,
+                                     "concurrency": 1}
+    assert annotations["kind"] == "python:3" and "initTime" in annotations
+    assert record["duration"] == record["end"] - record["start"] >= 0
+
+
+def test_bad_messages_dead_letter_or_error_record_and_the_rest_flows(daemons, topics,
+                                                                    sqlite_url):
+    daemon = daemons(sqlite_url)
+    good = [activation_message("echo", NS) for _ in range(5)]
+    unknown_kind = activation_message("echo", NS)
+    unknown_kind["action"]["kind"] = "cobol:85"
+    missing_image = activation_message("echo", NS)
+    missing_image["action"].update(image="invoker-no-such-image:1", kind=None, code=None)
+    bad_limits = activation_message("echo", NS)
+    bad_limits["action"]["limits"] = {"memory": 1 << 20}
+    not_json = b'{"activationId": "oops'
+    no_id = json.dumps({"namespace": NS, "action": {"name": "x"}}).encode()
+    messages = [good[0], not_json, good[1], unknown_kind, good[2], missing_image, no_id,
+                good[3], bad_limits, good[4]]
+    produce_messages(KAFKA, topics.feed, messages)
+
+    recorded = {m["activationId"]: NS for m in good + [unknown_kind, missing_image, bad_limits]}
+    read_completions(KAFKA, topics.completions, set(recorded), 90)
+    records, _ = stored_records(sqlite_url, recorded)
+    assert len(records) == 8
+    for m in good:
+        assert records[m["activationId"]]["response"]["statusCode"] == 0
+    for m, text in [(unknown_kind, "Unknown action kind"), (missing_image, "image"),
+                    (bad_limits, "memory limit")]:
+        response = records[m["activationId"]]["response"]
+        assert response["status"] == "action developer error", response
+        assert text in response["result"]["error"]
+
+    dead = _read_all(topics.dead_letters, expect=2)
+    assert sorted(d.value for d in dead) == sorted([not_json, no_id])
+    reasons = {d.value: dict(d.headers)["dlq.reason"].decode() for d in dead}
+    assert "not valid JSON" in reasons[not_json] and "activationId" in reasons[no_id]
+    wait_for(lambda: group_lag(topics) == 0, 30, "offsets moved past the bad messages")
+    assert daemon.metrics()["invoker_dead_letters_total"] == 2
+
+
+def test_slow_store_pauses_feed_bounds_memory_and_stores_everything_once(
+        daemons, topics, couchdb_url, couch_proxy):
+    db = couchdb_url.rsplit("/", 1)[1]
+    proxied = f"http://127.0.0.1:{couch_proxy.port}/{db}"
+    daemon = daemons(proxied, max_activations=4, read_ahead=4, max_poll_records=4,
+                     record_channel_size=12, record_channel_low_watermark=4, batch_size=4,
+                     max_writes_in_flight=1, linger_ms=5, max_result_bytes=65536,
+                     max_logs_kb=64, max_message_bytes=65536, fetch_max_bytes=1048576)
+    baseline_rss = daemon.metrics()["process_resident_memory_bytes"]
+    bound = daemon.metrics()["invoker_worst_case_buffered_bytes"]
+    couch_proxy.set(latency=0.25, down=False)
+
+    samples: list[dict[str, float]] = []
+    result: dict = {}
+    loader = threading.Thread(target=lambda: result.update(report=run_load(
+        spec(topics, couchdb_url, [daemon], actions=["noop"], count=150))))
+    loader.start()
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline:
+        samples.append(daemon.metrics())
+        time.sleep(0.2)
+    couch_proxy.set(latency=0.0, down=False)  # the slowness ends
+    loader.join(timeout=180)
+    assert not loader.is_alive()
+    report = result["report"]
+
+    assert any(s["invoker_feed_paused"] == 1 for s in samples), "feed never seen paused"
+    assert samples[-1]["invoker_feed_pauses_total"] >= 1
+    assert max(s["invoker_record_channel_depth"] for s in samples) <= 12
+    peak_rss = max(s["invoker_process_peak_rss_bytes"] for s in samples + [daemon.metrics()])
+    assert peak_rss <= baseline_rss + bound, (peak_rss, baseline_rss, bound)
+    assert (report.produced, report.stored, report.lost, report.duplicate_records) == (
+        150, 150, 0, 0)
+    wait_for(lambda: group_lag(topics) == 0, 30, "offsets committed")
+    assert daemon.metrics()["invoker_records_already_stored_total"] == 0
+
+
+def test_store_outage_pauses_retries_and_recovers(daemons, topics, couchdb_url, couch_proxy):
+    db = couchdb_url.rsplit("/", 1)[1]
+    daemon = daemons(f"http://127.0.0.1:{couch_proxy.port}/{db}", max_activations=4,
+                     read_ahead=4, max_poll_records=4, record_channel_size=8,
+                     record_channel_low_watermark=2, batch_size=4, max_writes_in_flight=1,
+                     backoff_initial_ms=50, backoff_max_ms=1000, store_timeout_s=2)
+    result: dict = {}
+    loader = threading.Thread(target=lambda: result.update(report=run_load(
+        spec(topics, couchdb_url, [daemon], actions=["noop"], count=120, rate=30))))
+    loader.start()
+    wait_for(lambda: daemon.metrics()["invoker_records_stored_total"] >= 5, 60,
+             "some records stored before the outage")
+    couch_proxy.set(latency=0.0, down=True)
+    wait_for(lambda: daemon.metrics()["invoker_feed_paused"] == 1, 60, "feed paused")
+    time.sleep(3)
+    failures = daemon.metrics()["invoker_store_write_failures_total"]
+    assert failures >= 2, "the batcher should keep retrying during the outage"
+    couch_proxy.set(latency=0.0, down=False)
+    loader.join(timeout=180)
+    report = result["report"]
+    assert (report.produced, report.stored, report.lost, report.duplicate_records) == (
+        120, 120, 0, 0)
+    m = daemon.metrics()
+    assert m["invoker_feed_resumes_total"] >= 1 and m["invoker_feed_paused"] == 0
+    wait_for(lambda: group_lag(topics) == 0, 30, "offsets committed")
+
+
+def test_crash_mid_load_then_restart_stores_each_activation_once(daemons, topics, sqlite_url):
+    first = daemons(sqlite_url, max_activations=8)
+    result: dict = {}
+    loader = threading.Thread(target=lambda: result.update(report=run_load(
+        spec(topics, sqlite_url, [], actions=["sleep:100", "echo"], count=200, rate=40,
+             completion_timeout_s=180))))
+    loader.start()
+    wait_for(lambda: first.metrics()["invoker_records_stored_total"] >= 40, 90,
+             "load under way")
+    first.kill()
+    second = daemons(sqlite_url, invoker_id=first.invoker_id, max_activations=8)
+    loader.join(timeout=240)
+    report = result["report"]
+    assert (report.produced, report.stored, report.lost, report.duplicate_records) == (
+        200, 200, 0, 0)
+    re_executed = second.metrics()["invoker_records_already_stored_total"]
+    print(f"crash test: {re_executed:.0f} of 200 activations were re-executed after SIGKILL "
+          f"({report.repeated_completions} repeated completions)")
+    wait_for(lambda: group_lag(topics) == 0, 30, "offsets committed after restart")
+
+
+def test_sigterm_drains_and_restart_re_executes_nothing(daemons, topics, sqlite_url):
+    first = daemons(sqlite_url, max_activations=8)
+    result: dict = {}
+    loader = threading.Thread(target=lambda: result.update(report=run_load(
+        spec(topics, sqlite_url, [], actions=["sleep:200", "echo"], count=150, rate=30,
+             completion_timeout_s=180))))
+    loader.start()
+    wait_for(lambda: first.metrics()["invoker_records_stored_total"] >= 30, 90,
+             "load under way")
+    assert first.terminate() == 0
+    assert first.log_events("record channel flushed")
+    assert leftover_containers(first.invoker_id) == [], "a clean stop removes its containers"
+    second = daemons(sqlite_url, invoker_id=first.invoker_id, max_activations=8)
+    loader.join(timeout=240)
+    report = result["report"]
+    assert (report.produced, report.stored, report.lost, report.duplicate_records) == (
+        150, 150, 0, 0)
+    assert second.metrics()["invoker_records_already_stored_total"] == 0
+    assert report.repeated_completions == 0
+    wait_for(lambda: group_lag(topics) == 0, 30, "offsets committed")
+
+
+def leftover_containers(invoker_id: str) -> list[str]:
+    import subprocess
+
+    return subprocess.run(["docker", "ps", "-aq", "--filter", f"label=org.invoker.id={invoker_id}"],
+                          capture_output=True, text=True, check=True).stdout.split()
+
+
+def _read_all(topic: str, expect: int, timeout_s: float = 30):
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=KAFKA, auto_offset_reset="earliest",
+                             group_id=None, consumer_timeout_ms=1000)
+    got = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(got) < expect and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                got.extend(batch)
+        time.sleep(1)
+        for batch in consumer.poll(timeout_ms=500).values():
+            got.extend(batch)  # nothing beyond what was expected may be there
+    finally:
+        consumer.close()
+    return got
