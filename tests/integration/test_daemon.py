@@ -251,3 +251,50 @@ def _read_all(topic: str, expect: int, timeout_s: float = 30):
     finally:
         consumer.close()
     return got
+
+
+def test_action_faults_end_in_correct_records_and_the_daemon_keeps_going(daemons, topics,
+                                                                         sqlite_url):
+    daemon = daemons(sqlite_url, max_result_bytes=100_000)
+
+    def action(code: str, **limits):
+        m = activation_message("echo", NS)
+        m["action"].update(name=f"fault-{m['activationId'][:6]}", code=code,
+                           limits={"timeout": 5000, "memory": 128, **limits})
+        return m
+
+    cases = {
+        "timeout": action("import time\ndef main(a):\n    time.sleep(30)\n    return {}",
+                          timeout=1000),
+        "oom": action("def main(a):\n    b = []\n    while True:\n"
+                      "        b.append(bytearray(16 << 20))\n"),
+        "not_json": action("def main(a):\n    return 42"),
+        "huge_result": action("def main(a):\n    return {'x': 'y' * 500000}"),
+        "huge_logs": action("def main(a):\n    for i in range(100000):\n"
+                            "        print('line', i, 'x' * 80)\n    return {'ok': 1}", logs=4),
+        "init_fails": action("def main(a) syntax error"),
+    }
+    after = [activation_message("echo", NS) for _ in range(3)]
+    produce_messages(KAFKA, topics.feed, list(cases.values()) + after)
+    ids = {m["activationId"]: NS for m in list(cases.values()) + after}
+    read_completions(KAFKA, topics.completions, set(ids), 120)
+    records, _ = stored_records(sqlite_url, ids)
+    response = {name: records[m["activationId"]]["response"] for name, m in cases.items()}
+
+    assert response["timeout"]["statusCode"] == 2
+    assert "exceeded its time limits of 1000 milliseconds" in response["timeout"]["result"][
+        "error"]
+    assert response["oom"]["statusCode"] == 2
+    assert "exhausted its memory" in response["oom"]["result"]["error"]
+    assert response["not_json"]["statusCode"] == 2
+    assert response["huge_result"]["statusCode"] == 1
+    assert "exceeded the allowed length" in response["huge_result"]["result"]["error"]
+    assert response["init_fails"]["statusCode"] == 2
+    logs = records[cases["huge_logs"]["activationId"]]["logs"]
+    assert response["huge_logs"]["statusCode"] == 0
+    assert "truncated" in logs[-1] and len(logs) > 10
+    assert sum(len(line.split(": ", 1)[1]) + 1 for line in logs[:-1]) <= 4 * 1024
+    for m in after:
+        assert records[m["activationId"]]["response"]["statusCode"] == 0
+    assert daemon.metrics()["invoker_feed_paused"] in (0, 1)  # still serving metrics
+    wait_for(lambda: group_lag(topics) == 0, 30, "offsets moved on")
