@@ -34,8 +34,9 @@ class PendingRecord:
     """A finished activation's record on its way to the store."""
 
     record: dict[str, Any]
-    token: OffsetToken | None  # None when the offset is tracked elsewhere (e.g. recorder)
+    token: OffsetToken | None  # the feed message whose offset waits for this record
     blocking: bool
+    invoker_id: str | None = None  # who ran it, when not the service storing it (recorder)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The ``invoker`` command: ``invoker run`` (the daemon) and ``invoker loadgen``."""
+"""The ``invoker`` command: ``run`` (the daemon), ``recorder`` and ``loadgen``."""
 
 from __future__ import annotations
 
@@ -36,17 +36,20 @@ def configure_logging(level: str) -> None:
                                '"level": "%(levelname)s"}')
 
 
-def _run(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace) -> int:
     config = load_config(args)
     if args.print_config:
         json.dump(config.masked(), sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
         return 0
     configure_logging(config.log_level)
-    from invoker.daemon import Invoker
+    if args.command == "recorder":
+        from overflow.recorder import Recorder as service
+    else:
+        from invoker.daemon import Invoker as service
 
     try:
-        trio.run(Invoker(config).run)
+        trio.run(service(config).run)
     except KeyboardInterrupt:
         return 130
     return 0
@@ -59,12 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "stores their records with bounded memory.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run the invoker daemon",
-                              description="Run the invoker daemon until SIGTERM/SIGINT.")
-    run.add_argument("--print-config", action="store_true",
-                     help="print the effective configuration (secrets masked) and exit")
-    add_config_arguments(run)
-    run.set_defaults(handler=_run)
+    for name, summary, text in [
+        ("run", "run the invoker daemon", "Run the invoker daemon until SIGTERM/SIGINT: activations from the feed topic "
+                "run in Docker containers, records go to the store."),
+        ("recorder", "run a recorder: overflow topic -> store", "Run a recorder until SIGTERM/SIGINT: records from the overflow topic go "
+                     "to the store, then their completions are published. Start several with "
+                     "the same recorder_group_id to share the topic's partitions."),
+    ]:
+        service = commands.add_parser(name, help=summary, description=text)
+        service.add_argument("--print-config", action="store_true",
+                             help="print the effective configuration (secrets masked) and exit")
+        add_config_arguments(service)
+        service.set_defaults(handler=_serve)
 
     from invoker import loadgen
 

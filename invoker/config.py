@@ -41,6 +41,15 @@ class Config:
     completions_topic: str = "invoker-completions"
     dead_letter_topic: str = "invoker-dead-letters"
     topic_partitions: int = 4  # used when the daemon has to create its topics
+    # Overflow (records the record channel cannot take go to Kafka; a recorder stores them)
+    overflow_enabled: bool = False
+    overflow_topic: str = "invoker-overflow"
+    overflow_wait_ms: int = 0  # how long a record may wait for the channel before overflowing
+    overflow_max_in_flight: int = 32  # overflow writes awaiting Kafka's ack
+    recorder_id: str = field(default_factory=lambda: _default_invoker_id().replace(
+        "invoker-", "recorder-", 1))
+    recorder_group_id: str = "invoker-recorder"
+    recorder_metrics_port: int = 9181
     # Store
     store_url: str = "sqlite:///./invoker-records.sqlite3"
     store_timeout_s: float = 30.0
@@ -91,7 +100,8 @@ class Config:
     def __post_init__(self) -> None:
         problems = []
         for name in ("read_ahead", "max_poll_records", "max_activations", "record_channel_size",
-                     "batch_size", "max_writes_in_flight", "user_memory_mb"):
+                     "batch_size", "max_writes_in_flight", "user_memory_mb",
+                     "overflow_max_in_flight"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if not 0 <= self.record_channel_low_watermark < self.record_channel_size:

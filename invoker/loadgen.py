@@ -394,6 +394,9 @@ class Report:
     store_checked: bool = False
     metrics_read: int = 0  # metrics URLs read successfully
     errors: list[str] = field(default_factory=list)
+    # produce → first completion per completed activation id, in ms; not part of
+    # format()/to_dict()/to_json() (it is per activation), for benchmarks (bench/)
+    latencies_ms: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def repeated_completions(self) -> int:
@@ -416,6 +419,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
+        doc.pop("latencies_ms", None)
         doc["repeated_completions"] = self.repeated_completions
         doc["missing_completions"] = self.missing_completions
         doc["ok"] = self.ok
@@ -477,7 +481,7 @@ def _ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int) -> No
     from kafka.errors import TopicAlreadyExistsError
 
     admin = KafkaAdminClient(bootstrap_servers=_servers(bootstrap), client_id="invoker-loadgen",
-                             request_timeout_ms=10_000, bootstrap_timeout_ms=10_000)
+                             request_timeout_ms=10_000)
     try:
         missing = [t for t in dict.fromkeys(topics) if t not in set(admin.list_topics())]
         if missing:
@@ -635,7 +639,7 @@ class _CompletionCollector:
             tps = _assign_all(self._consumer, topic, TOPIC_METADATA_TIMEOUT_S)
             # Explicit end offsets (not a lazy seek_to_end): everything published after this
             # point is read, however late the first poll happens.
-            ends = self._consumer.end_offsets(tps, timeout_ms=int(KAFKA_TIMEOUT_S * 1000))
+            ends = self._consumer.end_offsets(tps)
             for tp in tps:
                 self._consumer.seek(tp, ends[tp])
         except Exception:
@@ -951,7 +955,8 @@ def run_load(spec: LoadSpec) -> Report:
         first_seen = {i: t for i, t in collector.first_seen.items() if i in produced}
         report.completion_messages = sum(len(collector.messages.get(i, ())) for i in produced)
     report.completed = len(first_seen)
-    latencies = [(t - sent_at[i]) * 1000.0 for i, t in first_seen.items()]
+    report.latencies_ms = {i: (t - sent_at[i]) * 1000.0 for i, t in first_seen.items()}
+    latencies = list(report.latencies_ms.values())
     report.latency_ms_p50 = percentile(latencies, 50)
     report.latency_ms_p95 = percentile(latencies, 95)
     report.latency_ms_p99 = percentile(latencies, 99)

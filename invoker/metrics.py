@@ -63,6 +63,15 @@ class Metrics:
         self.records_refused = Counter(
             "invoker_records_refused", "Records the store refused; dead-lettered", registry=r
         )
+        self.overflow_records = Counter(
+            "invoker_overflow_records", "Records written to the overflow topic", registry=r
+        )
+        self.overflow_bytes = Counter(
+            "invoker_overflow_bytes", "Bytes of records written to the overflow topic", registry=r
+        )
+        self.overflow_in_flight = Gauge(
+            "invoker_overflow_in_flight", "Overflow writes awaiting Kafka's ack", registry=r
+        )
         self.container_starts = Counter(
             "invoker_container_starts", "Activations by how their container was obtained",
             ["kind"], registry=r,

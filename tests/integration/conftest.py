@@ -48,6 +48,10 @@ def daemons(tmp_path, topics):
     yield make
     for d in started:
         d.stop_quietly()
+        # Shown by pytest only when the test failed.
+        print(f"--- {d.log_path.name} (non-debug tail) ---")
+        print("\n".join([line for line in d.log_path.read_text(errors="replace").splitlines()
+                         if '"level": "debug"' not in line][-40:]))
     for invoker_id in {d.invoker_id for d in started}:
         remove_containers(invoker_id)
 

@@ -150,7 +150,7 @@ def group_lag(topics: Topics) -> int:
     admin = KafkaAdminClient(bootstrap_servers=KAFKA, client_id="tests")
     consumer = KafkaConsumer(bootstrap_servers=KAFKA, client_id="tests")
     try:
-        committed = admin.list_group_offsets(topics.group).get(topics.group, {})
+        committed = admin.list_consumer_group_offsets(topics.group)
         partitions = [
             TopicPartition(topics.feed, p) for p in consumer.partitions_for_topic(topics.feed) or ()
         ]
@@ -186,5 +186,5 @@ def remove_containers(invoker_id: str) -> int:
         check=True,
     ).stdout.split()
     if ids:
-        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=True)
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)  # some may be gone
     return len(ids)

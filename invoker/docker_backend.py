@@ -1,0 +1,407 @@
+"""Docker containers for actions: the blocking docker SDK behind trio worker threads.
+
+Every SDK call runs in ``trio.to_thread.run_sync`` under a ``CapacityLimiter``. Calls that
+create or remove containers are never abandoned on cancellation (the thread finishes and the
+caller learns the container id), so a cancelled pool cannot leak a container it does not know.
+
+Log collection reads Docker's multiplexed log stream itself (the SDK's stream helpers drop the
+stdout/stderr distinction) and keeps at most ``limit_bytes`` of log text in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import docker
+import docker.errors
+import requests
+import structlog
+import trio
+from docker.types import LogConfig
+
+logger = structlog.get_logger(__name__)
+
+SENTINEL = b"XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
+LABEL_MANAGED = "org.invoker.managed"
+LABEL_ID = "org.invoker.id"
+LABEL_ACTION = "org.invoker.action"
+LABEL_KIND = "org.invoker.kind"
+ACTION_PORT = 8080
+
+_STREAMS = {1: "stdout", 2: "stderr"}
+_MAX_FRAME = 1 << 20  # Docker splits log messages at 16 KiB; anything larger is discarded
+
+
+class DockerError(Exception):
+    """The Docker engine failed or could not be reached."""
+
+
+class ImageNotFound(DockerError):
+    def __init__(self, image: str) -> None:
+        super().__init__(f"image {image} not found")
+        self.image = image
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """Everything needed to create one hardened action container."""
+
+    name: str
+    image: str
+    memory_mb: int
+    labels: Mapping[str, str]
+    network: str | None = None
+    pids_limit: int = 128
+    cpus: float = 1.0
+    user: str | None = None
+    read_only: bool = True
+    tmpfs_mb: int = 64
+    log_max_size: str = "16m"
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerState:
+    exists: bool
+    running: bool
+    oom_killed: bool = False
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    time: str  # Docker's RFC 3339 timestamp with nanoseconds, e.g. 2024-05-01T10:00:00.123456789Z
+    stream: str  # "stdout" | "stderr"
+    text: str
+
+    def formatted(self) -> str:
+        """The line as OpenWhisk stores it in an activation record."""
+        return f"{self.time} {self.stream}: {self.text}"
+
+
+@dataclass(slots=True)
+class CollectedLogs:
+    lines: list[LogLine] = field(default_factory=list)
+    truncated: bool = False  # stopped keeping lines because of the byte limit
+    complete: bool = False  # the sentinel was seen on both streams (or not waited for)
+    kept_bytes: int = 0
+
+
+def since_param(epoch_ns: int) -> str:
+    """Docker's ``since`` with nanosecond precision ("seconds.nanoseconds")."""
+    return f"{epoch_ns // 1_000_000_000}.{epoch_ns % 1_000_000_000:09d}"
+
+
+def _wrap(exc: BaseException) -> DockerError:
+    if isinstance(exc, DockerError):
+        return exc
+    return DockerError(f"{type(exc).__name__}: {exc}")
+
+
+_DOCKER_FAILURES = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+
+
+class DockerBackend:
+    """Thin async facade over one ``docker.DockerClient``."""
+
+    def __init__(self, client: docker.DockerClient, *, threads: int = 8, log_threads: int = 16):
+        self._client = client
+        self._api = client.api
+        self._limiter = trio.CapacityLimiter(threads)
+        self._log_limiter = trio.CapacityLimiter(log_threads)
+
+    @classmethod
+    async def connect(cls, *, threads: int = 8, log_threads: int = 16) -> DockerBackend:
+        def _make() -> docker.DockerClient:
+            client = docker.from_env(max_pool_size=threads + log_threads + 4)
+            client.ping()
+            return client
+
+        try:
+            client = await trio.to_thread.run_sync(_make)
+        except _DOCKER_FAILURES as exc:
+            raise _wrap(exc) from exc
+        return cls(client, threads=threads, log_threads=log_threads)
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self._client.close)
+
+    async def _call(self, fn: Any, *args: Any, abandon: bool = False) -> Any:
+        try:
+            return await trio.to_thread.run_sync(
+                fn, *args, limiter=self._limiter, abandon_on_cancel=abandon
+            )
+        except docker.errors.ImageNotFound as exc:
+            raise DockerError(str(exc)) from exc
+        except _DOCKER_FAILURES as exc:
+            raise _wrap(exc) from exc
+
+    # ---------------------------------------------------------------- lifecycle
+    async def create(self, spec: ContainerSpec) -> str:
+        """Create (not start) a container; returns its id. Raises ImageNotFound, DockerError."""
+        api = self._api
+        publish = spec.network is None
+        host_config = api.create_host_config(
+            mem_limit=f"{spec.memory_mb}m",
+            memswap_limit=f"{spec.memory_mb}m",  # equal to the memory limit: no swap
+            pids_limit=spec.pids_limit,
+            nano_cpus=int(spec.cpus * 1_000_000_000),
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            read_only=spec.read_only,
+            tmpfs={"/tmp": f"size={spec.tmpfs_mb}m,mode=1777"} if spec.read_only else None,
+            port_bindings={ACTION_PORT: ("127.0.0.1", None)} if publish else None,
+            network_mode=spec.network if spec.network else "bridge",
+            log_config=LogConfig(
+                type="json-file", config={"max-size": spec.log_max_size, "max-file": "2"}
+            ),
+        )
+
+        def _create() -> str:
+            try:
+                resp = api.create_container(
+                    spec.image,
+                    name=spec.name,
+                    labels=dict(spec.labels),
+                    host_config=host_config,
+                    ports=[ACTION_PORT] if publish else None,
+                    user=spec.user,
+                    detach=True,
+                )
+            except docker.errors.ImageNotFound as exc:
+                raise ImageNotFound(spec.image) from exc
+            return resp["Id"]
+
+        try:
+            return await trio.to_thread.run_sync(_create, limiter=self._limiter)
+        except ImageNotFound:
+            raise
+        except _DOCKER_FAILURES as exc:
+            raise _wrap(exc) from exc
+
+    async def start(self, container_id: str, network: str | None) -> str:
+        """Start the container and return the base URL of its action port."""
+        api = self._api
+
+        def _start() -> str:
+            api.start(container_id)
+            info = api.inspect_container(container_id)
+            settings = info.get("NetworkSettings") or {}
+            if network is None:
+                bindings = (settings.get("Ports") or {}).get(f"{ACTION_PORT}/tcp") or []
+                for b in bindings:
+                    if b.get("HostPort"):
+                        return f"http://127.0.0.1:{b['HostPort']}"
+                raise DockerError(f"container {container_id[:12]} has no published port")
+            net = (settings.get("Networks") or {}).get(network) or {}
+            ip = net.get("IPAddress")
+            if not ip:
+                raise DockerError(
+                    f"container {container_id[:12]} has no address on network {network}"
+                )
+            return f"http://{ip}:{ACTION_PORT}"
+
+        return await self._call(_start)
+
+    async def remove(self, container_id: str) -> None:
+        """Kill and remove; a container that is already gone is not an error."""
+        api = self._api
+
+        def _remove() -> None:
+            with contextlib.suppress(docker.errors.NotFound):
+                api.remove_container(container_id, force=True, v=True)
+
+        try:
+            await self._call(_remove)
+        except DockerError as exc:
+            if "is already in progress" in str(exc):
+                return
+            raise
+
+    async def update_memory(self, container_id: str, memory_mb: int) -> None:
+        api = self._api
+
+        def _update() -> None:
+            api.update_container(
+                container_id, mem_limit=f"{memory_mb}m", memswap_limit=f"{memory_mb}m"
+            )
+
+        await self._call(_update)
+
+    async def state(self, container_id: str) -> ContainerState:
+        api = self._api
+
+        def _state() -> ContainerState:
+            try:
+                info = api.inspect_container(container_id)
+            except docker.errors.NotFound:
+                return ContainerState(exists=False, running=False)
+            st = info.get("State") or {}
+            return ContainerState(
+                exists=True,
+                running=bool(st.get("Running")),
+                oom_killed=bool(st.get("OOMKilled")),
+                exit_code=st.get("ExitCode"),
+            )
+
+        return await self._call(_state, abandon=True)
+
+    async def wait_stopped(self, container_id: str, timeout_s: float) -> ContainerState:
+        """Poll until the container is not running (or ``timeout_s``); returns the last state."""
+        deadline = trio.current_time() + timeout_s
+        while True:
+            st = await self.state(container_id)
+            if not st.running or trio.current_time() >= deadline:
+                return st
+            await trio.sleep(0.05)
+
+    async def inspect(self, container_id: str) -> dict[str, Any]:
+        return await self._call(self._api.inspect_container, container_id, abandon=True)
+
+    async def list_labelled(self, invoker_id: str) -> list[tuple[str, str]]:
+        """(id, name) of every container, running or not, labelled with this invoker id."""
+        api = self._api
+
+        def _list() -> list[tuple[str, str]]:
+            found = api.containers(
+                all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_ID}={invoker_id}"]}
+            )
+            return [(c["Id"], (c.get("Names") or ["?"])[0].lstrip("/")) for c in found]
+
+        return await self._call(_list)
+
+    # --------------------------------------------------------------------- logs
+    async def collect_logs(
+        self,
+        container_id: str,
+        *,
+        since_ns: int,
+        limit_bytes: int,
+        wait_sentinels: bool,
+        timeout_s: float,
+    ) -> CollectedLogs:
+        """Read the container's stdout+stderr written since ``since_ns`` (epoch ns).
+
+        With ``wait_sentinels`` the log stream is followed until the sentinel line has been seen
+        on both streams, or ``timeout_s`` passes, or the container is gone. Without it, whatever
+        is already logged is read (still bounded by ``timeout_s``). Lines past ``limit_bytes``
+        of text are read and dropped, so memory stays bounded whatever the action printed.
+        """
+        deadline = time.monotonic() + timeout_s
+        try:
+            return await trio.to_thread.run_sync(
+                self._collect_logs_sync,
+                container_id,
+                since_ns,
+                limit_bytes,
+                wait_sentinels,
+                deadline,
+                limiter=self._log_limiter,
+                abandon_on_cancel=True,  # the thread ends by itself at the deadline
+            )
+        except _DOCKER_FAILURES as exc:
+            raise _wrap(exc) from exc
+
+    def _collect_logs_sync(
+        self, container_id: str, since_ns: int, limit: int, wait: bool, deadline: float
+    ) -> CollectedLogs:
+        api = self._api
+        out = CollectedLogs()
+        params = {
+            "stdout": 1,
+            "stderr": 1,
+            "timestamps": 1,
+            "follow": 1 if wait else 0,
+            "tail": "all",
+            "since": since_param(since_ns),
+        }
+        try:
+            res = api._get(api._url("/containers/{0}/logs", container_id), params=params,
+                           stream=True)
+        except requests.exceptions.RequestException as exc:
+            raise DockerError(f"reading logs: {exc}") from exc
+        try:
+            if res.status_code == 404:
+                return out  # the container is gone
+            api._raise_for_status(res)
+            sock = api._get_raw_response_socket(res)
+            raw = res.raw
+            seen: set[str] = set()
+
+            def read_exact(n: int) -> bytes | None:
+                chunks = []
+                while n > 0:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    _set_timeout(sock, remaining)
+                    try:
+                        chunk = raw.read(n)
+                    except Exception:  # noqa: BLE001 - a read timeout or a closed stream
+                        return None
+                    if not chunk:
+                        return None
+                    chunks.append(chunk)
+                    n -= len(chunk)
+                return b"".join(chunks)
+
+            while True:
+                header = read_exact(8)
+                if header is None:
+                    # End of the stream: without follow, or the container stopped
+                    out.complete = out.complete or not wait
+                    break
+                stream_id, length = struct.unpack(">BxxxL", header)
+                if length > _MAX_FRAME:
+                    if not self._discard(read_exact, length):
+                        break
+                    continue
+                payload = read_exact(length) if length else b""
+                if payload is None:
+                    break
+                stream = _STREAMS.get(stream_id)
+                if stream is None:
+                    continue
+                ts, _, text = payload.partition(b" ")
+                text = text.rstrip(b"\r\n")
+                if text == SENTINEL:
+                    seen.add(stream)
+                    if wait and len(seen) == 2:
+                        out.complete = True
+                        break
+                    continue
+                if out.truncated:
+                    continue  # draining up to the sentinels, keeping nothing
+                if out.kept_bytes + len(text) > limit:
+                    out.truncated = True
+                    continue
+                out.kept_bytes += len(text)
+                out.lines.append(
+                    LogLine(ts.decode("ascii", "replace"), stream,
+                            text.decode("utf-8", "replace").rstrip())
+                )
+        finally:
+            res.close()
+        out.lines.sort(key=lambda line: line.time)  # stable: keeps stream order on ties
+        return out
+
+    @staticmethod
+    def _discard(read_exact: Any, length: int) -> bool:
+        while length > 0:
+            n = min(length, 65536)
+            if read_exact(n) is None:
+                return False
+            length -= n
+        return True
+
+
+def _set_timeout(sock: Any, timeout: float) -> None:
+    for s in (sock, getattr(sock, "_sock", None)):
+        if isinstance(s, socket.socket) or hasattr(s, "settimeout"):
+            with contextlib.suppress(OSError, AttributeError):
+                s.settimeout(timeout)

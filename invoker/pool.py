@@ -1,0 +1,800 @@
+"""The container pool: concurrency slots backed by Docker containers, bounded by memory.
+
+A *lease* is one concurrency slot in one container (existing, reserved, or a prewarmed stem
+cell). It is held until the caller leaves ``lease()`` — after the activation record has been
+enqueued — and only then can another activation use that slot.
+
+Accounting: ``used memory`` is the sum of the memory limits of every container record the pool
+holds: busy, idle, prewarm stem cells, containers being started, memory reserved for a
+container not created yet, and containers being removed (until Docker confirms the removal).
+It never exceeds ``user_memory_mb``; the physical sum of limits of live containers is always
+at most the accounted sum.
+
+Waiters are served strictly in arrival order: a lease that arrives while others wait queues
+behind them, even if it could be served at once. When the head of the queue needs memory that
+only evicting idle containers can free, the least recently used idle containers (action
+containers first, then stem cells) are removed, and the head is served when the removal is done.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import structlog
+import trio
+
+from invoker.docker_backend import (
+    LABEL_ACTION,
+    LABEL_ID,
+    LABEL_KIND,
+    LABEL_MANAGED,
+    CollectedLogs,
+    ContainerSpec,
+    DockerBackend,
+    DockerError,
+    ImageNotFound,
+)
+from invoker.metrics import Metrics
+from invoker.model import Action, Activation, InvocationResult, Status
+from invoker.runtime_client import (
+    MSG_ABNORMAL,
+    MSG_INIT_TIMEOUT,
+    MSG_LOGS_CONCURRENT,
+    MSG_LOGS_FAILED,
+    MSG_LOGS_TRUNCATED,
+    MSG_OOM,
+    MSG_TIMEOUT,
+    ConnectionLost,
+    RuntimeClient,
+    RuntimeConnection,
+    init_body,
+    interpret_init,
+    interpret_run,
+    run_body,
+)
+
+logger = structlog.get_logger(__name__)
+
+LOG_COLLECT_TIMEOUT_S = 2.0  # waiting for the sentinels after /run
+LOG_GRAB_TIMEOUT_S = 1.0  # reading what a failed/killed container logged (no sentinels)
+STOP_WAIT_S = 2.0  # after a lost connection, how long to wait for the container to stop
+_PROBE_INTERVAL_MAX_S = 0.1
+_STATE_CHECK_EVERY_S = 0.25
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    invoker_id: str  # label value; containers are named/labelled with it
+    user_memory_mb: int = 2048  # sum of container memory limits never exceeds this
+    idle_timeout_s: float = 600.0  # idle containers removed after this
+    prewarm: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    prewarm_memory_mb: int = 256
+    kind_images: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({"python:3": "invoker-action-python:latest"})
+    )
+    network: str | None = None  # None: publish 8080 on 127.0.0.1; else attach to this network
+    pids_limit: int = 128
+    cpus: float = 1.0  # nano_cpus per container
+    max_result_bytes: int = 1_048_576
+    init_timeout_s: float = 30.0  # wait for a cold container to accept connections
+    user: str | None = None  # None keeps the image's user
+    # Additions (defaults keep the behaviour described above):
+    read_only_root: bool = True  # read-only root fs with a tmpfs /tmp
+    tmpfs_mb: int = 64
+    api_host: str | None = None  # __OW_API_HOST in the /init env, when set
+    docker_threads: int = 8  # CapacityLimiter for blocking docker SDK calls
+    reaper_interval_s: float | None = None  # default: min(1 s, idle_timeout_s / 4)
+
+
+# Container phases
+_NEW = "new"  # memory reserved for a container the first invoke will create
+_STARTING = "starting"  # stem cell being created
+_STEM = "stem"  # started stem cell, not given to any action
+_ASSIGNED = "assigned"  # stem cell given to an action, not initialized yet
+_INITIALIZING = "initializing"
+_READY = "ready"
+_REMOVING = "removing"
+_REMOVED = "removed"
+
+
+@dataclass(eq=False)
+class _Container:
+    seq: int
+    name: str
+    image: str
+    kind: str
+    memory_mb: int
+    pool_key: tuple[str, str, str] | None  # None: an unassigned stem cell
+    concurrency: int = 1
+    phase: str = _NEW
+    docker_id: str | None = None
+    base_url: str | None = None
+    conn: RuntimeConnection | None = None
+    active: int = 0
+    last_used: float = 0.0
+    init_done: trio.Event = field(default_factory=trio.Event)
+    init_failure: InvocationResult | None = None
+    action_label: str = ""
+
+    @property
+    def idle(self) -> bool:
+        return self.active == 0 and self.phase in (_READY, _ASSIGNED, _STEM)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    action: Action
+    event: trio.Event = field(default_factory=trio.Event)
+    container: _Container | None = None
+
+
+def _sanitize(name: str, max_len: int = 40) -> str:
+    cleaned = re.sub(r"[^a-zA-Z0-9_.-]+", "_", name).strip("_.-")
+    return (cleaned or "action")[:max_len]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Lease:
+    """One concurrency slot. ``invoke`` never raises for action faults."""
+
+    def __init__(self, pool: ContainerPool, action: Action, container: _Container | None):
+        self._pool = pool
+        self.action = action
+        self._container = container
+
+    @property
+    def container_name(self) -> str | None:
+        return self._container.name if self._container else None
+
+    async def invoke(self, activation: Activation) -> InvocationResult:
+        pool = self._pool
+        try:
+            result = await pool._invoke(self._container, activation)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never raise for an activation
+            logger.exception("invoke failed", activation_id=activation.activation_id)
+            now = _now_ms()
+            result = InvocationResult(
+                status=Status.INTERNAL_ERROR,
+                result={"error": f"Internal error: {type(exc).__name__}: {exc}"},
+                start_ms=now,
+                end_ms=now,
+                start_kind="none",
+            )
+        if activation.submitted_at_ms is not None and result.wait_time_ms == 0:
+            first = result.start_ms - (result.init_time_ms or 0)
+            result.wait_time_ms = max(0, first - activation.submitted_at_ms)
+        pool._metrics.container_starts.labels(kind=result.start_kind).inc()
+        return result
+
+
+class ContainerPool:
+    def __init__(
+        self,
+        config: PoolConfig,
+        metrics: Metrics,
+        backend: DockerBackend,
+        client: RuntimeClient,
+    ) -> None:
+        self.config = config
+        self._metrics = metrics
+        self._backend = backend
+        self._client = client
+        self._containers: list[_Container] = []
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._seq = itertools.count(1)
+        self._docker_ids: set[str] = set()  # created by this pool and not yet removed
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+        self._changed = trio.Event()  # set (and replaced) on every state change; for tests
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: PoolConfig, metrics: Metrics) -> AsyncIterator[ContainerPool]:
+        backend = await DockerBackend.connect(threads=config.docker_threads)
+        client = RuntimeClient(config.max_result_bytes)
+        async with cls._open_with(config, metrics, backend, client) as pool:
+            yield pool
+
+    @classmethod
+    @asynccontextmanager
+    async def _open_with(
+        cls, config: PoolConfig, metrics: Metrics, backend: Any, client: Any
+    ) -> AsyncIterator[ContainerPool]:
+        """``open`` with the Docker backend and runtime client given (unit tests use fakes)."""
+        pool = cls(config, metrics, backend, client)
+        try:
+            await pool._remove_leftovers()
+            async with trio.open_nursery() as nursery:
+                pool._nursery = nursery
+                pool._replenish_stems()
+                nursery.start_soon(pool._reaper)
+                try:
+                    yield pool
+                finally:
+                    pool._closed = True
+                    nursery.cancel_scope.cancel()
+        finally:
+            pool._closed = True
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + 60
+                await pool._remove_all()
+                await client.aclose()
+                await backend.aclose()
+
+    async def _remove_leftovers(self) -> None:
+        leftovers = await self._backend.list_labelled(self.config.invoker_id)
+        if not leftovers:
+            return
+        async with trio.open_nursery() as nursery:
+            for cid, name in leftovers:
+                nursery.start_soon(self._backend.remove, cid)
+                logger.info("removing leftover container", container=name, id=cid[:12])
+        logger.info("leftover containers removed", count=len(leftovers),
+                    invoker_id=self.config.invoker_id)
+
+    async def _remove_all(self) -> None:
+        ids = set(self._docker_ids)
+        ids.update(c.docker_id for c in self._containers if c.docker_id)
+
+        async def rm(cid: str) -> None:
+            try:
+                await self._backend.remove(cid)
+            except DockerError as exc:
+                logger.warning("removing container failed", id=cid[:12], error=str(exc))
+            self._docker_ids.discard(cid)
+
+        async with trio.open_nursery() as nursery:
+            for cid in ids:
+                nursery.start_soon(rm, cid)
+            for c in self._containers:
+                nursery.start_soon(self._close_conn, c)
+        for c in self._containers:
+            c.phase = _REMOVED
+            c.init_done.set()
+        self._containers.clear()
+        self._update_gauges()
+        logger.debug("pool closed", removed=len(ids))
+
+    # ---------------------------------------------------------------- accounting
+    @property
+    def used_memory_mb(self) -> int:
+        return sum(c.memory_mb for c in self._containers)
+
+    @property
+    def free_memory_mb(self) -> int:
+        return self.config.user_memory_mb - self.used_memory_mb
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """What the pool holds, for tests and debugging."""
+        return [
+            {"name": c.name, "phase": c.phase, "memory_mb": c.memory_mb, "active": c.active,
+             "pool_key": c.pool_key, "kind": c.kind, "docker_id": c.docker_id}
+            for c in self._containers
+        ]
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _update_gauges(self) -> None:
+        self._metrics.containers.set(sum(1 for c in self._containers if c.docker_id))
+        self._metrics.memory_used_mb.set(self.used_memory_mb)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def _new_record(self, image: str, kind: str, memory_mb: int, label: str,
+                    pool_key: tuple[str, str, str] | None, phase: str) -> _Container:
+        seq = next(self._seq)
+        c = _Container(
+            seq=seq,
+            name=f"{self.config.invoker_id}-{seq}-{_sanitize(label)}",
+            image=image,
+            kind=kind,
+            memory_mb=memory_mb,
+            pool_key=pool_key,
+            phase=phase,
+            last_used=trio.current_time(),
+            action_label=label,
+        )
+        self._containers.append(c)
+        return c
+
+    def _drop(self, c: _Container) -> None:
+        if c in self._containers:
+            self._containers.remove(c)
+        c.phase = _REMOVED
+        c.init_done.set()
+        self._update_gauges()
+        self._process_queue()
+
+    # -------------------------------------------------------------------- leases
+    @asynccontextmanager
+    async def lease(self, action: Action) -> AsyncIterator[Lease]:
+        if self._closed:
+            raise RuntimeError("the container pool is closed")
+        if action.limits.memory_mb > self.config.user_memory_mb:
+            yield Lease(self, action, None)
+            return
+        waiter = _Waiter(action)
+        self._waiters.append(waiter)
+        self._process_queue()
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.container is not None:
+                self._release(waiter.container)
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+                self._process_queue()
+            raise
+        container = waiter.container
+        assert container is not None
+        try:
+            yield Lease(self, action, container)
+        finally:
+            self._release(container)
+
+    def _release(self, c: _Container) -> None:
+        c.active -= 1
+        c.last_used = trio.current_time()
+        if c.active == 0 and c.phase == _NEW:
+            self._drop(c)  # reserved but never invoked: give the memory back
+            return
+        self._update_gauges()
+        self._process_queue()
+
+    def _process_queue(self) -> None:
+        while self._waiters and not self._closed:
+            head = self._waiters[0]
+            c = self._try_grant(head.action)
+            if c is None:
+                break
+            self._waiters.popleft()
+            c.active += 1
+            head.container = c
+            head.event.set()
+        self._update_gauges()
+
+    def _try_grant(self, action: Action) -> _Container | None:
+        need = action.limits.memory_mb
+        concurrency = max(1, action.limits.concurrency)
+        # 1. a warm container of this action with a free slot (pack: fullest first, then MRU)
+        warm = [
+            c for c in self._containers
+            if c.pool_key == action.pool_key
+            and c.phase in (_NEW, _ASSIGNED, _INITIALIZING, _READY)
+            and c.active < c.concurrency
+        ]
+        if warm:
+            return max(warm, key=lambda c: (c.active, c.phase == _READY, c.last_used))
+        # 2. a prewarmed stem cell of the action's kind with enough memory (smallest first)
+        if not action.blackbox:
+            stems = [
+                c for c in self._containers
+                if c.phase == _STEM and c.kind == action.kind and c.image == action.image
+                and c.memory_mb >= need
+            ]
+            if stems:
+                c = min(stems, key=lambda c: (c.memory_mb, c.seq))
+                c.phase = _ASSIGNED
+                c.pool_key = action.pool_key
+                c.concurrency = concurrency
+                c.action_label = action.name
+                logger.debug("stem cell assigned", container=c.name, action=action.name)
+                return c
+        # 3. memory for a new container
+        free = self.free_memory_mb
+        if free >= need:
+            kind = "blackbox" if action.blackbox else action.kind
+            c = self._new_record(action.image, kind, need, action.name, action.pool_key, _NEW)
+            c.concurrency = concurrency
+            return c
+        # 4. evict least recently used idle containers, if that makes enough room
+        being_freed = sum(c.memory_mb for c in self._containers if c.phase == _REMOVING)
+        missing = need - free - being_freed
+        if missing <= 0:
+            return None  # removals under way will make room
+        candidates = sorted(
+            (c for c in self._containers if c.idle),
+            key=lambda c: (c.phase == _STEM, c.last_used),
+        )
+        if sum(c.memory_mb for c in candidates) < missing:
+            return None  # wait for busy containers to become idle
+        victims = []
+        for c in candidates:
+            if missing <= 0:
+                break
+            victims.append(c)
+            missing -= c.memory_mb
+        for c in victims:
+            logger.debug("evicting idle container", container=c.name, for_action=action.name)
+            self._destroy(c, reason="evicted")
+        return None
+
+    # ----------------------------------------------------------- removal, reaper
+    def _destroy(self, c: _Container, reason: str) -> None:
+        """Remove a container in the background; its memory counts until Docker confirms."""
+        if c.phase in (_REMOVING, _REMOVED):
+            return
+        if c.docker_id is None:
+            self._drop(c)
+            return
+        c.phase = _REMOVING
+        try:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._remove_task, c, reason)
+        except (AssertionError, RuntimeError):
+            # The pool is closing: _remove_all removes every container it created.
+            self._drop(c)
+
+    async def _remove_task(self, c: _Container, reason: str) -> None:
+        assert c.docker_id is not None
+        await self._close_conn(c)
+        try:
+            await self._backend.remove(c.docker_id)
+            self._docker_ids.discard(c.docker_id)
+            logger.debug("container removed", container=c.name, reason=reason)
+        except DockerError as exc:
+            logger.warning("removing container failed", container=c.name, error=str(exc))
+        self._drop(c)
+
+    @staticmethod
+    async def _close_conn(c: _Container) -> None:
+        conn, c.conn = c.conn, None
+        if conn is not None:
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+
+    async def _reaper(self) -> None:
+        cfg = self.config
+        interval = cfg.reaper_interval_s or min(1.0, max(0.05, cfg.idle_timeout_s / 4))
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for c in list(self._containers):
+                if c.idle and c.phase != _STEM and now - c.last_used >= cfg.idle_timeout_s:
+                    logger.debug("removing idle container", container=c.name,
+                                 idle_s=round(now - c.last_used, 1))
+                    self._destroy(c, reason="idle")
+            self._replenish_stems()
+
+    def _replenish_stems(self) -> None:
+        cfg = self.config
+        if self._closed or self._nursery is None:
+            return
+        for kind, wanted in cfg.prewarm.items():
+            image = cfg.kind_images.get(kind)
+            if image is None:
+                logger.warning("no image for prewarm kind", kind=kind)
+                continue
+            have = sum(
+                1 for c in self._containers
+                if c.pool_key is None and c.kind == kind and c.phase in (_STARTING, _STEM)
+            )
+            while (have < wanted and not self._waiters
+                   and self.free_memory_mb >= cfg.prewarm_memory_mb):
+                c = self._new_record(image, kind, cfg.prewarm_memory_mb, f"prewarm-{kind}",
+                                     None, _STARTING)
+                self._nursery.start_soon(self._start_stem, c)
+                have += 1
+        self._update_gauges()
+
+    async def _start_stem(self, c: _Container) -> None:
+        try:
+            await self._create_and_start(c)
+            deadline = trio.current_time() + self.config.init_timeout_s
+            outcome = await self._wait_ready(c, deadline)
+            if outcome is not None:
+                raise DockerError(f"stem cell not ready: {outcome}")
+        except (DockerError, ImageNotFound) as exc:
+            log = logger.debug if self._closed else logger.warning
+            log("prewarm container failed", container=c.name, error=str(exc))
+            self._destroy(c, reason="prewarm failed")
+            return
+        if c.phase == _STARTING:
+            c.phase = _STEM
+            c.last_used = trio.current_time()
+            logger.debug("stem cell ready", container=c.name, kind=c.kind)
+        self._update_gauges()
+        self._process_queue()
+
+    # ---------------------------------------------------------------- containers
+    def _spec(self, c: _Container) -> ContainerSpec:
+        cfg = self.config
+        return ContainerSpec(
+            name=c.name,
+            image=c.image,
+            memory_mb=c.memory_mb,
+            labels={
+                LABEL_MANAGED: "true",
+                LABEL_ID: cfg.invoker_id,
+                LABEL_ACTION: c.action_label,
+                LABEL_KIND: c.kind,
+            },
+            network=cfg.network,
+            pids_limit=cfg.pids_limit,
+            cpus=cfg.cpus,
+            user=cfg.user,
+            read_only=cfg.read_only_root,
+            tmpfs_mb=cfg.tmpfs_mb,
+        )
+
+    async def _create_and_start(self, c: _Container) -> None:
+        """Create and start c's container and learn its address. Raises DockerError."""
+        t0 = trio.current_time()
+        cid = await self._backend.create(self._spec(c))
+        c.docker_id = cid
+        self._docker_ids.add(cid)
+        self._update_gauges()
+        if self._closed:
+            raise DockerError("the container pool is closed")
+        c.base_url = await self._backend.start(cid, self.config.network)
+        c.conn = self._client.connect(c.base_url)
+        logger.debug("container started", container=c.name, id=cid[:12], url=c.base_url,
+                     seconds=round(trio.current_time() - t0, 3))
+
+    async def _wait_ready(self, c: _Container, deadline: float) -> str | None:
+        """None once the runtime answers HTTP; else "timeout" / "oom" / "exited"."""
+        assert c.conn is not None and c.docker_id
+        delay = 0.005
+        next_check = trio.current_time() + _STATE_CHECK_EVERY_S
+        while True:
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                return "timeout"
+            if await c.conn.probe(timeout_s=min(1.0, remaining)):
+                return None
+            if trio.current_time() >= next_check:
+                st = await self._backend.state(c.docker_id)
+                if not st.running:
+                    return "oom" if st.oom_killed else "exited"
+                next_check = trio.current_time() + _STATE_CHECK_EVERY_S
+            await trio.sleep(delay)
+            delay = min(delay * 1.5, _PROBE_INTERVAL_MAX_S)
+
+    async def _crash_message(self, c: _Container) -> str:
+        """After a lost connection: OOM-killed or otherwise dead."""
+        if c.docker_id is None:
+            return MSG_ABNORMAL
+        try:
+            st = await self._backend.wait_stopped(c.docker_id, STOP_WAIT_S)
+        except DockerError:
+            return MSG_ABNORMAL
+        return MSG_OOM if st.oom_killed else MSG_ABNORMAL
+
+    async def _grab_logs(self, c: _Container, since_ns: int, limit: int,
+                         wait: bool) -> CollectedLogs | None:
+        if c.docker_id is None:
+            return None
+        try:
+            return await self._backend.collect_logs(
+                c.docker_id,
+                since_ns=since_ns,
+                limit_bytes=limit,
+                wait_sentinels=wait,
+                timeout_s=LOG_COLLECT_TIMEOUT_S if wait else LOG_GRAB_TIMEOUT_S,
+            )
+        except DockerError as exc:
+            logger.warning("reading logs failed", container=c.name, error=str(exc))
+            return None
+
+    @staticmethod
+    def _format_logs(logs: CollectedLogs | None, limit: int, wait: bool) -> list[str]:
+        if logs is None:
+            return [MSG_LOGS_FAILED] if wait else []
+        lines = [line.formatted() for line in logs.lines]
+        if logs.truncated:
+            lines.append(MSG_LOGS_TRUNCATED.format(n=limit))
+        elif wait and not logs.complete:
+            lines.append(MSG_LOGS_FAILED)
+        return lines
+
+    # ------------------------------------------------------------------- invoke
+    async def _invoke(self, c: _Container | None, activation: Activation) -> InvocationResult:
+        action = activation.action
+        limits = action.limits
+        if c is None:
+            now = _now_ms()
+            return InvocationResult(
+                status=Status.DEVELOPER_ERROR,
+                result={"error": (
+                    f"The action requires {limits.memory_mb} MB of memory but this invoker "
+                    f"has only {self.config.user_memory_mb} MB for actions."
+                )},
+                start_ms=now, end_ms=now, start_kind="none",
+            )
+        start_kind = "warm"
+        init_time_ms: int | None = None
+        logs_since_ns: int | None = None
+        if c.phase in (_NEW, _ASSIGNED):
+            start_kind = "cold" if c.phase == _NEW else "prewarm"
+            logs_since_ns = time.time_ns()
+            failure, init_time_ms = await self._initialize(c, action, start_kind)
+            if failure is not None:
+                return failure
+        elif c.phase == _INITIALIZING:
+            await c.init_done.wait()
+        if c.init_failure is not None:
+            f = c.init_failure
+            return InvocationResult(status=f.status, result=dict(f.result), start_ms=f.start_ms,
+                                    end_ms=f.end_ms, logs=[], start_kind=f.start_kind)
+        if c.phase != _READY:
+            now = _now_ms()
+            return InvocationResult(status=Status.DEVELOPER_ERROR, result={"error": MSG_ABNORMAL},
+                                    start_ms=now, end_ms=now, start_kind="none")
+        return await self._run(c, activation, start_kind, init_time_ms, logs_since_ns)
+
+    async def _initialize(self, c: _Container, action: Action,
+                          start_kind: str) -> tuple[InvocationResult | None, int | None]:
+        """Create (cold) and /init the container. Returns (failure or None, init_time_ms)."""
+        c.phase = _INITIALIZING
+        limits = action.limits
+        started_ns = time.time_ns()
+        start_ms = started_ns // 1_000_000
+        failure: InvocationResult | None = None
+        init_time_ms: int | None = None
+        destroy = True
+
+        def fail(status: Status, message: str, logs: list[str] | None = None) -> InvocationResult:
+            return InvocationResult(status=status, result={"error": message}, start_ms=start_ms,
+                                    end_ms=_now_ms(), logs=logs or [], start_kind=start_kind,
+                                    init_time_ms=init_time_ms)
+
+        try:
+            if c.docker_id is None:
+                runtime_fault = Status.DEVELOPER_ERROR if action.blackbox else Status.INTERNAL_ERROR
+                try:
+                    await self._create_and_start(c)
+                except ImageNotFound as exc:
+                    failure = fail(runtime_fault, f"Failed to start container: image {exc.image} "
+                                   "not found")
+                    return failure, None
+                except DockerError as exc:
+                    failure = fail(Status.INTERNAL_ERROR, f"Failed to start container: {exc}")
+                    return failure, None
+                deadline = trio.current_time() + self.config.init_timeout_s
+                outcome = await self._wait_ready(c, deadline)
+                if outcome == "timeout":
+                    failure = fail(runtime_fault, (
+                        "The action container did not accept connections within "
+                        f"{self.config.init_timeout_s:g} seconds."
+                    ))
+                elif outcome is not None:
+                    logs = await self._grab_logs(c, started_ns, limits.logs_kb * 1024, False)
+                    failure = fail(Status.DEVELOPER_ERROR,
+                                   MSG_OOM if outcome == "oom" else MSG_ABNORMAL,
+                                   self._format_logs(logs, limits.logs_kb * 1024, False))
+                if failure is not None:
+                    return failure, None
+            elif c.memory_mb > limits.memory_mb:
+                await self._shrink(c, limits.memory_mb)
+
+            assert c.conn is not None
+            t0 = trio.current_time()
+            lost: ConnectionLost | None = None
+            resp = None
+            with trio.move_on_after(limits.timeout_ms / 1000) as scope:
+                try:
+                    resp = await c.conn.post("/init", init_body(action, self.config.api_host))
+                except ConnectionLost as exc:
+                    lost = exc
+            init_time_ms = round((trio.current_time() - t0) * 1000)
+            if scope.cancelled_caught:
+                failure = fail(Status.DEVELOPER_ERROR,
+                               MSG_INIT_TIMEOUT.format(ms=limits.timeout_ms))
+            elif lost is not None:
+                logger.debug("connection lost during /init", container=c.name, error=str(lost))
+                failure = fail(Status.DEVELOPER_ERROR, await self._crash_message(c))
+            else:
+                assert resp is not None
+                bad = interpret_init(resp, self.config.max_result_bytes)
+                if bad is not None:
+                    failure = fail(bad[0], bad[1]["error"])
+            if failure is not None:
+                logs = await self._grab_logs(c, started_ns, limits.logs_kb * 1024, False)
+                failure.logs = self._format_logs(logs, limits.logs_kb * 1024, False)
+                return failure, init_time_ms
+            destroy = False
+            c.phase = _READY
+            logger.debug("container initialized", container=c.name, action=action.name,
+                         start_kind=start_kind, init_ms=init_time_ms)
+            return None, init_time_ms
+        except BaseException:
+            failure = fail(Status.INTERNAL_ERROR,
+                           "The activation was cancelled during initialization.")
+            raise
+        finally:
+            if destroy:
+                c.init_failure = failure
+                self._destroy(c, reason="init failed")
+            c.init_done.set()
+
+    async def _shrink(self, c: _Container, memory_mb: int) -> None:
+        """A stem cell larger than the action needs gets the action's exact memory limit."""
+        assert c.docker_id is not None
+        try:
+            await self._backend.update_memory(c.docker_id, memory_mb)
+        except DockerError as exc:
+            logger.debug("could not lower the memory limit", container=c.name, error=str(exc))
+            return
+        c.memory_mb = memory_mb
+        self._update_gauges()
+        self._process_queue()
+
+    async def _run(self, c: _Container, activation: Activation, start_kind: str,
+                   init_time_ms: int | None, logs_since_ns: int | None) -> InvocationResult:
+        limits = activation.action.limits
+        log_limit = limits.logs_kb * 1024
+        assert c.conn is not None
+        run_start_ns = time.time_ns()
+        start_ms = run_start_ns // 1_000_000
+        body = run_body(activation, start_ms + limits.timeout_ms)
+        t0 = trio.current_time()
+        lost: ConnectionLost | None = None
+        resp = None
+        try:
+            with trio.move_on_after(limits.timeout_ms / 1000) as scope:
+                try:
+                    resp = await c.conn.post("/run", body)
+                except ConnectionLost as exc:
+                    lost = exc
+        except BaseException:
+            # Cancelled from outside while the action runs: it may still be running, so the
+            # container must not serve another activation.
+            self._destroy(c, reason="cancelled during /run")
+            raise
+        run_time_ms = round((trio.current_time() - t0) * 1000)
+        end_ms = _now_ms()
+        since_ns = logs_since_ns or run_start_ns
+        concurrent = c.concurrency > 1
+
+        if scope.cancelled_caught or lost is not None:
+            if scope.cancelled_caught:
+                status, message = Status.DEVELOPER_ERROR, MSG_TIMEOUT.format(ms=limits.timeout_ms)
+                logger.debug("activation timed out", container=c.name,
+                             activation_id=activation.activation_id)
+            else:
+                logger.debug("connection lost during /run", container=c.name, error=str(lost))
+                status, message = Status.DEVELOPER_ERROR, await self._crash_message(c)
+            if concurrent:
+                logs = [MSG_LOGS_CONCURRENT]
+            else:
+                grabbed = await self._grab_logs(c, since_ns, log_limit, False)
+                logs = self._format_logs(grabbed, log_limit, False)
+            self._destroy(c, reason="timeout" if scope.cancelled_caught else "crashed")
+            return InvocationResult(status=status, result={"error": message}, start_ms=start_ms,
+                                    end_ms=end_ms, logs=logs, init_time_ms=init_time_ms,
+                                    start_kind=start_kind, run_time_ms=run_time_ms)
+
+        assert resp is not None
+        status, result = interpret_run(resp, self.config.max_result_bytes)
+        if concurrent:
+            logs = [MSG_LOGS_CONCURRENT]
+        else:
+            collected = await self._grab_logs(c, since_ns, log_limit, True)
+            logs = self._format_logs(collected, log_limit, True)
+            if collected is None or not (collected.complete or collected.truncated):
+                # The runtime did not finish its logs: later activations could see stale lines.
+                logger.debug("log sentinels missing; container not reused", container=c.name)
+                self._destroy(c, reason="log sentinels missing")
+        c.last_used = trio.current_time()
+        return InvocationResult(status=status, result=result, start_ms=start_ms, end_ms=end_ms,
+                                logs=logs, init_time_ms=init_time_ms, start_kind=start_kind,
+                                run_time_ms=run_time_ms)

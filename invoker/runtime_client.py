@@ -1,0 +1,194 @@
+"""Client of the OpenWhisk action runtime protocol (``POST /init``, ``POST /run``).
+
+Also the pure functions that turn a runtime's answer into an OpenWhisk status and result, so
+they can be tested without containers. Timeouts are the caller's business (trio cancel scopes);
+this module never waits on its own except for the readiness probe.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from invoker.model import Action, Activation, Status
+
+# OpenWhisk's messages (common/scala/.../core/entity/ActivationResult.scala and Messages.scala)
+MSG_TIMEOUT = "The action exceeded its time limits of {ms} milliseconds."
+MSG_INIT_TIMEOUT = "The action exceeded its time limits of {ms} milliseconds during initialization."
+MSG_OOM = "The action exhausted its memory and was aborted."
+MSG_ABNORMAL = "The action did not produce a valid response and exited unexpectedly."
+MSG_INVALID_RUN = "The action did not produce a valid response: {text}"
+MSG_INVALID_JSON = "The action did not produce a valid JSON response: {text}"
+MSG_INVALID_INIT = "The action failed during initialization: {text}"
+MSG_TRUNCATED = (
+    "The action produced a response that exceeded the allowed length: {n} > {max} bytes."
+)
+MSG_LOGS_TRUNCATED = (
+    "Logs were truncated because the total bytes size exceeds the limit of {n} bytes."
+)
+MSG_LOGS_FAILED = "There was an issue while collecting your logs. Data might be missing."
+MSG_LOGS_CONCURRENT = "Logs are not collected for actions with concurrency > 1."
+
+_HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+
+
+class ConnectionLost(Exception):
+    """The runtime could not be reached or closed the connection without a complete answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeResponse:
+    status_code: int
+    body: bytes  # at most max_bytes + one chunk; empty when truncated before reading
+    truncated: bool = False
+    length: int = 0  # Content-Length if announced, else the bytes seen
+
+
+class RuntimeClient:
+    """Makes one keep-alive HTTP client per container (see ``RuntimeConnection``)."""
+
+    def __init__(self, max_result_bytes: int) -> None:
+        self.max_result_bytes = max_result_bytes
+        # Built once: making an SSL context per client costs ~40 ms (we never use TLS).
+        self._ssl = ssl.create_default_context()
+
+    def connect(self, base_url: str) -> RuntimeConnection:
+        return RuntimeConnection(base_url, self.max_result_bytes, self._ssl)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class RuntimeConnection:
+    """HTTP to one container. Its pooled keep-alive connections die with the container, so a
+    stale connection can never reach a later container that got the same address."""
+
+    def __init__(self, base_url: str, max_result_bytes: int, ssl_context: ssl.SSLContext):
+        self.base_url = base_url
+        self.max_result_bytes = max_result_bytes
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=httpx.Timeout(None),
+            limits=httpx.Limits(
+                max_connections=None, max_keepalive_connections=64, keepalive_expiry=60.0
+            ),
+            trust_env=False,  # never send container traffic through a proxy from the environment
+            verify=ssl_context,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def probe(self, timeout_s: float) -> bool:
+        """True once anything answers HTTP on the action port (any status)."""
+        try:
+            resp = await self._client.get("/", timeout=timeout_s, headers=_HEADERS)
+        except httpx.HTTPError:
+            return False
+        await resp.aclose()
+        return True
+
+    async def post(self, path: str, payload: dict[str, Any]) -> RuntimeResponse:
+        """POST JSON; reads the answer streaming and stops past ``max_result_bytes``."""
+        content = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        limit = self.max_result_bytes
+        try:
+            async with self._client.stream("POST", path, content=content,
+                                           headers=_HEADERS) as resp:
+                announced = resp.headers.get("content-length")
+                if announced is not None and announced.isdigit() and int(announced) > limit:
+                    # Leaving the block unread closes this connection; the container stays usable.
+                    return RuntimeResponse(resp.status_code, b"", True, int(announced))
+                buf = bytearray()
+                async for chunk in resp.aiter_raw():
+                    buf += chunk
+                    if len(buf) > limit:
+                        total = int(announced) if announced and announced.isdigit() else len(buf)
+                        return RuntimeResponse(resp.status_code, b"", True, total)
+                return RuntimeResponse(resp.status_code, bytes(buf), False, len(buf))
+        except httpx.TransportError as exc:
+            raise ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
+
+
+# ------------------------------------------------------------------ protocol bodies
+def init_body(action: Action, api_host: str | None = None) -> dict[str, Any]:
+    env: dict[str, str] = {}
+    if api_host:
+        env["__OW_API_HOST"] = api_host
+    value: dict[str, Any] = {
+        "name": action.name,
+        "main": action.main,
+        "binary": action.binary,
+        "env": env,
+    }
+    if action.code is not None:
+        value["code"] = action.code
+    return {"value": value}
+
+
+def run_body(activation: Activation, deadline_ms: int) -> dict[str, Any]:
+    action = activation.action
+    return {
+        "value": activation.params,
+        "namespace": activation.namespace,
+        "action_name": f"/{activation.namespace}/{action.name}",
+        "action_version": action.version,
+        "activation_id": activation.activation_id,
+        "transaction_id": activation.transid,
+        "deadline": str(deadline_ms),
+    }
+
+
+# ------------------------------------------------------------------ interpretation
+def _text(body: bytes) -> str:
+    return body.decode("utf-8", "replace")
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def truncated_result(length: int, max_bytes: int) -> tuple[Status, dict[str, Any]]:
+    return Status.APPLICATION_ERROR, {"error": MSG_TRUNCATED.format(n=length, max=max_bytes)}
+
+
+def interpret_run(resp: RuntimeResponse, max_bytes: int) -> tuple[Status, dict[str, Any]]:
+    """OpenWhisk's rules for a /run answer."""
+    if resp.truncated:
+        return truncated_result(resp.length, max_bytes)
+    obj = _json_object(resp.body)
+    if resp.status_code == 200:
+        if obj is None:
+            return Status.DEVELOPER_ERROR, {
+                "error": MSG_INVALID_JSON.format(text=_text(resp.body))
+            }
+        if "error" in obj:
+            return Status.APPLICATION_ERROR, obj
+        return Status.SUCCESS, obj
+    if obj is not None and "error" in obj:
+        return Status.DEVELOPER_ERROR, {"error": obj["error"]}
+    return Status.DEVELOPER_ERROR, {"error": MSG_INVALID_RUN.format(text=_text(resp.body))}
+
+
+def interpret_init(resp: RuntimeResponse, max_bytes: int) -> tuple[Status, dict[str, Any]] | None:
+    """None when /init succeeded, else the DEVELOPER_ERROR status and result."""
+    if resp.status_code == 200 and not resp.truncated:
+        return None
+    if resp.truncated:
+        return Status.DEVELOPER_ERROR, {
+            "error": MSG_INVALID_INIT.format(
+                text=MSG_TRUNCATED.format(n=resp.length, max=max_bytes)
+            )
+        }
+    obj = _json_object(resp.body)
+    if obj is not None and "error" in obj:
+        return Status.DEVELOPER_ERROR, {"error": obj["error"]}
+    return Status.DEVELOPER_ERROR, {"error": MSG_INVALID_INIT.format(text=_text(resp.body))}

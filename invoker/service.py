@@ -1,0 +1,282 @@
+"""What the invoker and the recorder share: feed → handle → record channel → batcher → store.
+
+A :class:`FeedService` owns one consumer (the feed), the bounded record channel, the batcher,
+the Kafka publisher for completions and dead letters, the ops endpoint and signal handling.
+Subclasses decide what happens to a message between the feed and the record channel
+(:meth:`FeedService.dispatch`).
+
+Offsets: every message taken from the feed is registered with the offset tracker; it is
+completed when its record is stored and its completion acknowledged, when it was dead-lettered,
+or when the subclass says so (e.g. after an overflow write was acknowledged). Only then can
+its offset be committed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+import trio
+from kafka.structs import TopicPartition
+
+from invoker.batcher import Batcher, BatcherSettings, PendingRecord, backoff_delay
+from invoker.config import Config
+from invoker.feed import Feed, FeedMessage, FeedSettings
+from invoker.kafka_io import OutgoingMessage, Publisher, ensure_topics
+from invoker.metrics import Metrics
+from invoker.offsets import OffsetToken, OffsetTracker
+from invoker.ops import serve_ops
+from invoker.records import completion_message
+from invoker.watermark import Hysteresis
+from store import Store, StoreUnavailable, open_store
+
+log = structlog.get_logger(__name__)
+
+
+class _Gate:
+    """The trio side of the feed (see :class:`invoker.feed.FeedGate`). Never blocks."""
+
+    def __init__(self, service: FeedService, pause_on_record_channel: bool) -> None:
+        self._service = service
+        cfg = service.config
+        self._readahead = Hysteresis(high=cfg.read_ahead, low=cfg.read_ahead // 2)
+        self._channel = (Hysteresis(high=cfg.record_channel_size,
+                                    low=cfg.record_channel_low_watermark)
+                         if pause_on_record_channel else None)
+
+    def offer(self, messages: Sequence[FeedMessage]) -> tuple[int, bool]:
+        taken = 0
+        for message in messages:
+            try:
+                self._service.readahead_tx.send_nowait(message)
+            except trio.WouldBlock:
+                break
+            taken += 1
+        return taken, self._update() or taken < len(messages)
+
+    def should_resume(self) -> bool:
+        return not self._update()
+
+    def _update(self) -> bool:
+        svc = self._service
+        readahead = self._readahead.update(svc.readahead_tx.statistics().current_buffer_used)
+        channel = self._channel.update(svc.record_depth()) if self._channel else False
+        return readahead or channel
+
+    def assigned(self, partitions: Sequence[tuple[TopicPartition, int]]) -> None:
+        for partition, epoch in partitions:
+            self._service.tracker.assign(partition, epoch)
+
+    def revoked(self, partitions: Sequence[TopicPartition]) -> None:
+        for partition in partitions:
+            self._service.tracker.revoke(partition)
+
+
+class FeedService:
+    """Base of the invoker and the recorder. Subclasses implement :meth:`dispatch`."""
+
+    role = "service"
+
+    def __init__(self, config: Config, *, topic: str, group_id: str, client_id: str,
+                 metrics_port: int, metrics: Metrics | None = None, store: Store | None = None,
+                 pause_on_record_channel: bool = True) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.store = store or open_store(config.store_url, timeout_s=config.store_timeout_s)
+        self.tracker = OffsetTracker()
+        self.readahead_tx, self.readahead_rx = trio.open_memory_channel[FeedMessage](
+            config.read_ahead)
+        self.record_tx, self._record_rx = trio.open_memory_channel[PendingRecord](
+            config.record_channel_size)
+        self.client_id = client_id
+        self._topic = topic
+        self._metrics_port = metrics_port
+        self._stop = trio.Event()
+        self._started = False
+        self.dispatch_scope = trio.CancelScope()
+        self.feed = Feed(
+            FeedSettings(bootstrap=config.kafka_bootstrap, topic=topic, group_id=group_id,
+                         client_id=client_id, max_poll_records=config.max_poll_records,
+                         fetch_max_bytes=config.fetch_max_bytes,
+                         max_message_bytes=config.max_message_bytes),
+            _Gate(self, pause_on_record_channel), self.metrics)
+        self.publisher: Publisher | None = None
+        self.ops_port: int | None = None
+        self._rng = random.Random()
+        m = self.metrics
+        m.channel_capacity.set(config.record_channel_size)
+        m.channel_depth.set_function(self.record_depth)
+        m.peak_rss_bytes.set_function(
+            lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+    # --- to be provided by subclasses ----------------------------------------------------
+
+    async def dispatch(self, messages: trio.MemoryReceiveChannel[FeedMessage],
+                       work: trio.Nursery) -> None:
+        """Take messages until cancelled; start per-message work in ``work`` if it may wait.
+
+        Every message must end in :meth:`enqueue`, :meth:`dead_letter` or :meth:`complete`.
+        """
+        raise NotImplementedError
+
+    def topics_to_ensure(self) -> list[str]:
+        cfg = self.config
+        return [self._topic, cfg.completions_topic, cfg.dead_letter_topic]
+
+    def started_fields(self) -> dict[str, Any]:
+        """Extra fields for the start-up log line."""
+        return {}
+
+    # --- public --------------------------------------------------------------------------
+
+    def record_depth(self) -> int:
+        return self.record_tx.statistics().current_buffer_used
+
+    def stop(self) -> None:
+        """Begin a graceful stop (as SIGTERM does)."""
+        self._stop.set()
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": self._started and not self._stop.is_set(), "role": self.role,
+                "id": self.client_id, "paused": bool(self.metrics.paused._value.get())}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until :meth:`stop`, SIGTERM or SIGINT; then drain, commit and return."""
+        cfg = self.config
+        log.info(f"{self.role} starting", id=self.client_id, store=self.store.describe(),
+                 **self.started_fields())
+        await trio.to_thread.run_sync(ensure_topics, cfg.kafka_bootstrap,
+                                      self.topics_to_ensure(), cfg.topic_partitions)
+        await self._open_store()
+        self.publisher = Publisher(cfg.kafka_bootstrap, self.client_id)
+        try:
+            async with trio.open_nursery() as services:
+                self.ops_port = await services.start(
+                    serve_ops, cfg.metrics_host, self._metrics_port, self.metrics, self.health)
+                services.start_soon(self._watch_signals)
+                services.start_soon(self.feed.run)
+                await self.feed.ready.wait()
+                self._started = True
+                task_status.started()
+                await self._process()
+                self.feed.close()
+                services.cancel_scope.cancel()
+        finally:
+            self.publisher.close()
+            await self.store.aclose()
+            log.info(f"{self.role} stopped")
+
+    async def _open_store(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self.store.open()
+                return
+            except StoreUnavailable as exc:
+                delay = backoff_delay(attempt, 0.5, 10.0, self._rng)
+                attempt += 1
+                log.warning("store unavailable at start; retrying", error=str(exc),
+                            retry_in_s=round(delay, 2))
+                await trio.sleep(delay)
+
+    async def _process(self) -> None:
+        """The pipeline until asked to stop; then finish in-flight work and flush."""
+        cfg = self.config
+        batcher = Batcher(self.store, BatcherSettings(
+            batch_size=cfg.batch_size, linger_s=cfg.linger_ms / 1000,
+            max_writes_in_flight=cfg.max_writes_in_flight,
+            backoff_initial_s=cfg.backoff_initial_ms / 1000,
+            backoff_max_s=cfg.backoff_max_ms / 1000), self._on_stored, self._on_refused,
+            self.metrics)
+        async with trio.open_nursery() as writing:
+            writing.start_soon(batcher.run, self._record_rx)
+            async with self.record_tx:
+                async with trio.open_nursery() as work:
+                    work.start_soon(self._dispatch_until_stopped, work)
+                    await self._stop.wait()
+                    log.info("stopping: taking no new messages; finishing in-flight work",
+                             grace_s=cfg.grace_period_s)
+                    self.feed.stop_fetching()
+                    # Work cut off by the grace period is not committed: it runs again later.
+                    work.cancel_scope.deadline = trio.current_time() + cfg.grace_period_s
+                    self.dispatch_scope.cancel()
+            writing.cancel_scope.deadline = trio.current_time() + cfg.grace_period_s
+        log.info("record channel flushed")
+
+    async def _dispatch_until_stopped(self, work: trio.Nursery) -> None:
+        with self.dispatch_scope:
+            await self.dispatch(self.readahead_rx, work)
+
+    # --- for subclasses ------------------------------------------------------------------
+
+    def register(self, message: FeedMessage) -> OffsetToken | None:
+        """Track ``message``'s offset; None if its partition was revoked meanwhile (skip it)."""
+        return self.tracker.register(message.partition, message.epoch, message.offset)
+
+    async def enqueue(self, pending: PendingRecord) -> None:
+        """Put a record into the bounded record channel. Blocks while the channel is full."""
+        await self.record_tx.send(pending)
+
+    def complete(self, token: OffsetToken) -> None:
+        """This message's work is durable: let its offset commit once all before it are."""
+        offset = self.tracker.complete(token)
+        if offset is not None:
+            self.feed.request_commit(token.partition, offset)
+
+    async def dead_letter(self, message: FeedMessage, reason: str) -> None:
+        """Park an unreadable message, verbatim, with why and where it came from."""
+        tp = message.partition
+        log.warning("dead-lettered message", reason=reason, topic=tp.topic,
+                    partition=tp.partition, offset=message.offset)
+        await self._publish_dead_letter(message.value, reason, (
+            ("dlq.topic", tp.topic.encode()), ("dlq.partition", str(tp.partition).encode()),
+            ("dlq.offset", str(message.offset).encode())))
+
+    # --- internals -----------------------------------------------------------------------
+
+    async def _on_stored(self, stored: Sequence[PendingRecord]) -> None:
+        """Records are durable: publish their completions, then let their offsets commit."""
+        assert self.publisher is not None
+        completions = [
+            OutgoingMessage(
+                self.config.completions_topic,
+                json.dumps(completion_message(p.record, p.invoker_id or self.client_id,
+                                              p.blocking)).encode(),
+                key=p.record["activationId"].encode())
+            for p in stored
+        ]
+        await self.publisher.publish_until_acked(completions)
+        for pending in stored:
+            if pending.token is not None:
+                self.complete(pending.token)
+
+    async def _on_refused(self, pending: PendingRecord, reason: str) -> None:
+        """The store will never take this record: park it rather than stall its partition."""
+        await self._publish_dead_letter(json.dumps(pending.record).encode(),
+                                        f"store refused the record: {reason}",
+                                        (("dlq.kind", b"record"),))
+        if pending.token is not None:
+            self.complete(pending.token)
+
+    async def _publish_dead_letter(self, value: bytes, reason: str,
+                                   extra: tuple[tuple[str, bytes], ...]) -> None:
+        assert self.publisher is not None
+        headers = (("dlq.reason", reason.encode()), ("dlq.source", self.client_id.encode()),
+                   *extra)
+        await self.publisher.publish_until_acked(
+            [OutgoingMessage(self.config.dead_letter_topic, value, headers=headers)])
+        self.metrics.dead_letters.inc()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if self._stop.is_set():
+                    log.warning("second signal: stopping now", signal=signum)
+                    raise KeyboardInterrupt
+                log.info("signal received: draining", signal=signal.Signals(signum).name)
+                self.stop()

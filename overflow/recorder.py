@@ -1,0 +1,50 @@
+"""``invoker recorder``: drains the overflow topic into the store.
+
+Same pipeline as the invoker after execution: feed (its own consumer group) → bounded record
+channel → batcher → store → completion → commit. The consumer pauses when the channel is
+saturated. Undecodable messages go to the dead-letter topic. Scale out by starting more
+recorders in the same group (``recorder_group_id``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from invoker.batcher import PendingRecord
+from invoker.config import Config
+from invoker.feed import FeedMessage
+from invoker.metrics import Metrics
+from invoker.service import FeedService
+from overflow.envelope import decode
+from store import Store
+
+
+class Recorder(FeedService):
+    role = "recorder"
+
+    def __init__(self, config: Config, metrics: Metrics | None = None,
+                 store: Store | None = None) -> None:
+        super().__init__(config, topic=config.overflow_topic, group_id=config.recorder_group_id,
+                         client_id=config.recorder_id, metrics_port=config.recorder_metrics_port,
+                         metrics=metrics, store=store)
+
+    def started_fields(self) -> dict[str, Any]:
+        return {"topic": self.config.overflow_topic, "group": self.config.recorder_group_id}
+
+    async def dispatch(self, messages: trio.MemoryReceiveChannel[FeedMessage],
+                       work: trio.Nursery) -> None:
+        """Decode in order; blocks on the record channel, which is what pauses the feed."""
+        async for message in messages:
+            token = self.register(message)
+            if token is None:
+                continue
+            try:
+                item = decode(message.value)
+            except ValueError as exc:
+                await self.dead_letter(message, str(exc))
+                self.complete(token)
+                continue
+            await self.enqueue(PendingRecord(item.record, token, item.blocking,
+                                             invoker_id=item.invoker_id))
