@@ -63,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     for name, summary, text in [
-        ("run", "run the invoker daemon", "Run the invoker daemon until SIGTERM/SIGINT: activations from the feed topic "
-                "run in Docker containers, records go to the store."),
-        ("recorder", "run a recorder: overflow topic -> store", "Run a recorder until SIGTERM/SIGINT: records from the overflow topic go "
-                     "to the store, then their completions are published. Start several with "
-                     "the same recorder_group_id to share the topic's partitions."),
+        ("run", "run the invoker daemon",
+         "Run the invoker daemon until SIGTERM/SIGINT: activations from the feed topic run in "
+         "Docker containers, records go to the store."),
+        ("recorder", "run a recorder: overflow topic -> store",
+         "Run a recorder until SIGTERM/SIGINT: records from the overflow topic go to the store, "
+         "then their completions are published. Start several with the same recorder_group_id "
+         "to share the topic's partitions."),
     ]:
         service = commands.add_parser(name, help=summary, description=text)
         service.add_argument("--print-config", action="store_true",
