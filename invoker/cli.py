@@ -34,6 +34,10 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format='{"event": "%(message)s", "logger": "%(name)s", '
                                '"level": "%(levelname)s"}')
+    # While a broker is unreachable kafka-python logs every reconnect attempt at ERROR; the
+    # daemon's own "publish failed" / "commit failed" lines already say so, once per retry.
+    for noisy in ("kafka.conn", "kafka.client", "kafka.producer.sender"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from invoker.metrics import Metrics
 log = structlog.get_logger(__name__)
 
 POLL_TIMEOUT_MS = 100
+COMMIT_TIMEOUT_MS = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +51,9 @@ class FeedGate(Protocol):
     def offer(self, messages: Sequence[FeedMessage]) -> tuple[int, bool]:
         """Take a prefix of ``messages``; return (how many were taken, whether to pause)."""
 
-    def should_resume(self) -> bool:
-        """True once the pipeline drained below its low watermarks."""
+    def saturated(self) -> bool:
+        """Whether the pipeline is full (with hysteresis: until it drained below its low
+        watermarks)."""
 
     def assigned(self, partitions: Sequence[tuple[TopicPartition, int]]) -> None:
         """Partitions (with their new epoch) now owned by this consumer."""
@@ -161,7 +163,7 @@ class Feed:
             self._pending.clear()
             if not self._paused:
                 self._pause(consumer, "stopping")
-        elif self._paused and not self._pending and self._call(self._gate.should_resume):
+        elif self._paused and not self._pending and not self._call(self._gate.saturated):
             self._resume(consumer)
         # Never hold more than max_poll_records in this thread (while paused, poll returns none).
         room = max(self._settings.max_poll_records - len(self._pending), 1)
@@ -172,12 +174,18 @@ class Feed:
             for record in records:
                 self._pending.append(FeedMessage(partition, epoch, record.offset,
                                                  record.value or b"", now))
-        if self._pending and not self._stop_fetching.is_set():
+        if self._stop_fetching.is_set():
+            return
+        if self._pending:
             taken, want_pause = self._call(self._gate.offer, list(self._pending))
             for _ in range(taken):
                 self._pending.popleft()
-            if (self._pending or want_pause) and not self._paused:
-                self._pause(consumer, "pipeline saturated")
+        else:
+            # Nothing to hand over (e.g. the broker is unreachable): still pause when the
+            # pipeline is full, so fetching does not restart before it drained.
+            want_pause = not self._paused and self._call(self._gate.saturated)
+        if (self._pending or want_pause) and not self._paused:
+            self._pause(consumer, "pipeline saturated")
 
     def _epoch_of(self, partition: TopicPartition) -> int:
         return self._epochs.get(partition, 0)
@@ -208,6 +216,8 @@ class Feed:
 
     def _commit_requested(self, consumer: KafkaConsumer,
                           only: Iterable[TopicPartition] | None = None) -> None:
+        """Commit the requested offsets, waiting at most COMMIT_TIMEOUT_MS so the thread keeps
+        polling; offsets of partitions still owned are retried on the next turn."""
         with self._commit_lock:
             if only is None:
                 todo, self._commits = self._commits, {}
@@ -217,12 +227,18 @@ class Feed:
             return
         offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in todo.items()}
         try:
-            consumer.commit(offsets)
+            consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
         except KafkaError as exc:
-            # The group moved on (rebalance); the new owner re-reads from the last commit and
-            # the store's idempotency absorbs the repeats.
-            log.warning("commit failed", error=str(exc), offsets={str(k): v for k, v in
-                                                                  todo.items()})
+            retry = {} if only is not None else {
+                tp: offset for tp, offset in todo.items() if tp in consumer.assignment()}
+            with self._commit_lock:
+                for tp, offset in retry.items():
+                    if offset > self._commits.get(tp, -1):
+                        self._commits[tp] = offset
+            # Offsets not retried belong to partitions this consumer lost: their new owner
+            # re-reads from the last commit and the store's idempotency absorbs the repeats.
+            log.warning("commit failed", error=str(exc), retrying=len(retry),
+                        dropped=len(todo) - len(retry))
 
     def _on_revoked(self, consumer: KafkaConsumer, revoked: Sequence[TopicPartition]) -> None:
         self._commit_requested(consumer, only=revoked)

@@ -30,6 +30,10 @@ class Metrics:
         self.channel_depth = Gauge(
             "invoker_record_channel_depth", "Records waiting in the record channel", registry=r
         )
+        self.readahead_depth = Gauge(
+            "invoker_readahead_depth", "Messages handed over by the feed, not yet dispatched",
+            registry=r,
+        )
         self.channel_capacity = Gauge(
             "invoker_record_channel_capacity", "Bound of the record channel", registry=r
         )

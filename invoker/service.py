@@ -59,8 +59,8 @@ class _Gate:
             taken += 1
         return taken, self._update() or taken < len(messages)
 
-    def should_resume(self) -> bool:
-        return not self._update()
+    def saturated(self) -> bool:
+        return self._update()
 
     def _update(self) -> bool:
         svc = self._service
@@ -111,6 +111,8 @@ class FeedService:
         m = self.metrics
         m.channel_capacity.set(config.record_channel_size)
         m.channel_depth.set_function(self.record_depth)
+        m.readahead_depth.set_function(
+            lambda: self.readahead_tx.statistics().current_buffer_used)
         m.peak_rss_bytes.set_function(
             lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 

@@ -37,11 +37,11 @@ def daemons(tmp_path, topics):
     started: list[Daemon] = []
 
     def make(store_url: str, *, start: bool = True, invoker_id: str | None = None,
-             **settings: str) -> Daemon:
+             command: str = "run", **settings: str) -> Daemon:
         env = {"INVOKER_" + k.upper(): str(v) for k, v in settings.items()}
         kwargs = {"invoker_id": invoker_id} if invoker_id else {}
-        d = Daemon(topics, store_url, tmp_path / f"daemon-{len(started)}.log", settings=env,
-                   **kwargs)
+        d = Daemon(topics, store_url, tmp_path / f"{command}-{len(started)}.log", settings=env,
+                   command=command, **kwargs)
         started.append(d)
         return d.start() if start else d
 
@@ -84,9 +84,22 @@ class ProxyProcess:
 
 
 @pytest.fixture
-def couch_proxy(tmp_path):
-    """A fault proxy in front of the CouchDB-API server; ``.port`` is where to connect."""
+def couch_proxies(tmp_path):
+    """Factory of fault proxies in front of the CouchDB-API server (``.port`` to connect)."""
     target = COUCHDB.split("//", 1)[1].rstrip("/")
-    proxy = ProxyProcess(target, tmp_path)
-    yield proxy
-    proxy.close()
+    proxies: list[ProxyProcess] = []
+
+    def make() -> ProxyProcess:
+        workdir = tmp_path / f"proxy-{len(proxies)}"
+        workdir.mkdir()
+        proxies.append(ProxyProcess(target, workdir))
+        return proxies[-1]
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+@pytest.fixture
+def couch_proxy(couch_proxies):
+    return couch_proxies()

@@ -10,47 +10,21 @@ import json
 import threading
 import time
 
-import trio
-
 from invoker.loadgen import (
-    LoadSpec,
     activation_message,
     produce_messages,
     read_completions,
     run_load,
 )
-from store import doc_id_for, open_store
-from tests.support.daemon import KAFKA, group_lag, wait_for
+from tests.support.daemon import KAFKA, group_lag, load_spec, stored_records, wait_for
 
 NS = "itest"
-
-
-def spec(topics, store_url, daemons=(), **kw) -> LoadSpec:
-    kw.setdefault("progress", False)
-    kw.setdefault("completion_timeout_s", 120)
-    return LoadSpec(bootstrap=KAFKA, feed_topic=topics.feed, completions_topic=topics.completions,
-                    store_url=store_url, metrics_urls=[d.url("/metrics") for d in daemons], **kw)
-
-
-def stored_records(store_url: str, ids: dict[str, str]) -> dict[str, dict]:
-    """Records by activation id for ``ids`` (activation id → namespace)."""
-
-    async def read():
-        store = open_store(store_url)
-        await store.open()
-        try:
-            found = await store.get_many([doc_id_for(ns, aid) for aid, ns in ids.items()])
-            return {doc["activationId"]: doc for doc in found.values()}, await store.count()
-        finally:
-            await store.aclose()
-
-    return trio.run(read)
 
 
 def test_happy_path_records_completions_and_commits(daemons, topics, sqlite_url):
     daemon = daemons(sqlite_url)
     actions = ["echo", "sleep:50", "error", "raise", "noop"]
-    report = run_load(spec(topics, sqlite_url, [daemon], actions=actions, count=60))
+    report = run_load(load_spec(topics, sqlite_url, [daemon], actions=actions, count=60))
     assert (report.produced, report.completed, report.stored, report.lost) == (60, 60, 60, 0)
     assert report.duplicate_records == 0
     assert report.by_status == {"success": 36, "application error": 12,
@@ -130,7 +104,7 @@ def test_slow_store_pauses_feed_bounds_memory_and_stores_everything_once(
                      max_logs_kb=64, max_message_bytes=65536, fetch_max_bytes=1048576)
     # Warm up every code path (containers, store client, producer) before taking the baseline:
     # the bound is about buffered records, not about the interpreter loading modules.
-    warm = run_load(spec(topics, couchdb_url, [daemon], actions=["noop"], count=30))
+    warm = run_load(load_spec(topics, couchdb_url, [daemon], actions=["noop"], count=30))
     assert warm.lost == 0
     baseline_rss = daemon.metrics()["process_resident_memory_bytes"]
     bound = daemon.metrics()["invoker_worst_case_buffered_bytes"]
@@ -141,7 +115,7 @@ def test_slow_store_pauses_feed_bounds_memory_and_stores_everything_once(
     samples: list[dict[str, float]] = []
     result: dict = {}
     loader = threading.Thread(target=lambda: result.update(report=run_load(
-        spec(topics, couchdb_url, [daemon], actions=["noop"], count=150))))
+        load_spec(topics, couchdb_url, [daemon], actions=["noop"], count=150))))
     loader.start()
     started = time.monotonic()
     while time.monotonic() - started < 40:
@@ -175,7 +149,7 @@ def test_store_outage_pauses_retries_and_recovers(daemons, topics, couchdb_url, 
                      backoff_initial_ms=50, backoff_max_ms=1000, store_timeout_s=2)
     result: dict = {}
     loader = threading.Thread(target=lambda: result.update(report=run_load(
-        spec(topics, couchdb_url, [daemon], actions=["noop"], count=120, rate=30))))
+        load_spec(topics, couchdb_url, [daemon], actions=["noop"], count=120, rate=30))))
     loader.start()
     wait_for(lambda: daemon.metrics()["invoker_records_stored_total"] >= 5, 60,
              "some records stored before the outage")
@@ -198,7 +172,7 @@ def test_crash_mid_load_then_restart_stores_each_activation_once(daemons, topics
     first = daemons(sqlite_url, max_activations=8)
     result: dict = {}
     loader = threading.Thread(target=lambda: result.update(report=run_load(
-        spec(topics, sqlite_url, [], actions=["sleep:100", "echo"], count=200, rate=40,
+        load_spec(topics, sqlite_url, [], actions=["sleep:100", "echo"], count=200, rate=40,
              completion_timeout_s=180))))
     loader.start()
     wait_for(lambda: first.metrics()["invoker_records_stored_total"] >= 40, 90,
@@ -219,7 +193,7 @@ def test_sigterm_drains_and_restart_re_executes_nothing(daemons, topics, sqlite_
     first = daemons(sqlite_url, max_activations=8)
     result: dict = {}
     loader = threading.Thread(target=lambda: result.update(report=run_load(
-        spec(topics, sqlite_url, [], actions=["sleep:200", "echo"], count=150, rate=30,
+        load_spec(topics, sqlite_url, [], actions=["sleep:200", "echo"], count=150, rate=30,
              completion_timeout_s=180))))
     loader.start()
     wait_for(lambda: first.metrics()["invoker_records_stored_total"] >= 30, 90,

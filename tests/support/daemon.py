@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import trio
 from kafka.admin import KafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
+
+from invoker.loadgen import LoadSpec
+from store import doc_id_for, open_store
 
 KAFKA = os.environ.get("INVOKER_TEST_KAFKA", "127.0.0.1:9092")
 COUCHDB = os.environ.get("INVOKER_TEST_COUCHDB_URL", "http://127.0.0.1:5984")
@@ -31,18 +35,22 @@ class Topics:
     feed: str
     completions: str
     dead_letters: str
+    overflow: str
     group: str
+    recorder_group: str
 
     @classmethod
     def create(cls, partitions: int = 4) -> Topics:
         tag = uuid.uuid4().hex[:10]
-        topics = cls(f"t-{tag}-feed", f"t-{tag}-done", f"t-{tag}-dlq", f"g-{tag}")
+        topics = cls(f"t-{tag}-feed", f"t-{tag}-done", f"t-{tag}-dlq", f"t-{tag}-overflow",
+                     f"g-{tag}", f"g-{tag}-rec")
         admin = KafkaAdminClient(bootstrap_servers=KAFKA, client_id="tests")
         try:
             admin.create_topics(
                 [
                     NewTopic(t, partitions, 1)
-                    for t in (topics.feed, topics.completions, topics.dead_letters)
+                    for t in (topics.feed, topics.completions, topics.dead_letters,
+                              topics.overflow)
                 ]
             )
         finally:
@@ -55,12 +63,15 @@ class Topics:
             "INVOKER_COMPLETIONS_TOPIC": self.completions,
             "INVOKER_DEAD_LETTER_TOPIC": self.dead_letters,
             "INVOKER_GROUP_ID": self.group,
+            "INVOKER_OVERFLOW_TOPIC": self.overflow,
+            "INVOKER_RECORDER_GROUP_ID": self.recorder_group,
         }
 
 
 @dataclass
 class Daemon:
-    """One ``invoker run`` process; its stderr (JSON logs) goes to ``log_path``."""
+    """One ``invoker run`` (or ``invoker recorder``) process; its stderr (JSON logs) goes to
+    ``log_path``."""
 
     topics: Topics
     store_url: str
@@ -68,6 +79,7 @@ class Daemon:
     invoker_id: str = field(default_factory=lambda: "t" + uuid.uuid4().hex[:8])
     settings: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    command: str = "run"
     process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 60.0) -> Daemon:
@@ -76,14 +88,13 @@ class Daemon:
             **self.topics.env(),
             "INVOKER_KAFKA_BOOTSTRAP": KAFKA,
             "INVOKER_STORE_URL": self.store_url,
-            "INVOKER_INVOKER_ID": self.invoker_id,
-            "INVOKER_METRICS_PORT": str(self.port),
             "INVOKER_LOG_LEVEL": "debug",
+            **self._identity(),
             **self.settings,
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "invoker.cli", "run"], env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "invoker.cli", self.command], env=env, stdout=log, stderr=log
         )
         log.close()
         deadline = time.monotonic() + timeout_s
@@ -99,6 +110,12 @@ class Daemon:
                 pass
             time.sleep(0.2)
         raise RuntimeError("daemon did not become healthy:\n" + self.log_tail())
+
+    def _identity(self) -> dict[str, str]:
+        if self.command == "recorder":
+            return {"INVOKER_RECORDER_ID": self.invoker_id,
+                    "INVOKER_RECORDER_METRICS_PORT": str(self.port)}
+        return {"INVOKER_INVOKER_ID": self.invoker_id, "INVOKER_METRICS_PORT": str(self.port)}
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -165,8 +182,9 @@ def group_lag(topics: Topics) -> int:
         admin.close()
 
 
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
-    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` on timeout."""
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25, describe=None):
+    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` on timeout
+    (and what ``describe()`` says then, if given)."""
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
@@ -174,7 +192,9 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
         if last:
             return last
         time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+    state = f"; state: {describe()}" if describe else ""
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})"
+                         + state)
 
 
 def remove_containers(invoker_id: str) -> int:
@@ -188,3 +208,25 @@ def remove_containers(invoker_id: str) -> int:
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)  # some may be gone
     return len(ids)
+
+
+def load_spec(topics, store_url, daemons=(), **kw) -> LoadSpec:
+    kw.setdefault("progress", False)
+    kw.setdefault("completion_timeout_s", 120)
+    return LoadSpec(bootstrap=KAFKA, feed_topic=topics.feed, completions_topic=topics.completions,
+                    store_url=store_url, metrics_urls=[d.url("/metrics") for d in daemons], **kw)
+
+
+def stored_records(store_url: str, ids: dict[str, str]) -> dict[str, dict]:
+    """Records by activation id for ``ids`` (activation id → namespace)."""
+
+    async def read():
+        store = open_store(store_url)
+        await store.open()
+        try:
+            found = await store.get_many([doc_id_for(ns, aid) for aid, ns in ids.items()])
+            return {doc["activationId"]: doc for doc in found.values()}, await store.count()
+        finally:
+            await store.aclose()
+
+    return trio.run(read)

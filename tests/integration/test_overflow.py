@@ -1,0 +1,201 @@
+"""Overflow to Kafka and the recorder, on the real broker, Docker engine and store server."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from invoker.loadgen import activation_message, produce_messages, read_completions, run_load
+from invoker.model import Action, Activation, InvocationResult, Limits, Status
+from invoker.records import build_record
+from overflow.envelope import OverflowedRecord, encode
+from tests.support.daemon import KAFKA, group_lag, load_spec, stored_records, wait_for
+
+NS = "otest"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+# Small bounds so a store slowed to ~1 s per bulk write saturates the record channel at once.
+SMALL = dict(max_activations=8, read_ahead=4, max_poll_records=4, record_channel_size=8,
+             record_channel_low_watermark=4, batch_size=4, max_writes_in_flight=1, linger_ms=5)
+
+
+def proxied(couchdb_url: str, proxy) -> str:
+    return f"http://127.0.0.1:{proxy.port}/{couchdb_url.rsplit('/', 1)[1]}"
+
+
+def activation_rate(daemon, count: int, produce) -> float:
+    """Activations/s the invoker finished (its own counter), while ``produce`` runs."""
+    before = _finished(daemon)
+    started = time.monotonic()
+    loader = threading.Thread(target=produce)
+    loader.start()
+    wait_for(lambda: _finished(daemon) - before >= count, 180, f"{count} activations finished",
+             interval_s=0.1)
+    rate = count / (time.monotonic() - started)
+    loader.join(timeout=240)
+    return rate
+
+
+def _finished(daemon) -> float:
+    return sum(v for k, v in daemon.metrics().items() if k.startswith("invoker_activations_total"))
+
+
+def overflow_envelopes(count: int) -> list[bytes]:
+    """Real records as the invoker would overflow them, for driving recorders directly."""
+    limits = Limits(timeout_ms=1000, memory_mb=128, logs_kb=10, concurrency=1)
+    action = Action(name="rec", version="0.0.1", kind="python:3", image="img", code="x",
+                    main="main", binary=False, limits=limits)
+    out = []
+    for i in range(count):
+        activation = Activation(activation_id=f"{i:08x}" + "0" * 24, namespace=NS,
+                                action=action, params={}, blocking=i % 2 == 0, transid="t",
+                                submitted_at_ms=1)
+        result = InvocationResult(status=Status.SUCCESS, result={"i": i}, start_ms=2, end_ms=3,
+                                  logs=[f"2026-01-01T00:00:00Z stdout: line {i}"])
+        out.append(encode(OverflowedRecord(build_record(activation, result, "inv-x", 1 << 20),
+                                           activation.blocking, "inv-x")))
+    return out
+
+
+def envelope_ids(count: int) -> dict[str, str]:
+    return {f"{i:08x}" + "0" * 24: NS for i in range(count)}
+
+
+def test_slow_store_with_overflow_keeps_throughput_and_recorder_catches_up(
+        daemons, topics, couchdb_url, couch_proxies):
+    fast, slow = couch_proxies(), couch_proxies()
+    count = 200
+
+    # Reference: overflow off, store at full speed.
+    reference = daemons(proxied(couchdb_url, fast), **SMALL)
+    run_load(load_spec(topics, couchdb_url, [reference], actions=["noop"], count=20))  # warm
+    fast_rate = activation_rate(reference, count, lambda: run_load(
+        load_spec(topics, couchdb_url, [reference], actions=["noop"], count=count)))
+    reference.terminate()
+
+    # Overflow on, the store slowed to about 1 s per request, for the invoker and recorder.
+    slow.set(latency=1.0, down=False)
+    invoker = daemons(proxied(couchdb_url, slow), invoker_id=reference.invoker_id,
+                      overflow_enabled="true", **SMALL)
+    recorder = daemons(proxied(couchdb_url, slow), command="recorder", batch_size=100)
+    result: dict = {}
+    overflow_rate = activation_rate(invoker, count, lambda: result.update(report=run_load(
+        load_spec(topics, couchdb_url, [invoker, recorder], actions=["noop"], count=count,
+                  completion_timeout_s=180))))
+    slow.set(latency=0.0, down=False)
+    report = result["report"]
+    print(f"overflow: {fast_rate:.1f} activations/s with overflow off and a fast store, "
+          f"{overflow_rate:.1f} with overflow on and a slow store "
+          f"(ratio {overflow_rate / fast_rate:.2f}); {report.overflowed} overflowed")
+
+    assert overflow_rate >= 0.4 * fast_rate
+    assert report.overflowed > count / 2
+    assert (report.produced, report.completed, report.stored, report.lost,
+            report.duplicate_records) == (count, count, count, 0, 0)
+    assert report.repeated_completions == 0
+    inv, rec = invoker.metrics(), recorder.metrics()
+    assert inv["invoker_overflow_records_total"] == report.overflowed
+    assert inv["invoker_records_stored_total"] + rec["invoker_records_stored_total"] == count
+    assert rec["invoker_records_stored_total"] == report.overflowed
+    assert len(invoker.log_events("record channel full: overflowing records to Kafka")) < 20
+    wait_for(lambda: group_lag(topics) == 0, 30, "feed offsets committed")
+
+
+def test_recorder_killed_mid_drain_then_restarted_loses_nothing(daemons, topics, couchdb_url,
+                                                                couch_proxy):
+    count = 300
+    couch_proxy.set(latency=0.3, down=False)
+    first = daemons(proxied(couchdb_url, couch_proxy), command="recorder", batch_size=10,
+                    max_writes_in_flight=1)
+    produce_messages(KAFKA, topics.overflow, overflow_envelopes(count))
+    wait_for(lambda: first.metrics()["invoker_records_stored_total"] >= 40, 60, "drain started")
+    first.kill()
+    couch_proxy.set(latency=0.0, down=False)
+    second = daemons(proxied(couchdb_url, couch_proxy), command="recorder",
+                     invoker_id=first.invoker_id)
+    ids = envelope_ids(count)
+    completions = read_completions(KAFKA, topics.completions, set(ids), 120)
+    records, total = stored_records(couchdb_url, ids)
+    assert len(records) == count and total == count  # one record each, nothing else
+    assert set(completions) == set(ids)
+    assert completions[f"{0:08x}" + "0" * 24][0]["result"] == {"i": 0}  # blocking carries it
+    assert completions[f"{0:08x}" + "0" * 24][0]["invoker"] == "inv-x"
+    re_stored = second.metrics()["invoker_records_already_stored_total"]
+    print(f"recorder crash: {re_stored:.0f} records written again after SIGKILL")
+
+
+def test_two_recorders_share_the_topic_and_one_takes_over(daemons, topics, couchdb_url,
+                                                          couch_proxy):
+    count = 400
+    couch_proxy.set(latency=0.2, down=False)
+    url = proxied(couchdb_url, couch_proxy)
+    a = daemons(url, command="recorder", batch_size=10, max_writes_in_flight=1)
+    b = daemons(url, command="recorder", batch_size=10, max_writes_in_flight=1)
+    wait_for(lambda: _owns_partitions(a) and _owns_partitions(b), 60,
+             "both recorders own partitions")
+    produce_messages(KAFKA, topics.overflow, overflow_envelopes(count))
+    wait_for(lambda: a.metrics()["invoker_records_stored_total"] >= 20
+             and b.metrics()["invoker_records_stored_total"] >= 20, 60, "both recorders storing")
+    assert b.terminate() == 0  # the other takes over its partitions
+    couch_proxy.set(latency=0.0, down=False)
+    ids = envelope_ids(count)
+    completions = read_completions(KAFKA, topics.completions, set(ids), 120)
+    records, total = stored_records(couchdb_url, ids)
+    assert len(records) == count and total == count
+    assert set(completions) == set(ids)
+    assert all(len(c) == 1 for c in completions.values())
+    # b committed what it stored before leaving, so a stored nothing a second time.
+    assert a.metrics()["invoker_records_already_stored_total"] == 0
+    assert _owns_partitions(a, count=4)
+
+
+def test_overflow_with_kafka_down_pauses_and_loses_nothing(daemons, topics, couchdb_url,
+                                                           couch_proxy):
+    # Enough that a backlog is still on the broker (and in the consumer's fetch buffer) when
+    # the broker stops: those messages reach the invoker, whose overflow writes cannot be
+    # acknowledged, so its slots stay held and the feed must pause instead of taking more.
+    count = 600
+    couch_proxy.set(latency=1.0, down=False)
+    invoker = daemons(proxied(couchdb_url, couch_proxy), overflow_enabled="true",
+                      overflow_max_in_flight=4, **SMALL)
+    recorder = daemons(couchdb_url, command="recorder")
+    messages = [activation_message("noop", NS) for _ in range(count)]
+    produce_messages(KAFKA, topics.feed, messages)
+    wait_for(lambda: invoker.metrics()["invoker_overflow_records_total"] >= 10, 60,
+             "records overflowing")
+    _kafka("down")
+    try:
+        wait_for(lambda: invoker.metrics()["invoker_feed_paused"] == 1, 60,
+                 "invoker paused while Kafka is down", describe=lambda: {
+                     k: v for k, v in invoker.metrics().items()
+                     if k.startswith(("invoker_slots", "invoker_readahead", "invoker_overflow",
+                                      "invoker_record_channel", "invoker_in_flight"))})
+        time.sleep(3)
+        m = invoker.metrics()
+        assert m["invoker_feed_paused"] == 1
+        assert m["invoker_overflow_in_flight"] <= 4
+        assert m["invoker_slots_used"] <= 8
+    finally:
+        _kafka("up")
+    couch_proxy.set(latency=0.0, down=False)
+    ids = {m["activationId"]: NS for m in messages}
+    completions = read_completions(KAFKA, topics.completions, set(ids), 180)
+    records, total = stored_records(couchdb_url, ids)
+    assert len(records) == count and total == count
+    assert set(completions) == set(ids)
+    assert recorder.metrics()["invoker_records_stored_total"] > 0
+    wait_for(lambda: group_lag(topics) == 0, 60, "feed offsets committed")
+
+
+def _kafka(action: str) -> None:
+    subprocess.run([str(DEPLOY / "kafka.sh"), action], check=True, timeout=180)
+
+
+def _owns_partitions(daemon, count: int | None = None) -> bool:
+    lines = daemon.log_events("partitions assigned")
+    if not lines:
+        return False
+    owned = lines[-1].count("-overflow-")
+    return owned == count if count is not None else owned > 0
