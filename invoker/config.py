@@ -44,6 +44,7 @@ class Config:
     # Overflow (records the record channel cannot take go to Kafka; a recorder stores them)
     overflow_enabled: bool = False
     overflow_topic: str = "invoker-overflow"
+    overflow_bootstrap: str = ""  # brokers of the overflow topic; empty: kafka_bootstrap
     overflow_wait_ms: int = 0  # how long a record may wait for the channel before overflowing
     overflow_max_in_flight: int = 32  # overflow writes awaiting Kafka's ack
     recorder_id: str = field(default_factory=lambda: _default_invoker_id().replace(
@@ -144,6 +145,10 @@ class Config:
                 + running * (self.max_message_bytes + self.max_record_bytes)
                 + writing * self.max_record_bytes + self.fetch_max_bytes)
         return waiting + running + writing, size
+
+    @property
+    def overflow_brokers(self) -> str:
+        return self.overflow_bootstrap or self.kafka_bootstrap
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration with credentials replaced by ``***``."""

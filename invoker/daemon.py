@@ -72,9 +72,11 @@ class Invoker(FeedService):
         self.metrics.worst_case_bytes.set(size)
         self.metrics.slots_total.set(config.max_activations)
 
-    def topics_to_ensure(self) -> list[str]:
+    def topics_to_ensure(self) -> dict[str, list[str]]:
         topics = super().topics_to_ensure()
-        return topics + [self.config.overflow_topic] if self.config.overflow_enabled else topics
+        if self.config.overflow_enabled:
+            topics.setdefault(self.config.overflow_brokers, []).append(self.config.overflow_topic)
+        return topics
 
     def started_fields(self) -> dict[str, Any]:
         records, size = self.config.worst_case_buffered()
@@ -87,7 +89,7 @@ class Invoker(FeedService):
             self._pool = await stack.enter_async_context(
                 ContainerPool.open(pool_config(cfg), self.metrics))
             if cfg.overflow_enabled:
-                publisher = Publisher(cfg.kafka_bootstrap, cfg.invoker_id + "-overflow")
+                publisher = Publisher(cfg.overflow_brokers, cfg.invoker_id + "-overflow")
                 stack.callback(publisher.close)
                 self._overflow = OverflowSender(publisher, cfg.overflow_topic,
                                                 cfg.overflow_max_in_flight, self.metrics)

@@ -83,7 +83,8 @@ class FeedService:
     role = "service"
 
     def __init__(self, config: Config, *, topic: str, group_id: str, client_id: str,
-                 metrics_port: int, metrics: Metrics | None = None, store: Store | None = None,
+                 metrics_port: int, feed_bootstrap: str | None = None,
+                 metrics: Metrics | None = None, store: Store | None = None,
                  pause_on_record_channel: bool = True) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
@@ -95,12 +96,13 @@ class FeedService:
             config.record_channel_size)
         self.client_id = client_id
         self._topic = topic
+        self._feed_bootstrap = feed_bootstrap or config.kafka_bootstrap
         self._metrics_port = metrics_port
         self._stop = trio.Event()
         self._started = False
         self.dispatch_scope = trio.CancelScope()
         self.feed = Feed(
-            FeedSettings(bootstrap=config.kafka_bootstrap, topic=topic, group_id=group_id,
+            FeedSettings(bootstrap=self._feed_bootstrap, topic=topic, group_id=group_id,
                          client_id=client_id, max_poll_records=config.max_poll_records,
                          fetch_max_bytes=config.fetch_max_bytes,
                          max_message_bytes=config.max_message_bytes),
@@ -126,9 +128,12 @@ class FeedService:
         """
         raise NotImplementedError
 
-    def topics_to_ensure(self) -> list[str]:
+    def topics_to_ensure(self) -> dict[str, list[str]]:
+        """Topics to create if missing, by the brokers they live on."""
         cfg = self.config
-        return [self._topic, cfg.completions_topic, cfg.dead_letter_topic]
+        topics = {cfg.kafka_bootstrap: [cfg.completions_topic, cfg.dead_letter_topic]}
+        topics.setdefault(self._feed_bootstrap, []).append(self._topic)
+        return topics
 
     def started_fields(self) -> dict[str, Any]:
         """Extra fields for the start-up log line."""
@@ -152,8 +157,8 @@ class FeedService:
         cfg = self.config
         log.info(f"{self.role} starting", id=self.client_id, store=self.store.describe(),
                  **self.started_fields())
-        await trio.to_thread.run_sync(ensure_topics, cfg.kafka_bootstrap,
-                                      self.topics_to_ensure(), cfg.topic_partitions)
+        for brokers, topics in self.topics_to_ensure().items():
+            await trio.to_thread.run_sync(ensure_topics, brokers, topics, cfg.topic_partitions)
         await self._open_store()
         self.publisher = Publisher(cfg.kafka_bootstrap, self.client_id)
         try:

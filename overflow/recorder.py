@@ -28,7 +28,7 @@ class Recorder(FeedService):
                  store: Store | None = None) -> None:
         super().__init__(config, topic=config.overflow_topic, group_id=config.recorder_group_id,
                          client_id=config.recorder_id, metrics_port=config.recorder_metrics_port,
-                         metrics=metrics, store=store)
+                         feed_bootstrap=config.overflow_brokers, metrics=metrics, store=store)
 
     def started_fields(self) -> dict[str, Any]:
         return {"topic": self.config.overflow_topic, "group": self.config.recorder_group_id}
