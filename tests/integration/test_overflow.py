@@ -137,27 +137,29 @@ def test_recorder_killed_mid_drain_then_restarted_loses_nothing(daemons, topics,
 
 def test_two_recorders_share_the_topic_and_one_takes_over(daemons, topics, couchdb_url,
                                                           couch_proxy):
-    count = 400
+    first, later = 400, 200
     couch_proxy.set(latency=0.2, down=False)
     url = proxied(couchdb_url, couch_proxy)
     a = daemons(url, command="recorder", batch_size=10, max_writes_in_flight=1)
     b = daemons(url, command="recorder", batch_size=10, max_writes_in_flight=1)
     wait_for(lambda: _owns_partitions(a) and _owns_partitions(b), 60,
              "both recorders own partitions")
-    produce_messages(KAFKA, topics.overflow, overflow_envelopes(count))
+    envelopes = overflow_envelopes(first + later)
+    produce_messages(KAFKA, topics.overflow, envelopes[:first])
     wait_for(lambda: a.metrics()["invoker_records_stored_total"] >= 20
              and b.metrics()["invoker_records_stored_total"] >= 20, 60, "both recorders storing")
-    assert b.terminate() == 0  # the other takes over its partitions
+    assert b.terminate() == 0
+    wait_for(lambda: _owns_partitions(a, count=4), 60, "the remaining recorder takes over")
     couch_proxy.set(latency=0.0, down=False)
-    ids = envelope_ids(count)
+    produce_messages(KAFKA, topics.overflow, envelopes[first:])
+    ids = envelope_ids(first + later)
     completions = read_completions(KAFKA, topics.completions, set(ids), 120)
     records, total = stored_records(couchdb_url, ids)
-    assert len(records) == count and total == count
+    assert len(records) == first + later and total == first + later
     assert set(completions) == set(ids)
     assert all(len(c) == 1 for c in completions.values())
     # b committed what it stored before leaving, so a stored nothing a second time.
     assert a.metrics()["invoker_records_already_stored_total"] == 0
-    assert _owns_partitions(a, count=4)
 
 
 class SecondBroker:
