@@ -33,6 +33,7 @@ from invoker.metrics import Metrics
 log = structlog.get_logger(__name__)
 
 POLL_TIMEOUT_MS = 100
+PAUSED_POLL_TIMEOUT_MS = 10
 COMMIT_TIMEOUT_MS = 2000
 
 
@@ -167,7 +168,9 @@ class Feed:
             self._resume(consumer)
         # Never hold more than max_poll_records in this thread (while paused, poll returns none).
         room = max(self._settings.max_poll_records - len(self._pending), 1)
-        polled = consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=room)
+        # While paused, poll only briefly: it returns nothing, and resuming waits for it.
+        timeout_ms = PAUSED_POLL_TIMEOUT_MS if self._paused else POLL_TIMEOUT_MS
+        polled = consumer.poll(timeout_ms=timeout_ms, max_records=room)
         now = time.time()
         for partition, records in polled.items():
             epoch = self._epoch_of(partition)

@@ -39,12 +39,19 @@ log = structlog.get_logger(__name__)
 
 
 class _Gate:
-    """The trio side of the feed (see :class:`invoker.feed.FeedGate`). Never blocks."""
+    """The trio side of the feed (see :class:`invoker.feed.FeedGate`). Never blocks.
+
+    Saturated means: the read-ahead refused a message (no free slot downstream) and has not yet
+    drained to half, or — unless overflow takes over — the record channel reached its bound and
+    has not yet drained to its low watermark. A read-ahead that merely filled up is not
+    saturated while it takes what the feed has: the dispatcher usually empties it at once.
+    """
 
     def __init__(self, service: FeedService, pause_on_record_channel: bool) -> None:
         self._service = service
         cfg = service.config
-        self._readahead = Hysteresis(high=cfg.read_ahead, low=cfg.read_ahead // 2)
+        self._readahead_low = cfg.read_ahead // 2
+        self._readahead_blocked = False
         self._channel = (Hysteresis(high=cfg.record_channel_size,
                                     low=cfg.record_channel_low_watermark)
                          if pause_on_record_channel else None)
@@ -55,26 +62,34 @@ class _Gate:
             try:
                 self._service.readahead_tx.send_nowait(message)
             except trio.WouldBlock:
+                self._readahead_blocked = True
                 break
             taken += 1
-        return taken, self._update() or taken < len(messages)
+        return taken, self._saturated()
 
     def saturated(self) -> bool:
-        return self._update()
+        if self._readahead_depth() >= self._service.config.read_ahead:
+            self._readahead_blocked = True  # full while nothing new came: nothing is moving
+        return self._saturated()
 
-    def _update(self) -> bool:
-        svc = self._service
-        readahead = self._readahead.update(svc.readahead_tx.statistics().current_buffer_used)
-        channel = self._channel.update(svc.record_depth()) if self._channel else False
-        return readahead or channel
+    def _saturated(self) -> bool:
+        if self._readahead_blocked and self._readahead_depth() <= self._readahead_low:
+            self._readahead_blocked = False
+        channel = self._channel.update(self._service.record_depth()) if self._channel else False
+        return self._readahead_blocked or channel
+
+    def _readahead_depth(self) -> int:
+        return self._service.readahead_tx.statistics().current_buffer_used
 
     def assigned(self, partitions: Sequence[tuple[TopicPartition, int]]) -> None:
         for partition, epoch in partitions:
             self._service.tracker.assign(partition, epoch)
+            self._service.owned.add(partition)
 
     def revoked(self, partitions: Sequence[TopicPartition]) -> None:
         for partition in partitions:
             self._service.tracker.revoke(partition)
+            self._service.owned.discard(partition)
 
 
 class FeedService:
@@ -90,6 +105,7 @@ class FeedService:
         self.metrics = metrics or Metrics()
         self.store = store or open_store(config.store_url, timeout_s=config.store_timeout_s)
         self.tracker = OffsetTracker()
+        self.owned: set[TopicPartition] = set()  # partitions currently assigned to the feed
         self.readahead_tx, self.readahead_rx = trio.open_memory_channel[FeedMessage](
             config.read_ahead)
         self.record_tx, self._record_rx = trio.open_memory_channel[PendingRecord](
@@ -149,8 +165,11 @@ class FeedService:
         self._stop.set()
 
     def health(self) -> dict[str, Any]:
+        # Owning no partitions is not unhealthy (a group may have more members than
+        # partitions), but it is what an operator looks for first, so it is reported.
         return {"ok": self._started and not self._stop.is_set(), "role": self.role,
-                "id": self.client_id, "paused": bool(self.metrics.paused._value.get())}
+                "id": self.client_id, "paused": bool(self.metrics.paused._value.get()),
+                "partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in self.owned)}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`stop`, SIGTERM or SIGINT; then drain, commit and return."""

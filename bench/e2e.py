@@ -1,0 +1,213 @@
+"""Figures 1-3: end-to-end throughput, the store's own bulk-insert rate, invoker-added latency.
+
+One daemon subprocess (default bounds, info logging) on fresh topics and a fresh store:
+
+1. a warm-up run so the no-op action's containers exist;
+2. the throughput run: ``count`` no-op activations as fast as possible (``throughput_per_s``);
+   its per-activation latencies give the *saturated* invoker-added latency;
+3. a paced run well below the throughput, whose latencies give the invoker-added latency
+   without queueing;
+4. the daemon is stopped, then the store's own bulk-insert rate is measured on the same
+   database with copies of a real record of the run, in batches of the daemon's batch size.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.figures import Results
+from bench.infra import (
+    KAFKA,
+    Topics,
+    delete_couch_db,
+    delete_topics,
+    launch,
+    metric_samples,
+    new_couch_db,
+    read_records,
+    stop_daemon,
+    store_session,
+)
+from invoker.config import Config
+from invoker.loadgen import LoadSpec, Report, percentile, run_load
+from store import Outcome
+
+ACTION = "noop"
+
+
+@dataclass(frozen=True)
+class E2EParams:
+    warmup: int = 100
+    count: int = 1500
+    paced_rate: float = 25.0
+    paced_count: int = 250
+    store_records: int = 5000
+    store_time_limit_s: float = 20.0
+    completion_timeout_s: float = 90.0
+
+    @classmethod
+    def quick(cls) -> E2EParams:
+        return cls(warmup=40, count=300, paced_rate=25.0, paced_count=75, store_records=1000,
+                   store_time_limit_s=8.0, completion_timeout_s=60.0)
+
+
+def _spec(topics: Topics, store_url: str, **kw: Any) -> LoadSpec:
+    return LoadSpec(bootstrap=KAFKA, feed_topic=topics.feed,
+                    completions_topic=topics.completions, store_url=store_url,
+                    actions=[ACTION], progress=False, **kw)
+
+
+def _check(report: Report, what: str) -> list[str]:
+    problems = []
+    if report.completed < report.produced or report.lost or report.duplicate_records:
+        problems.append(f"{what}: produced {report.produced}, completed {report.completed}, "
+                        f"stored {report.stored}, lost {report.lost}, duplicates "
+                        f"{report.duplicate_records}")
+    problems += [f"{what}: {e}" for e in report.errors]
+    return problems
+
+
+def _added_latencies(report: Report, records: dict[str, dict]) -> list[float]:
+    """produce → completion minus the record's duration (the action's own run time)."""
+    added = []
+    for activation_id, latency in report.latencies_ms.items():
+        record = records.get(activation_id)
+        if record is not None and isinstance(record.get("duration"), int | float):
+            added.append(latency - record["duration"])
+    return added
+
+
+def _store_rate(url: str, template: dict, batch_size: int, total: int,
+                time_limit_s: float) -> tuple[int, float]:
+    """(records written, seconds) writing copies of ``template`` with store.write_batch."""
+    namespace = f"bench-store-{uuid.uuid4().hex[:8]}"
+    base = {k: v for k, v in template.items() if k not in ("_id", "_rev")}
+    batches = [
+        [dict(base, namespace=namespace, activationId=uuid.uuid4().hex)
+         for _ in range(batch_size)]
+        for _ in range(max(1, total // batch_size))
+    ]
+
+    async def body(store: Any) -> tuple[int, float]:
+        import trio
+
+        written = 0
+        t0 = trio.current_time()
+        for batch in batches:
+            results = await store.write_batch(batch)
+            bad = [r for r in results if r.outcome is not Outcome.STORED]
+            if bad:
+                raise RuntimeError(f"{len(bad)} records not newly stored, e.g. {bad[0]}")
+            written += len(batch)
+            if trio.current_time() - t0 >= time_limit_s:
+                break
+        return written, trio.current_time() - t0
+
+    return store_session(url, body, time_limit_s + 60)
+
+
+def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
+    scenario = f"e2e-{kind}"
+    prefix = f"e2e.{kind}"
+    topics: Topics | None = None
+    sqlite_dir = None
+    if kind == "sqlite":
+        sqlite_dir = tempfile.mkdtemp(prefix="sqlite-", dir=work)
+        store_url = f"sqlite:///{sqlite_dir}/records.sqlite3"
+    else:
+        _, store_url = new_couch_db()
+    batch_size = Config.__dataclass_fields__["batch_size"].default
+    daemon = None
+    try:
+        daemon, topics = launch(lambda m: results.error(scenario, m), store_url, work, scenario)
+        warm = run_load(_spec(topics, store_url, count=params.warmup,
+                              completion_timeout_s=params.completion_timeout_s))
+        for problem in _check(warm, "warm-up run"):
+            results.error(scenario, problem)
+        if warm.completed == 0:
+            raise RuntimeError(f"the warm-up run completed nothing; see {daemon.log_path}")
+
+        cpu_before = _cpu_seconds(daemon)
+        report = run_load(_spec(topics, store_url, count=params.count,
+                                completion_timeout_s=params.completion_timeout_s,
+                                metrics_urls=[daemon.url("/metrics")]))
+        cpu_after = _cpu_seconds(daemon)
+        for problem in _check(report, "throughput run"):
+            results.error(scenario, problem)
+        cpu = ""
+        if cpu_before is not None and cpu_after is not None and report.wall_s > 0:
+            cpu = (f"; daemon CPU {(cpu_after - cpu_before) / report.wall_s:.2f} cores, "
+                   f"{(cpu_after - cpu_before) * 1000 / max(report.completed, 1):.2f} ms "
+                   "per activation")
+        results.add(f"{prefix}.throughput", report.throughput_per_s, "activations/s",
+                    f"{report.completed} of {report.produced} no-op activations, "
+                    f"lost {report.lost}, duplicates {report.duplicate_records}{cpu}; feed "
+                    f"paused {report.daemon_pauses} times, {report.daemon_paused_seconds:.1f} s "
+                    f"in all")
+        records = read_records(store_url, report.namespace, list(report.latencies_ms))
+        saturated = _added_latencies(report, records)
+
+        paced = run_load(_spec(topics, store_url, count=params.paced_count,
+                               rate=params.paced_rate,
+                               completion_timeout_s=params.completion_timeout_s))
+        for problem in _check(paced, "paced run"):
+            results.error(scenario, problem)
+        paced_records = read_records(store_url, paced.namespace, list(paced.latencies_ms))
+        added = _added_latencies(paced, paced_records)
+        durations = [r["duration"] for r in paced_records.values()]
+        waits = [_wait_time(r) for r in paced_records.values()]
+
+        stop_daemon(daemon)
+        daemon = None
+
+        if not records:
+            raise RuntimeError("no record of the throughput run found in the store")
+        written, seconds = _store_rate(store_url, next(iter(records.values())), batch_size,
+                                       params.store_records, params.store_time_limit_s)
+        results.add(f"store.{kind}.bulk_insert_rate", written / seconds if seconds else None,
+                    "records/s", f"{written} records in batches of {batch_size}, "
+                    "one write at a time")
+        results.ratio(f"ratio.{kind}.invoker_over_store", f"{prefix}.throughput",
+                      f"store.{kind}.bulk_insert_rate")
+        note = (f"{len(added)} activations at {params.paced_rate:g}/s; action run time p50 "
+                f"{_fmt(percentile(durations, 50))} ms; produce -> /run start (waitTime) p50 "
+                f"{_fmt(percentile([w for w in waits if w is not None], 50))} ms")
+        results.add(f"{prefix}.added_latency_p50", percentile(added, 50), "ms", note)
+        results.add(f"{prefix}.added_latency_p99", percentile(added, 99), "ms")
+        note = f"{len(saturated)} activations of the throughput run (includes queueing)"
+        results.add(f"{prefix}.saturated_added_latency_p50", percentile(saturated, 50), "ms",
+                    note)
+        results.add(f"{prefix}.saturated_added_latency_p99", percentile(saturated, 99), "ms")
+    finally:
+        if daemon is not None:
+            stop_daemon(daemon, graceful=False)
+        if kind == "couchdb":
+            delete_couch_db(store_url)
+        elif sqlite_dir is not None:
+            for path in Path(sqlite_dir).glob("*"):
+                path.unlink(missing_ok=True)
+            Path(sqlite_dir).rmdir()
+        if topics is not None:
+            delete_topics(topics)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+
+def _wait_time(record: dict) -> float | None:
+    """The record's waitTime annotation: submittedAt → start of /run, in ms."""
+    for annotation in record.get("annotations") or ():
+        if annotation.get("key") == "waitTime":
+            return annotation.get("value")
+    return None
+
+
+def _cpu_seconds(daemon: Any) -> float | None:
+    samples = metric_samples(daemon)
+    return None if samples is None else samples.get("process_cpu_seconds_total")
