@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${INVOKER_PYTHON:-.venv/bin/python}
 STATE=${DEMO_STATE:-/tmp/invoker-demo}
 DURATION=${DEMO_DURATION:-30}
-RATE=${DEMO_RATE:-100}
+RATE=${DEMO_RATE:-40}
 PORT=${DEMO_METRICS_PORT:-9180}
 mkdir -p "$STATE"
 tag=$(date +%s)
@@ -15,7 +15,9 @@ export INVOKER_STORE_URL="sqlite:///$STATE/records.sqlite3"
 export INVOKER_FEED_TOPIC="demo-$tag-activations" INVOKER_COMPLETIONS_TOPIC="demo-$tag-completions"
 export INVOKER_DEAD_LETTER_TOPIC="demo-$tag-dead-letters" INVOKER_GROUP_ID="demo-$tag"
 export INVOKER_INVOKER_ID=demo-invoker INVOKER_METRICS_PORT=$PORT
-export INVOKER_PREWARM='{"python:3": 2}'
+export INVOKER_PREWARM='{"python:3": 2}' INVOKER_PREWARM_MEMORY_MB=128
+# 16 containers of 128 MB: enough for each of the five demo actions to keep warm containers.
+export INVOKER_DEFAULT_MEMORY_MB=128 INVOKER_USER_MEMORY_MB=2048
 
 "$PY" -m invoker.cli run >"$STATE/daemon.log" 2>&1 &
 daemon=$!
@@ -31,7 +33,7 @@ echo "worst-case buffer: $(grep -o '"worst_case_buffered_records": [0-9]*, "wors
 status=0
 "$PY" -m invoker.cli loadgen --duration "$DURATION" --rate "$RATE" \
   --action echo --action sleep:20 --action cpu:5 --action error --action logs:5 \
-  --metrics-url "http://127.0.0.1:$PORT/metrics" --progress || status=$?
+  --metrics-url "http://127.0.0.1:$PORT/metrics" || status=$?
 
 kill -TERM $daemon
 wait $daemon || status=$?
