@@ -505,3 +505,22 @@ def main(args):
         assert labels["org.invoker.id"] == invoker_id
         assert labels["org.invoker.action"] == "probe/me"
         assert re.fullmatch(rf"{invoker_id}-\d+-probe_me", name)
+
+
+async def test_network_mode_reaches_containers_by_ip_without_publishing(dclient, invoker_id):
+    """The daemon-in-a-container set-up: action containers on a named network, no host ports."""
+    name = f"invoker-test-{uuid.uuid4().hex[:8]}"
+    dclient.networks.create(name, driver="bridge", labels={"org.invoker.test": "true"})
+    try:
+        async with open_pool(invoker_id, network=name) as pool:
+            action = make_action("netmode", HELLO)
+            result, container = await invoke(pool, action, {"name": "net"})
+            assert result.status is Status.SUCCESS, result.result
+            assert result.result["greeting"] == "Hello net"
+            attrs = dclient.containers.get(container).attrs
+            assert list(attrs["NetworkSettings"]["Networks"]) == [name]
+            assert not attrs["HostConfig"].get("PortBindings")
+            warm, _ = await invoke(pool, action, {"name": "again"})
+            assert warm.start_kind == "warm" and warm.status is Status.SUCCESS
+    finally:
+        dclient.networks.get(name).remove()
