@@ -115,6 +115,11 @@ class Feed:
             self.stop_fetching()
             self._close.set()
 
+    @property
+    def paused(self) -> bool:
+        """Whether the consumer is paused (read without locking: a bool, for reporting)."""
+        return self._paused
+
     def request_commit(self, partition: TopicPartition, offset: int) -> None:
         """Ask the thread to commit ``offset`` (the next offset to read). Never blocks."""
         with self._commit_lock:

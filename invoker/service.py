@@ -168,7 +168,7 @@ class FeedService:
         # Owning no partitions is not unhealthy (a group may have more members than
         # partitions), but it is what an operator looks for first, so it is reported.
         return {"ok": self._started and not self._stop.is_set(), "role": self.role,
-                "id": self.client_id, "paused": bool(self.metrics.paused._value.get()),
+                "id": self.client_id, "paused": self.feed.paused,
                 "partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in self.owned)}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
