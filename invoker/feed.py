@@ -35,6 +35,7 @@ log = structlog.get_logger(__name__)
 POLL_TIMEOUT_MS = 100
 PAUSED_POLL_TIMEOUT_MS = 10
 COMMIT_TIMEOUT_MS = 2000
+TOPIC_METADATA_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,7 @@ class Feed:
             heartbeat_interval_ms=max(s.session_timeout_ms // 4, 500),
             max_poll_interval_ms=s.max_poll_interval_ms,
         )
+        self._wait_for_topic(consumer)
         consumer.subscribe([s.topic], listener=_Listener(self, consumer))
         self._call(self.ready.set)
         try:
@@ -162,6 +164,23 @@ class Feed:
                 self._note_resumed()
             consumer.close(autocommit=False)
             log.info("feed closed")
+
+    def _wait_for_topic(self, consumer: KafkaConsumer) -> None:
+        """Join the group only once this consumer's metadata has the topic's partitions.
+
+        A topic created moments ago may not be in the broker's metadata yet; a consumer that
+        joins then is assigned nothing and must rebalance again at once (and kafka-python was
+        seen to hang in such a rejoin).
+        """
+        deadline = time.monotonic() + TOPIC_METADATA_TIMEOUT_S
+        while not self._close.is_set():
+            if consumer.partitions_for_topic(self._settings.topic):
+                return
+            if time.monotonic() > deadline:
+                log.warning("topic has no partitions in metadata yet; joining anyway",
+                            topic=self._settings.topic)
+                return
+            time.sleep(0.2)
 
     def _turn(self, consumer: KafkaConsumer) -> None:
         self._commit_requested(consumer)
