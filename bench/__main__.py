@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import coldstart, e2e, memory
+from bench import coldstart, e2e, memory, overflow
 from bench.figures import Results, fmt_value
 from bench.infra import wait_services
 from invoker.cli import configure_logging
@@ -28,11 +28,13 @@ def scenarios(quick: bool, work: Path) -> dict[str, Callable[[Results], None]]:
     e2e_params = e2e.E2EParams.quick() if quick else e2e.E2EParams()
     cold_params = coldstart.ColdParams.quick() if quick else coldstart.ColdParams()
     mem_params = memory.MemoryParams.quick() if quick else memory.MemoryParams()
+    ovf_params = overflow.OverflowParams.quick() if quick else overflow.OverflowParams()
     return {
         "e2e-sqlite": lambda r: e2e.run(r, "sqlite", e2e_params, work),
         "e2e-couchdb": lambda r: e2e.run(r, "couchdb", e2e_params, work),
         "coldstart": lambda r: coldstart.run(r, cold_params),
         "memory": lambda r: memory.run(r, mem_params, work),
+        "overflow": lambda r: overflow.run(r, ovf_params, work),
     }
 
 
@@ -67,6 +69,14 @@ def summary(results: Results) -> list[str]:
         ("slow store: completed", f"bounded {v('memory.bounded.completed_in_window')}   "
                                   f"unbounded {v('memory.unbounded.completed_in_window')}   "
                                   f"(bounded pauses {v('memory.bounded.pauses')})"),
+        ("slow store: activations/s", f"overflow off {v('overflow.off.throughput')}   on "
+                                      f"{v('overflow.on.throughput')}   "
+                                      f"({v('ratio.overflow.on_over_off_throughput')} x)"),
+        ("overflow drain, records/s", f"1 recorder {v('overflow.drain.1_recorder')}   2 "
+                                      f"recorders {v('overflow.drain.2_recorders')}   "
+                                      f"({v('ratio.overflow.2_over_1_recorders')} x)"),
+        ("  recorder / store", f"{v('ratio.overflow.recorder_over_store')}   (store "
+                               f"{v('store.overflow.bulk_insert_rate')} records/s)"),
     ]
     width = max(len(label) for label, _ in rows)
     return [f"{label.ljust(width)}  {value}" for label, value in rows]
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
     parser.add_argument("--only", metavar="NAME[,NAME]",
                         help="run only these scenarios: e2e-sqlite, e2e-couchdb, coldstart, "
-                             "memory")
+                             "memory, overflow")
     parser.add_argument("--output", type=Path, default=RESULTS_PATH,
                         help=f"JSON results file (default {RESULTS_PATH})")
     parser.add_argument("--attempts", type=int, default=2, metavar="N",

@@ -17,9 +17,27 @@ import httpx
 import trio
 
 from store import doc_id_for, open_store
-from tests.support.daemon import COUCHDB, KAFKA, Daemon, Topics, remove_containers
+from tests.support.daemon import COUCHDB, KAFKA, Daemon, Topics
 
 __all__ = ["COUCHDB", "KAFKA", "Daemon", "Topics", "remove_containers"]
+
+DOCKER_TIMEOUT_S = 60.0
+
+
+def remove_containers(invoker_id: str, timeout_s: float = DOCKER_TIMEOUT_S) -> int:
+    """Remove the containers labelled with ``invoker_id`` (as tests.support.daemon does), but
+    bounded: a wedged Docker engine (``docker rm -f`` hanging) raises RuntimeError after
+    ``timeout_s`` instead of hanging the bench."""
+    try:
+        ids = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", f"label=org.invoker.id={invoker_id}"],
+            capture_output=True, text=True, check=True, timeout=timeout_s).stdout.split()
+        if ids:  # some may be gone already
+            subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"docker did not answer within {timeout_s:g} s removing the "
+                           f"containers of {invoker_id} ({' '.join(exc.cmd[:3])})") from None
+    return len(ids)
 
 
 def _reachable(hostport: str) -> bool:
@@ -52,12 +70,14 @@ def tag() -> str:
 
 
 def start_daemon(topics: Topics, store_url: str, log_dir: Path, name: str,
-                 timeout_s: float = 60.0, **settings: Any) -> Daemon:
-    """A started ``invoker run`` subprocess (info logging unless ``log_level`` is given)."""
+                 timeout_s: float = 60.0, command: str = "run", **settings: Any) -> Daemon:
+    """A started ``invoker run`` (or ``invoker recorder``: ``command="recorder"``) subprocess
+    (info logging unless ``log_level`` is given)."""
     settings.setdefault("log_level", "info")
     env = {"INVOKER_" + k.upper(): str(v) for k, v in settings.items()}
-    daemon = Daemon(topics, store_url, log_dir / f"daemon-{name}.log",
-                    invoker_id=f"bench{tag()[:8]}", settings=env)
+    prefix = "daemon" if command == "run" else command
+    daemon = Daemon(topics, store_url, log_dir / f"{prefix}-{name}.log",
+                    invoker_id=f"bench{tag()[:8]}", settings=env, command=command)
     try:
         return daemon.start(timeout_s=timeout_s)
     except BaseException:
