@@ -55,7 +55,7 @@ class Config:
     store_url: str = "sqlite:///./invoker-records.sqlite3"
     store_timeout_s: float = 30.0
     # Bounds of the pipeline
-    read_ahead: int = 16  # messages handed from the consumer thread, not yet dispatched
+    read_ahead: int = 64  # messages handed from the consumer thread, not yet dispatched
     max_poll_records: int = 16  # messages taken per poll(); they wait in the thread if trio is full
     fetch_max_bytes: int = 4 * 1024 * 1024  # the consumer's own fetch buffer
     max_message_bytes: int = 1024 * 1024  # largest activation message accepted

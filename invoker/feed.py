@@ -148,6 +148,12 @@ class Feed:
             max_poll_records=s.max_poll_records,
             fetch_max_bytes=s.fetch_max_bytes,
             max_partition_fetch_bytes=min(s.fetch_max_bytes, max(s.max_message_bytes, 1 << 20)),
+            # kafka-python refuses responses above receive_message_max_bytes (1 MB by default)
+            # even when it asked for more; leave room for a full fetch plus protocol overhead.
+            receive_message_max_bytes=s.fetch_max_bytes + (1 << 20),
+            # A fetch that finds no data waits this long at the broker, and kafka-python sends
+            # no new fetch meanwhile: keep it short so resumed partitions get data quickly.
+            fetch_max_wait_ms=100,
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=max(s.session_timeout_ms // 4, 500),
             max_poll_interval_ms=s.max_poll_interval_ms,
