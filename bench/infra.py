@@ -8,15 +8,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import trio
 
-from store import doc_id_for, open_store
+from invoker.loadgen import store_session
+from store import doc_id_for
 from tests.support.daemon import COUCHDB, KAFKA, Daemon, Topics
 
 __all__ = ["COUCHDB", "KAFKA", "Daemon", "Topics", "remove_containers"]
@@ -197,22 +197,6 @@ def delete_couch_db(url: str) -> None:
         httpx.delete(url, timeout=30)
     except httpx.HTTPError:
         pass
-
-
-def store_session(url: str, body: Callable[[Any], Awaitable[Any]], timeout_s: float) -> Any:
-    """Open the store, ``await body(store)``, close it — in a private, bounded trio run."""
-
-    async def main() -> Any:
-        with trio.fail_after(timeout_s):
-            store = open_store(url)
-            await store.open()
-            try:
-                return await body(store)
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await store.aclose()
-
-    return trio.run(main)
 
 
 def read_records(url: str, namespace: str, activation_ids: list[str],

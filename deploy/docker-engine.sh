@@ -16,6 +16,8 @@ TIMEOUT="${DOCKERD_TIMEOUT:-60}"
 
 log() { echo "[docker-engine] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=deploy/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 docker_answers() { timeout 10 docker info >/dev/null 2>&1; }
 
@@ -123,17 +125,7 @@ cmd_down() {
         return 0
     fi
     log "stopping dockerd (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + 45))
-    while kill -0 "$pid" 2>/dev/null; do
-        if ((SECONDS >= deadline)); then
-            log "dockerd did not stop within 45s; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            sleep 1
-            break
-        fi
-        sleep 0.5
-    done
+    stop_process dockerd "$pid" 45
     rm -f "$PID_FILE"
     log "dockerd stopped"
 }

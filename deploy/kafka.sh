@@ -39,6 +39,8 @@ BOOTSTRAP="127.0.0.1:$PORT"
 
 log() { echo "[kafka] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=deploy/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 show_log_tail() {
     local f
@@ -283,17 +285,7 @@ cmd_down() {
         return 0
     fi
     log "stopping broker (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + 30))
-    while kill -0 "$pid" 2>/dev/null; do
-        if ((SECONDS >= deadline)); then
-            log "broker did not stop within 30s; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            sleep 1
-            break
-        fi
-        sleep 0.5
-    done
+    stop_process broker "$pid" 30
     rm -f "$PID_FILE"
     log "stopped"
 }

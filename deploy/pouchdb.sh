@@ -28,6 +28,8 @@ URL="http://127.0.0.1:$PORT/"
 
 log() { echo "[pouchdb] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=deploy/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 show_log_tail() {
     local f
@@ -172,17 +174,7 @@ cmd_down() {
         return 0
     fi
     log "stopping pouchdb-server (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + 15))
-    while kill -0 "$pid" 2>/dev/null; do
-        if ((SECONDS >= deadline)); then
-            log "pouchdb-server did not stop within 15s; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            sleep 0.5
-            break
-        fi
-        sleep 0.2
-    done
+    stop_process pouchdb-server "$pid" 15
     rm -f "$PID_FILE"
     log "stopped"
 }

@@ -60,6 +60,9 @@ class Config:
     fetch_max_bytes: int = 4 * 1024 * 1024  # the consumer's own fetch buffer
     max_message_bytes: int = 1024 * 1024  # largest activation message accepted
     max_activations: int = 32  # execution slots
+    # Offsets taken but not yet committable. One slow activation holds back its partition's
+    # commit while later ones finish; this bounds the offsets remembered meanwhile.
+    max_uncommitted_offsets: int = 10_000
     record_channel_size: int = 256
     record_channel_low_watermark: int = 128  # the feed resumes at or below this depth
     batch_size: int = 100
@@ -102,7 +105,7 @@ class Config:
         problems = []
         for name in ("read_ahead", "max_poll_records", "max_activations", "record_channel_size",
                      "batch_size", "max_writes_in_flight", "user_memory_mb",
-                     "overflow_max_in_flight"):
+                     "overflow_max_in_flight", "max_uncommitted_offsets"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if not 0 <= self.record_channel_low_watermark < self.record_channel_size:

@@ -15,11 +15,13 @@ too (all slots waiting on overflow acks).
 from __future__ import annotations
 
 import time
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
 from typing import Any
 
 import structlog
 import trio
+from prometheus_client import Gauge
 
 from invoker.batcher import PendingRecord
 from invoker.config import Config
@@ -71,6 +73,8 @@ class Invoker(FeedService):
         self.metrics.worst_case_records.set(records)
         self.metrics.worst_case_bytes.set(size)
         self.metrics.slots_total.set(config.max_activations)
+        self.metrics.slots_used.set_function(
+            lambda: config.max_activations - self._slots.value)
 
     def topics_to_ensure(self) -> dict[str, list[str]]:
         topics = super().topics_to_ensure()
@@ -98,16 +102,14 @@ class Invoker(FeedService):
     async def dispatch(self, messages: trio.MemoryReceiveChannel[FeedMessage],
                        work: trio.Nursery) -> None:
         async for message in messages:
-            token = self.register(message)
+            token = await self.register(message)
             if token is None:
                 continue  # its partition was revoked; the new owner processes it
             await self._slots.acquire()
-            self.metrics.slots_used.inc()
             work.start_soon(self._handle, message, token)
 
     async def _handle(self, message: FeedMessage, token: OffsetToken) -> None:
         """One activation, holding its slot until its record is enqueued (or overflowed)."""
-        self.metrics.in_flight.inc()
         try:
             try:
                 decoded = decode_activation(message.value, self.config)
@@ -122,17 +124,18 @@ class Invoker(FeedService):
                 return
             await self._execute(decoded, message, token)
         finally:
-            self.metrics.in_flight.dec()
-            self.metrics.slots_used.dec()
             self._slots.release()
 
     async def _execute(self, activation: Activation, message: FeedMessage,
                        token: OffsetToken) -> None:
         assert self._pool is not None
         async with self._pool.lease(activation.action) as lease:
-            outcome = await lease.invoke(activation)
+            with _counted(self.metrics.in_flight):
+                outcome = await lease.invoke(activation)
+            # From arrival to the container starting work on it (init time excluded).
             arrived_ms = activation.submitted_at_ms or int(message.received_at * 1000)
-            outcome.wait_time_ms = max(outcome.start_ms - arrived_ms, 0)
+            first_ms = outcome.start_ms - (outcome.init_time_ms or 0)
+            outcome.wait_time_ms = max(first_ms - arrived_ms, 0)
             record = build_record(activation, outcome, self.config.invoker_id,
                                   self.config.max_record_bytes)
             self.metrics.activations.labels(status=outcome.status.label).inc()
@@ -167,6 +170,15 @@ class Invoker(FeedService):
             await self.record_tx.send(pending)
             return True
         return False
+
+
+@contextmanager
+def _counted(gauge: Gauge) -> Iterator[None]:
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
 
 
 def _now_ms() -> int:

@@ -771,17 +771,14 @@ def progress_line(produced: int, target: int | None, completed: int, elapsed_s: 
 
 # --- the run -------------------------------------------------------------------------------
 
-def _store_session(url: str | None, body: Callable[[Any], Any],
-                   timeout_s: float = STORE_TIMEOUT_S) -> Any:
+def store_session(url: str | None, body: Callable[[Any], Any],
+                  timeout_s: float = STORE_TIMEOUT_S) -> Any:
     """Open the store, run ``await body(store)``, close it — in a private trio run (bounded)."""
     import trio
 
     from store import open_store
 
-    store = None
-
     async def main() -> Any:
-        nonlocal store
         with trio.fail_after(timeout_s):
             store = open_store(url)
             await store.open()
@@ -802,14 +799,14 @@ def _read_store(url: str | None, doc_ids: list[str]) -> tuple[dict[str, dict], i
         return found, await store.count()
 
     # 60 s, plus 10 s per 50,000 ids
-    return _store_session(url, body, STORE_TIMEOUT_S + len(doc_ids) / 50_000 * 10)
+    return store_session(url, body, STORE_TIMEOUT_S + len(doc_ids) / 50_000 * 10)
 
 
 def _count_store(url: str | None) -> int:
     async def body(store: Any) -> int:
         return await store.count()
 
-    return _store_session(url, body)
+    return store_session(url, body)
 
 
 def _read_daemon_metrics(urls: Sequence[str], report: Report) -> None:

@@ -24,7 +24,10 @@ class Metrics:
         self.activations = Counter(
             "invoker_activations", "Activations finished, by status", ["status"], registry=r
         )
-        self.in_flight = Gauge("invoker_in_flight", "Activations holding a slot", registry=r)
+        self.in_flight = Gauge(
+            "invoker_in_flight", "Activations running in a container (/init, /run, logs)",
+            registry=r,
+        )
         self.slots_used = Gauge("invoker_slots_used", "Execution slots in use", registry=r)
         self.slots_total = Gauge("invoker_slots_total", "Execution slots configured", registry=r)
         self.channel_depth = Gauge(

@@ -62,6 +62,9 @@ class OffsetTracker:
             committable = head + 1
         return committable
 
-    def outstanding(self, partition: Hashable) -> int:
-        state = self._partitions.get(partition)
-        return len(state.pending) if state else 0
+    def outstanding(self, partition: Hashable | None = None) -> int:
+        """Offsets registered and not yet committable, in one partition or in all."""
+        if partition is not None:
+            state = self._partitions.get(partition)
+            return len(state.pending) if state else 0
+        return sum(len(state.pending) for state in self._partitions.values())

@@ -173,9 +173,6 @@ class Lease:
                 end_ms=now,
                 start_kind="none",
             )
-        if activation.submitted_at_ms is not None and result.wait_time_ms == 0:
-            first = result.start_ms - (result.init_time_ms or 0)
-            result.wait_time_ms = max(0, first - activation.submitted_at_ms)
         pool._metrics.container_starts.labels(kind=result.start_kind).inc()
         return result
 
@@ -321,8 +318,7 @@ class ContainerPool:
             self._containers.remove(c)
         c.phase = _REMOVED
         c.init_done.set()
-        self._update_gauges()
-        self._process_queue()
+        self._process_queue()  # updates the gauges
 
     # -------------------------------------------------------------------- leases
     @asynccontextmanager
@@ -357,8 +353,7 @@ class ContainerPool:
         if c.active == 0 and c.phase == _NEW:
             self._drop(c)  # reserved but never invoked: give the memory back
             return
-        self._update_gauges()
-        self._process_queue()
+        self._process_queue()  # updates the gauges
 
     def _process_queue(self) -> None:
         while self._waiters and not self._closed:
@@ -512,8 +507,7 @@ class ContainerPool:
             c.phase = _STEM
             c.last_used = trio.current_time()
             logger.debug("stem cell ready", container=c.name, kind=c.kind)
-        self._update_gauges()
-        self._process_queue()
+        self._process_queue()  # updates the gauges
 
     # ---------------------------------------------------------------- containers
     def _spec(self, c: _Container) -> ContainerSpec:
@@ -735,8 +729,7 @@ class ContainerPool:
             logger.debug("could not lower the memory limit", container=c.name, error=str(exc))
             return
         c.memory_mb = memory_mb
-        self._update_gauges()
-        self._process_queue()
+        self._process_queue()  # updates the gauges
 
     async def _run(self, c: _Container, activation: Activation, start_kind: str,
                    init_time_ms: int | None, logs_since_ns: int | None) -> InvocationResult:

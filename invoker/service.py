@@ -90,6 +90,7 @@ class _Gate:
         for partition in partitions:
             self._service.tracker.revoke(partition)
             self._service.owned.discard(partition)
+        self._service.offsets_moved()
 
 
 class FeedService:
@@ -105,6 +106,7 @@ class FeedService:
         self.metrics = metrics or Metrics()
         self.store = store or open_store(config.store_url, timeout_s=config.store_timeout_s)
         self.tracker = OffsetTracker()
+        self._offsets_moved = trio.Event()  # set (and replaced) when outstanding offsets shrink
         self.owned: set[TopicPartition] = set()  # partitions currently assigned to the feed
         self.readahead_tx, self.readahead_rx = trio.open_memory_channel[FeedMessage](
             config.read_ahead)
@@ -240,9 +242,19 @@ class FeedService:
 
     # --- for subclasses ------------------------------------------------------------------
 
-    def register(self, message: FeedMessage) -> OffsetToken | None:
-        """Track ``message``'s offset; None if its partition was revoked meanwhile (skip it)."""
+    async def register(self, message: FeedMessage) -> OffsetToken | None:
+        """Track ``message``'s offset; None if its partition was revoked meanwhile (skip it).
+
+        Blocks while ``max_uncommitted_offsets`` offsets wait for their commit (a slow message
+        at the head of a partition), which backs up into the read-ahead and pauses the feed.
+        """
+        while self.tracker.outstanding() >= self.config.max_uncommitted_offsets:
+            await self._offsets_moved.wait()
         return self.tracker.register(message.partition, message.epoch, message.offset)
+
+    def offsets_moved(self) -> None:
+        self._offsets_moved.set()
+        self._offsets_moved = trio.Event()
 
     async def enqueue(self, pending: PendingRecord) -> None:
         """Put a record into the bounded record channel. Blocks while the channel is full."""
@@ -253,6 +265,7 @@ class FeedService:
         offset = self.tracker.complete(token)
         if offset is not None:
             self.feed.request_commit(token.partition, offset)
+            self.offsets_moved()
 
     async def dead_letter(self, message: FeedMessage, reason: str) -> None:
         """Park an unreadable message, verbatim, with why and where it came from."""

@@ -37,7 +37,7 @@ class Recorder(FeedService):
                        work: trio.Nursery) -> None:
         """Decode in order; blocks on the record channel, which is what pauses the feed."""
         async for message in messages:
-            token = self.register(message)
+            token = await self.register(message)
             if token is None:
                 continue
             try:

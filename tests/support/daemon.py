@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import trio
 from kafka.admin import KafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
-from invoker.loadgen import LoadSpec
-from store import doc_id_for, open_store
+from invoker.loadgen import LoadSpec, store_session
+from store import doc_id_for
 
 KAFKA = os.environ.get("INVOKER_TEST_KAFKA", "127.0.0.1:9092")
 COUCHDB = os.environ.get("INVOKER_TEST_COUCHDB_URL", "http://127.0.0.1:5984")
@@ -217,16 +216,11 @@ def load_spec(topics, store_url, daemons=(), **kw) -> LoadSpec:
                     store_url=store_url, metrics_urls=[d.url("/metrics") for d in daemons], **kw)
 
 
-def stored_records(store_url: str, ids: dict[str, str]) -> dict[str, dict]:
-    """Records by activation id for ``ids`` (activation id → namespace)."""
+def stored_records(store_url: str, ids: dict[str, str]) -> tuple[dict[str, dict], int]:
+    """Records by activation id for ``ids`` (activation id → namespace), and the store count."""
 
-    async def read():
-        store = open_store(store_url)
-        await store.open()
-        try:
-            found = await store.get_many([doc_id_for(ns, aid) for aid, ns in ids.items()])
-            return {doc["activationId"]: doc for doc in found.values()}, await store.count()
-        finally:
-            await store.aclose()
+    async def read(store):
+        found = await store.get_many([doc_id_for(ns, aid) for aid, ns in ids.items()])
+        return {doc["activationId"]: doc for doc in found.values()}, await store.count()
 
-    return trio.run(read)
+    return store_session(store_url, read)

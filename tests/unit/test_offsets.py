@@ -60,3 +60,16 @@ def test_out_of_order_registration_is_a_bug():
     t.register("p", 1, 5)
     with pytest.raises(ValueError):
         t.register("p", 1, 5)
+
+
+def test_outstanding_counts_every_partition_until_committable():
+    t = OffsetTracker()
+    t.assign("a", 1)
+    t.assign("b", 1)
+    a0, a1, b0 = t.register("a", 1, 0), t.register("a", 1, 1), t.register("b", 1, 0)
+    assert t.outstanding() == 3
+    t.complete(a1)  # done, but behind a0: still remembered
+    assert t.outstanding() == 3
+    t.complete(a0)
+    t.revoke("b")
+    assert t.outstanding() == 0 and b0 is not None
