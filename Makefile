@@ -1,4 +1,5 @@
-# Two commands for a fresh machine: `make demo` and `make test`. See README.md.
+# Commands for a fresh machine: `make demo`, `make test`, `make images`, `make test-compose`.
+# See README.md.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_STATE ?= /tmp/invoker-demo
 
-.PHONY: venv services down demo test test-unit lint bench clean
+.PHONY: venv services down demo test test-unit lint bench images test-compose clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +30,19 @@ test-unit: venv
 	$(PY) -m pytest -q tests/unit tests/test_actionproxy.py tests/test_store_sqlite.py
 
 test: services lint
-	$(PY) -m pytest -q -ra --durations=15 tests
+	$(PY) -m pytest -q -ra --durations=15 tests --ignore=tests/compose
+
+images: venv  ## every image of the compose stack, built with no registry (deploy/compose/images.sh)
+	deploy/docker-engine.sh up
+	INVOKER_PYTHON=$(abspath $(PY)) deploy/compose/images.sh build
+
+# The compose stack under load (tests/compose); the stack is torn down, volumes included,
+# whatever the outcome (the tests do it; the second down covers an interrupted pytest).
+test-compose: images lint
+	status=0; $(PY) -m pytest -q -ra --durations=10 tests/compose || status=$$?; \
+	COMPOSE_PROJECT_NAME=invoker-test deploy/compose/compose.sh down --volumes --remove-orphans \
+		>/dev/null 2>&1 || true; \
+	exit $$status
 
 demo: services
 	INVOKER_PYTHON=$(abspath $(PY)) deploy/demo.sh

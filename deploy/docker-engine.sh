@@ -41,25 +41,14 @@ show_log_tail() {
     fi
 }
 
-apt_install() {
-    # apt_install PKG... : apt-get update once, then install (waits for the dpkg lock)
-    log "installing: $* (apt-get)"
-    local t0=$SECONDS
-    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get -o DPkg::Lock::Timeout=300 update -q >&2 \
-        || die "apt-get update failed"
-    # with recommends, as on the machine where this was verified (apt-get install -y docker.io)
-    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get -o DPkg::Lock::Timeout=300 install -y -q "$@" >&2 \
-        || die "apt-get install $* failed"
-    log "installed $* in $((SECONDS - t0))s"
-}
-
 ensure_packages() {
     local missing=()
     command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
     # debootstrap builds the base image (deploy/images.sh); install it in the same apt run
     command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
     if ((${#missing[@]})); then
-        apt_install "${missing[@]}"
+        # with recommends, as on the machine where this was verified (apt-get install -y docker.io)
+        apt_install --with-recommends "${missing[@]}"
     fi
     command -v dockerd >/dev/null 2>&1 || die "dockerd still missing after installing docker.io"
     command -v docker >/dev/null 2>&1 || die "docker client missing"

@@ -29,103 +29,13 @@ STATE_DIR="${INVOKER_STATE:-/tmp/invoker-state}/images"
 log() { echo "[images] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
-
-debian_mirror() {
-    if [[ -n "${DEBIAN_MIRROR:-}" ]]; then
-        echo "$DEBIAN_MIRROR"
-        return
-    fi
-    local m=""
-    # deb822 sources: the URIs of the first "deb" stanza whose Suites list the plain suite
-    if compgen -G "/etc/apt/sources.list.d/*.sources" >/dev/null; then
-        m="$(awk -v suite="$SUITE" '
-            function flush() { if (types ~ /(^| )deb( |$)/ && (" " suites " ") ~ (" " suite " ") && uris != "" && !found) { split(uris, u, " "); print u[1]; found = 1 } types = suites = uris = "" }
-            /^[ \t]*$/ { flush(); next }
-            /^[ \t]*#/ { next }
-            /^Types:/ { sub(/^Types:[ \t]*/, ""); types = $0 }
-            /^Suites:/ { sub(/^Suites:[ \t]*/, ""); suites = $0 }
-            /^URIs:/ { sub(/^URIs:[ \t]*/, ""); uris = $0 }
-            END { flush() }
-        ' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)"
-    fi
-    # one-line sources: deb [opts] URI SUITE COMPONENTS...
-    if [[ -z "$m" && -f /etc/apt/sources.list ]]; then
-        m="$(sed -E 's/\[[^]]*\]//' /etc/apt/sources.list |
-            awk -v suite="$SUITE" '$1 == "deb" && $3 == suite { print $2; exit }')"
-    fi
-    echo "${m:-http://deb.debian.org/debian}"
-}
-
-ensure_debootstrap() {
-    command -v debootstrap >/dev/null 2>&1 && return 0
-    log "installing debootstrap (apt-get)"
-    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get -o DPkg::Lock::Timeout=300 update -q >&2 ||
-        die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get -o DPkg::Lock::Timeout=300 install -y -q debootstrap >&2 || die "apt-get install debootstrap failed"
-}
-
-ROOTFS_TMP=""
-cleanup_mounts_only() {
-    # debootstrap may leave /proc, /sys or device bind mounts behind when it fails
-    [[ -n "$ROOTFS_TMP" ]] || return 0
-    local mnt
-    while read -r mnt; do
-        umount -l "$mnt" 2>/dev/null || true
-    done < <(findmnt -rn -o TARGET 2>/dev/null | grep -F "$ROOTFS_TMP/" | sort -r)
-}
-cleanup_rootfs() {
-    [[ -n "$ROOTFS_TMP" && -d "$ROOTFS_TMP" ]] || return 0
-    cleanup_mounts_only
-    rm -rf --one-file-system "$ROOTFS_TMP" || log "WARNING: could not remove $ROOTFS_TMP"
-    ROOTFS_TMP=""
-}
+# shellcheck source=deploy/lib.sh
+source "$SCRIPT_DIR/lib.sh"
 trap cleanup_rootfs EXIT
 
-build_rootfs_tar() {
-    ensure_debootstrap
-    mkdir -p "$CACHE_DIR" "$STATE_DIR"
-    local mirror t0=$SECONDS
-    mirror="$(debian_mirror)"
-    ROOTFS_TMP="$(mktemp -d "$CACHE_DIR/rootfs.XXXXXX")"
-    log "debootstrap --variant=minbase --include=$INCLUDE $SUITE from $mirror (log: $STATE_DIR/debootstrap.log)"
-    if ! timeout 1200 debootstrap --variant=minbase --include="$INCLUDE" "$SUITE" "$ROOTFS_TMP" "$mirror" \
-        >"$STATE_DIR/debootstrap.log" 2>&1; then
-        tail -n 30 "$STATE_DIR/debootstrap.log" >&2 || true
-        [[ -f "$ROOTFS_TMP/debootstrap/debootstrap.log" ]] && tail -n 30 "$ROOTFS_TMP/debootstrap/debootstrap.log" >&2
-        die "debootstrap failed"
-    fi
-    [[ -x "$ROOTFS_TMP/usr/bin/python3" ]] || die "debootstrap finished but the rootfs has no python3"
-    # drop downloaded packages and index files: nothing in the image runs apt
-    rm -rf "$ROOTFS_TMP"/var/cache/apt/archives/*.deb "$ROOTFS_TMP"/var/lib/apt/lists/* \
-        "$ROOTFS_TMP"/var/cache/apt/*.bin "$ROOTFS_TMP"/debootstrap
-    cleanup_mounts_only
-    log "packing the rootfs into $ROOTFS_TAR"
-    tar --numeric-owner --one-file-system -C "$ROOTFS_TMP" -cf "$ROOTFS_TAR.tmp" . ||
-        die "tar of the rootfs failed"
-    mv "$ROOTFS_TAR.tmp" "$ROOTFS_TAR"
-    cleanup_rootfs
-    log "rootfs built in $((SECONDS - t0))s ($(du -h "$ROOTFS_TAR" | cut -f1))"
-}
-
 build_base() {
-    if image_exists "$BASE_IMAGE"; then
-        log "$BASE_IMAGE exists; skipping"
-        return 0
-    fi
-    [[ -s "$ROOTFS_TAR" ]] || build_rootfs_tar
-    local t0=$SECONDS
-    log "importing $ROOTFS_TAR as $BASE_IMAGE"
-    docker import \
-        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-        --change 'ENV LANG=C.UTF-8' \
-        --change 'CMD ["python3"]' \
-        --message "debootstrap --variant=minbase --include=$INCLUDE $SUITE" \
-        - "$BASE_IMAGE" <"$ROOTFS_TAR" >/dev/null || die "docker import failed"
-    local v
-    v="$(docker run --rm --network none "$BASE_IMAGE" python3 -c 'import sys; print(sys.version.split()[0])')" ||
-        die "$BASE_IMAGE was imported but cannot run python3"
-    log "$BASE_IMAGE imported in $((SECONDS - t0))s (python $v)"
+    debootstrap_base "$BASE_IMAGE" "$ROOTFS_TAR" "$SUITE" "$INCLUDE" \
+        'python3 -c "import ssl, sys; print(\"python\", sys.version.split()[0])"' 'CMD ["python3"]'
 }
 
 build_action() {

@@ -2,6 +2,7 @@
 # Single-node Apache Kafka broker (KRaft, broker+controller in one JVM) from Maven Central.
 #
 #   deploy/kafka.sh up      fetch the jars (once, cached), format storage (once), start, wait ready
+#   deploy/kafka.sh fetch   only fetch the jars (deploy/compose/images.sh puts them in an image)
 #   deploy/kafka.sh down    stop the broker (SIGTERM, then SIGKILL after a timeout)
 #   deploy/kafka.sh status  exit 0 if the broker serves requests, 3 otherwise
 #   deploy/kafka.sh reset   down + wipe all data + up
@@ -138,11 +139,7 @@ ensure_tools() {
     command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
     command -v mvn >/dev/null 2>&1 || missing+=(maven)
     if ((${#missing[@]})); then
-        log "installing ${missing[*]} (apt-get)"
-        DEBIAN_FRONTEND=noninteractive timeout 900 apt-get -o DPkg::Lock::Timeout=300 update -q >&2 ||
-            die "apt-get update failed"
-        DEBIAN_FRONTEND=noninteractive timeout 900 apt-get -o DPkg::Lock::Timeout=300 install -y -q \
-            --no-install-recommends "${missing[@]}" >&2 || die "apt-get install ${missing[*]} failed"
+        apt_install "${missing[@]}"
     fi
 }
 
@@ -315,11 +312,12 @@ cmd_reset() {
 
 case "${1:-}" in
     up) cmd_up ;;
+    fetch) ensure_jars ;;
     down) cmd_down ;;
     status) cmd_status ;;
     reset) cmd_reset ;;
     *)
-        echo "usage: $0 up|down|status|reset" >&2
+        echo "usage: $0 up|fetch|down|status|reset" >&2
         exit 2
         ;;
 esac

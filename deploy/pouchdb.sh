@@ -3,6 +3,7 @@
 #
 #   deploy/pouchdb.sh up [--fresh]  install (once, cached), start, wait until it answers;
 #                                   --fresh wipes the data first
+#   deploy/pouchdb.sh install       only install it (deploy/compose/images.sh puts it in an image)
 #   deploy/pouchdb.sh down          stop it
 #   deploy/pouchdb.sh status        exit 0 if it answers, 3 otherwise
 #   deploy/pouchdb.sh reset         down + wipe data + up
@@ -199,11 +200,12 @@ cmd_status() {
 
 case "${1:-}" in
     up) cmd_up "${2:-}" ;;
+    install) ensure_installed ;;
     down) cmd_down ;;
     status) cmd_status ;;
     reset) cmd_up --fresh ;;
     *)
-        echo "usage: $0 up [--fresh]|down|status|reset" >&2
+        echo "usage: $0 up [--fresh]|install|down|status|reset" >&2
         exit 2
         ;;
 esac

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run Docker Compose v2 on the invoker stack with this machine's defaults:
+# Run Docker Compose v2 on the invoker stack (deploy/docker-compose.yml) with this machine's
+# defaults:
 #
-#   deploy/compose/compose.sh up -d --wait          # start (images: deploy/compose/images.sh)
+#   deploy/compose/compose.sh up -d --wait          # start (images: make images)
 #   deploy/compose/compose.sh run --rm loadgen      # 200 activations; exit 0 = nothing lost
 #   deploy/compose/compose.sh ps | logs -f invoker | down -v ...
 #
@@ -10,7 +11,10 @@
 # - DOCKER_GID: the group of /var/run/docker.sock, unless set;
 # - the offline override (locally built Kafka and CouchDB-API images) unless
 #   INVOKER_COMPOSE_ONLINE=1 (public apache/kafka and couchdb images from a registry);
-# - the project name: COMPOSE_PROJECT_NAME, or -p NAME before the command, default "invoker".
+# - the project name: COMPOSE_PROJECT_NAME, or -p NAME before the command, default "invoker";
+# - `down` first stops the invokers (each removes its action containers), then removes the
+#   action containers of invokers that were killed and never restarted, which would otherwise
+#   keep the action network from being removed.
 set -euo pipefail
 
 COMPOSE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -42,6 +46,31 @@ if [[ -z "${DOCKER_GID:-}" ]]; then
     }
     export DOCKER_GID
 fi
-files=(-f "$COMPOSE_DIR/docker-compose.yml")
-[[ "${INVOKER_COMPOSE_ONLINE:-0}" == 1 ]] || files+=(-f "$COMPOSE_DIR/docker-compose.offline.yml")
+files=(-f "$REPO_DIR/deploy/docker-compose.yml")
+[[ "${INVOKER_COMPOSE_ONLINE:-0}" == 1 ]] || files+=(-f "$REPO_DIR/deploy/docker-compose.offline.yml")
+
+# the project name and the subcommand: options before the subcommand, as compose takes them
+project="${COMPOSE_PROJECT_NAME:-invoker}"
+command=""
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+        -p | --project-name) project="${args[i + 1]:-}"; i=$((i + 1)) ;;
+        --project-name=*) project="${args[i]#*=}" ;;
+        -f | --file | --env-file | --profile | --project-directory) i=$((i + 1)) ;;
+        -*) ;;
+        *) command="${args[i]}"; break ;;
+    esac
+done
+
+if [[ "$command" == down ]]; then
+    "${COMPOSE[@]}" "${files[@]}" -p "$project" stop invoker >&2 || true
+    network="${INVOKER_NETWORK:-$project-net}"
+    leftovers="$(docker ps -aq --filter label=org.invoker.managed=true --filter "network=$network")"
+    if [[ -n "$leftovers" ]]; then
+        echo "[compose] removing action containers left on $network: $(echo $leftovers)" >&2
+        # shellcheck disable=SC2086 # one id per word
+        docker rm -f $leftovers >/dev/null
+    fi
+fi
 exec "${COMPOSE[@]}" "${files[@]}" "$@"

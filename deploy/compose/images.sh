@@ -51,7 +51,9 @@ WHEEL_STAGE="$COMPOSE_DIR/.wheels" # inside the repo: the Dockerfile's context i
 
 log() { echo "[compose-images] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
-image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+# shellcheck source=deploy/lib.sh
+source "$REPO_DIR/deploy/lib.sh"
+trap cleanup_rootfs EXIT
 
 TIMINGS=()
 step() { # step NAME CMD...: run and time it
@@ -59,98 +61,6 @@ step() { # step NAME CMD...: run and time it
     shift
     "$@"
     TIMINGS+=("$(printf '%-16s %4ss' "$name" "$((SECONDS - t0))")")
-}
-
-debian_mirror() { # as deploy/images.sh: $DEBIAN_MIRROR, else the host's apt source for $SUITE
-    if [[ -n "${DEBIAN_MIRROR:-}" ]]; then
-        echo "$DEBIAN_MIRROR"
-        return
-    fi
-    local m=""
-    if compgen -G "/etc/apt/sources.list.d/*.sources" >/dev/null; then
-        m="$(awk -v suite="$SUITE" '
-            function flush() { if (types ~ /(^| )deb( |$)/ && (" " suites " ") ~ (" " suite " ") && uris != "" && !found) { split(uris, u, " "); print u[1]; found = 1 } types = suites = uris = "" }
-            /^[ \t]*$/ { flush(); next }
-            /^[ \t]*#/ { next }
-            /^Types:/ { sub(/^Types:[ \t]*/, ""); types = $0 }
-            /^Suites:/ { sub(/^Suites:[ \t]*/, ""); suites = $0 }
-            /^URIs:/ { sub(/^URIs:[ \t]*/, ""); uris = $0 }
-            END { flush() }
-        ' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)"
-    fi
-    if [[ -z "$m" && -f /etc/apt/sources.list ]]; then
-        m="$(sed -E 's/\[[^]]*\]//' /etc/apt/sources.list |
-            awk -v suite="$SUITE" '$1 == "deb" && $3 == suite { print $2; exit }')"
-    fi
-    echo "${m:-http://deb.debian.org/debian}"
-}
-
-apt_install() {
-    log "installing $* (apt-get)"
-    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get -o DPkg::Lock::Timeout=300 update -q >&2 ||
-        die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get -o DPkg::Lock::Timeout=300 install -y -q \
-        --no-install-recommends "$@" >&2 || die "apt-get install $* failed"
-}
-
-# ------------------------------------------------------------------ debootstrap'ed bases
-ROOTFS_TMP=""
-cleanup_rootfs() {
-    [[ -n "$ROOTFS_TMP" && -d "$ROOTFS_TMP" ]] || return 0
-    local mnt
-    while read -r mnt; do
-        umount -l "$mnt" 2>/dev/null || true
-    done < <(findmnt -rn -o TARGET 2>/dev/null | grep -F "$ROOTFS_TMP/" | sort -r)
-    rm -rf --one-file-system "$ROOTFS_TMP" || log "WARNING: could not remove $ROOTFS_TMP"
-    ROOTFS_TMP=""
-}
-trap cleanup_rootfs EXIT
-
-# debootstrap_base IMAGE TARBALL INCLUDE CHECK_CMD: import IMAGE from the cached rootfs TARBALL,
-# making the tarball first (debootstrap --variant=minbase --include=INCLUDE) if it is missing.
-debootstrap_base() {
-    local image="$1" tarball="$2" include="$3" check="$4"
-    if image_exists "$image"; then
-        log "$image exists; skipping"
-        return 0
-    fi
-    if [[ ! -s "$tarball" ]]; then
-        command -v debootstrap >/dev/null 2>&1 || apt_install debootstrap
-        mkdir -p "$IMAGES_CACHE" "$STATE_DIR"
-        local mirror t0=$SECONDS logf
-        mirror="$(debian_mirror)"
-        logf="$STATE_DIR/debootstrap-$(basename "$tarball" .tar).log"
-        ROOTFS_TMP="$(mktemp -d "$IMAGES_CACHE/rootfs.XXXXXX")"
-        log "debootstrap --variant=minbase --include=$include $SUITE from $mirror (log: $logf)"
-        if ! timeout 1500 debootstrap --variant=minbase --include="$include" "$SUITE" "$ROOTFS_TMP" \
-            "$mirror" >"$logf" 2>&1; then
-            tail -n 30 "$logf" >&2 || true
-            [[ -f "$ROOTFS_TMP/debootstrap/debootstrap.log" ]] &&
-                tail -n 30 "$ROOTFS_TMP/debootstrap/debootstrap.log" >&2
-            die "debootstrap for $image failed"
-        fi
-        # nothing in these images runs apt; docs and man pages are dead weight
-        rm -rf "$ROOTFS_TMP"/var/cache/apt/archives/*.deb "$ROOTFS_TMP"/var/lib/apt/lists/* \
-            "$ROOTFS_TMP"/var/cache/apt/*.bin "$ROOTFS_TMP"/debootstrap \
-            "$ROOTFS_TMP"/usr/share/doc/* "$ROOTFS_TMP"/usr/share/man/* "$ROOTFS_TMP"/usr/share/info/*
-        local mnt
-        while read -r mnt; do
-            umount -l "$mnt" 2>/dev/null || true
-        done < <(findmnt -rn -o TARGET 2>/dev/null | grep -F "$ROOTFS_TMP/" | sort -r)
-        tar --numeric-owner --one-file-system -C "$ROOTFS_TMP" -cf "$tarball.tmp" . ||
-            die "tar of the rootfs failed"
-        mv "$tarball.tmp" "$tarball"
-        cleanup_rootfs
-        log "rootfs for $image built in $((SECONDS - t0))s ($(du -h "$tarball" | cut -f1))"
-    fi
-    log "importing $tarball as $image"
-    docker import \
-        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-        --change 'ENV LANG=C.UTF-8' \
-        --message "debootstrap --variant=minbase --include=$include $SUITE" \
-        - "$image" <"$tarball" >/dev/null || die "docker import of $image failed"
-    docker run --rm --network none "$image" sh -c "$check" >&2 ||
-        die "$image was imported but '$check' fails in it"
 }
 
 python_base_and_action() {
@@ -163,12 +73,13 @@ python_base_and_action() {
 }
 
 java_base() {
-    debootstrap_base "$JAVA_BASE" "$IMAGES_CACHE/java-base-$SUITE-v1.tar" \
+    debootstrap_base "$JAVA_BASE" "$IMAGES_CACHE/java-base-$SUITE-v1.tar" "$SUITE" \
         "openjdk-17-jre-headless" "java -version"
 }
 
 node_base() {
-    debootstrap_base "$NODE_BASE" "$IMAGES_CACHE/node-base-$SUITE-v1.tar" "nodejs" "node --version"
+    debootstrap_base "$NODE_BASE" "$IMAGES_CACHE/node-base-$SUITE-v1.tar" "$SUITE" "nodejs" \
+        "node --version"
 }
 
 # ------------------------------------------------------------------ docker build helpers
@@ -190,29 +101,6 @@ build_dir() {
 }
 
 # ------------------------------------------------------------------ kafka
-ensure_kafka_jars() {
-    [[ -n "$KAFKA_VERSION" ]] || die "no kafka.version in $POM"
-    [[ -f "$KAFKA_LIBS/.complete" ]] && return 0
-    # what deploy/kafka.sh's ensure_jars does (without starting a broker)
-    command -v mvn >/dev/null 2>&1 || apt_install maven
-    log "fetching Kafka $KAFKA_VERSION jars from Maven Central into $KAFKA_LIBS"
-    local dir tmp
-    dir="$(dirname "$KAFKA_LIBS")"
-    tmp="$dir/libs.tmp.$$"
-    mkdir -p "$dir"
-    rm -rf "$tmp"
-    if ! (cd "$dir" && timeout 900 mvn -q -B -Dstyle.color=never -f "$POM" \
-        dependency:copy-dependencies -DoutputDirectory="$tmp" >"$dir/mvn.log" 2>&1); then
-        tail -n 40 "$dir/mvn.log" >&2 || true
-        rm -rf "$tmp"
-        die "mvn dependency:copy-dependencies failed (log: $dir/mvn.log)"
-    fi
-    [[ -f "$tmp/kafka_2.13-$KAFKA_VERSION.jar" ]] || die "kafka_2.13-$KAFKA_VERSION.jar missing after mvn"
-    touch "$tmp/.complete"
-    rm -rf "$KAFKA_LIBS"
-    mv "$tmp" "$KAFKA_LIBS"
-}
-
 # stage_dir SRC DEST: DEST becomes a copy of SRC (hard links when possible: same file system)
 stage_dir() {
     rm -rf "$2"
@@ -221,7 +109,7 @@ stage_dir() {
 }
 
 kafka_image() {
-    ensure_kafka_jars
+    "$REPO_DIR/deploy/kafka.sh" fetch
     local ctx="$CACHE_ROOT/compose-context/kafka"
     mkdir -p "$ctx"
     cp "$COMPOSE_DIR"/kafka/{Dockerfile,kafka-entrypoint.sh,kafka-healthcheck.sh,log4j2.properties} "$ctx/"
@@ -231,29 +119,8 @@ kafka_image() {
 }
 
 # ------------------------------------------------------------------ couchdb (pouchdb-server)
-ensure_pouchdb_modules() {
-    [[ -f "$POUCHDB_DIR/.complete" && -d "$POUCHDB_DIR/node_modules/pouchdb-server" ]] && return 0
-    # what deploy/pouchdb.sh's ensure_installed does (without starting a server)
-    command -v npm >/dev/null 2>&1 || apt_install nodejs npm
-    log "installing pouchdb-server@$POUCHDB_VERSION from npm into $POUCHDB_DIR"
-    local tmp="$POUCHDB_DIR.tmp.$$"
-    rm -rf "$tmp"
-    mkdir -p "$tmp"
-    echo '{"name":"invoker-pouchdb-server","private":true}' >"$tmp/package.json"
-    # --ignore-scripts: leveldown finds its bundled N-API prebuild at run time; sqlite3's source
-    # build is only for --sqlite, which is not used
-    if ! (cd "$tmp" && timeout 600 npm install --no-audit --no-fund --loglevel=error --ignore-scripts \
-        "pouchdb-server@$POUCHDB_VERSION" >"$tmp/npm.log" 2>&1); then
-        tail -n 40 "$tmp/npm.log" >&2 || true
-        die "npm install pouchdb-server@$POUCHDB_VERSION failed (log: $tmp/npm.log)"
-    fi
-    touch "$tmp/.complete"
-    rm -rf "$POUCHDB_DIR"
-    mv "$tmp" "$POUCHDB_DIR"
-}
-
 couchdb_image() {
-    ensure_pouchdb_modules
+    "$REPO_DIR/deploy/pouchdb.sh" install
     local ctx="$CACHE_ROOT/compose-context/couchdb"
     mkdir -p "$ctx"
     cp "$COMPOSE_DIR"/couchdb/{Dockerfile,couchdb-entrypoint.sh,healthcheck.js} "$ctx/"

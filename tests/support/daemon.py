@@ -120,14 +120,7 @@ class Daemon:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def metrics(self) -> dict[str, float]:
-        """Samples by name (labels folded into the name as name{k=v})."""
-        text = httpx.get(self.url("/metrics"), timeout=5).text
-        samples: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return samples
+        return read_metrics(self.url("/metrics"))
 
     def terminate(self, timeout_s: float = 90.0) -> int:
         assert self.process is not None
@@ -158,17 +151,33 @@ class Daemon:
         ]
 
 
+def read_metrics(url: str) -> dict[str, float]:
+    """Prometheus samples at ``url`` by name (labels folded into the name as name{k=v})."""
+    text = httpx.get(url, timeout=5).text
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples
+
+
 def group_lag(topics: Topics) -> int:
     """Messages on the feed topic beyond the group's committed offsets (0 = all committed)."""
+    return topic_lag(topics.group, topics.feed)
+
+
+def topic_lag(group: str, topic: str, bootstrap: str = KAFKA) -> int:
+    """Messages on ``topic`` beyond ``group``'s committed offsets (0 = all committed)."""
     from kafka import KafkaConsumer
     from kafka.structs import TopicPartition
 
-    admin = KafkaAdminClient(bootstrap_servers=KAFKA, client_id="tests")
-    consumer = KafkaConsumer(bootstrap_servers=KAFKA, client_id="tests")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tests")
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="tests")
     try:
-        committed = admin.list_consumer_group_offsets(topics.group)
+        committed = admin.list_consumer_group_offsets(group)
         partitions = [
-            TopicPartition(topics.feed, p) for p in consumer.partitions_for_topic(topics.feed) or ()
+            TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()
         ]
         ends = consumer.end_offsets(partitions)
         lag = 0

@@ -1,0 +1,155 @@
+"""The compose stack under load: what a platform team checks before deploying it.
+
+The tests share one stack and run in this order; each leaves it with one invoker, one recorder
+and the store up. Load comes from ``invoker loadgen`` (in the stack's own loadgen service for
+the first test, on this machine for the others); its report says what was produced, completed
+and found in the store.
+"""
+
+import json
+import subprocess
+import time
+
+from tests.support.compose import LoadRun, assert_nothing_lost
+from tests.support.daemon import read_metrics, wait_for
+
+
+def total(samples: dict[str, float], name: str) -> float:
+    """A counter summed over its labels."""
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+def activations(samples: dict[str, float]) -> float:
+    return total(samples, "invoker_activations_total")
+
+
+def action_containers(invoker_id: str) -> set[str]:
+    out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=org.invoker.id={invoker_id}"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    return set(out.stdout.split())
+
+
+def test_load_run_from_the_loadgen_service(stack):
+    result = stack.compose(
+        "--profile", "loadgen", "run", "--rm", "-T", "loadgen",
+        "--count", "300", "--rate", "60", "--action", "echo", "--action", "sleep:50",
+        "--action", "error", "--timeout", "180", "--no-progress", "--json",
+        "--metrics-url", "http://invoker:9180/metrics",
+        "--metrics-url", "http://recorder:9181/metrics",
+        check=False, timeout_s=400)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert_nothing_lost(report)
+    assert report["metrics_read"] == 2, report["errors"]
+    assert result.returncode == 0
+    stack.wait_offsets_committed()
+
+
+def test_invoker_killed_mid_run_then_started(stack):
+    (health,) = stack.wait_owning_partitions(1)
+    before = stack.metrics()
+    run = LoadRun("--count", "400", "--rate", "40", "--action", "sleep:300", "--action", "echo",
+                  "--timeout", "240")
+    try:
+        wait_for(lambda: activations(stack.metrics()) >= activations(before) + 40, 90,
+                 "40 activations done before the kill", interval_s=0.5)
+        containers_of_killed_run = action_containers(health["id"])
+        assert containers_of_killed_run, "the invoker runs no action containers"
+        stack.compose("kill", "invoker")
+        assert run.running(), "the load run ended before the invoker was killed"
+        time.sleep(3)
+        stack.compose("start", "invoker")
+        (restarted,) = stack.wait_owning_partitions(1)
+        report = run.report()
+    finally:
+        run.stop()
+    assert_nothing_lost(report)
+    after = stack.metrics()
+    # the same container (same id), a new process that removed the killed one's containers
+    assert restarted["id"] == health["id"]
+    assert after["process_start_time_seconds"] > before["process_start_time_seconds"]
+    assert not containers_of_killed_run & action_containers(health["id"])
+    stack.wait_offsets_committed()
+
+
+def test_two_invokers_share_the_partitions(stack):
+    stack.up("--scale", "invoker=2")
+    try:
+        states = stack.wait_owning_partitions(2)
+        assert all(s["partitions"] for s in states), states
+        urls = stack.metrics_urls("invoker")
+        before = [activations(read_metrics(url)) for url in urls]
+        report = LoadRun("--count", "400", "--rate", "60", "--action", "echo",
+                         "--action", "sleep:100", "--timeout", "180").report()
+        after = [activations(read_metrics(url)) for url in urls]
+        stack.wait_offsets_committed()
+    finally:
+        stack.up("--scale", "invoker=1")
+    assert_nothing_lost(report)
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+    assert sum(after) - sum(before) >= report["produced"]
+
+
+def test_store_outage_pauses_the_invokers_then_they_recover(stack):
+    stack.env["INVOKER_OVERFLOW_ENABLED"] = "false"
+    stack.up("invoker")  # recreated: records wait for the store, nothing overflows
+    stack.wait_owning_partitions(1)
+    before = stack.metrics()
+    run = LoadRun("--count", "800", "--rate", "40", "--action", "echo", "--timeout", "300")
+    try:
+        wait_for(lambda: activations(stack.metrics()) >= activations(before) + 40, 90,
+                 "40 activations done before the outage", interval_s=0.5)
+        stack.compose("stop", "couchdb")
+        wait_for(lambda: stack.metrics()["invoker_feed_paused"] == 1, 120,
+                 "the invoker pausing its feed while the store is down", interval_s=0.5)
+        paused_at = activations(stack.metrics())
+        time.sleep(5)
+        during = stack.metrics()
+        assert during["invoker_feed_paused"] == 1
+        # the slots are held by records waiting for the store: at most that many more finish
+        assert activations(during) - paused_at <= during["invoker_slots_total"]
+        stack.compose("start", "couchdb")
+        wait_for(lambda: stack.metrics()["invoker_feed_paused"] == 0, 120,
+                 "the feed resumed once the store was back", interval_s=0.5)
+        report = run.report()
+    finally:
+        run.stop()
+        stack.compose("start", "couchdb")
+    assert_nothing_lost(report)
+    after = stack.metrics()
+    assert after["invoker_feed_pauses_total"] > before["invoker_feed_pauses_total"]
+    assert after["invoker_overflow_records_total"] == 0
+    stack.wait_offsets_committed()
+
+
+def test_overflow_while_the_store_is_down_then_the_recorder_drains_it(stack):
+    stack.env["INVOKER_OVERFLOW_ENABLED"] = "true"
+    stack.up("invoker")
+    stack.wait_owning_partitions(1)
+    before, recorder_before = stack.metrics(), stack.metrics("recorder")
+    run = LoadRun("--count", "800", "--rate", "40", "--action", "echo", "--timeout", "300")
+    try:
+        wait_for(lambda: activations(stack.metrics()) >= activations(before) + 40, 90,
+                 "40 activations done before the outage", interval_s=0.5)
+        stack.compose("stop", "couchdb")
+        outage_start = activations(stack.metrics())
+        overflowed_before = total(before, "invoker_overflow_records_total")
+        wait_for(lambda: total(stack.metrics(), "invoker_overflow_records_total")
+                 >= overflowed_before + 100, 120,
+                 "100 records overflowed while the store is down", interval_s=0.5)
+        during = stack.metrics()
+        # the invoker kept working: far more finished than its slots could hold back
+        assert activations(during) - outage_start > 2 * during["invoker_slots_total"]
+        stack.compose("start", "couchdb")
+        report = run.report()
+    finally:
+        run.stop()
+        stack.compose("start", "couchdb")
+    assert_nothing_lost(report)
+    stack.wait_offsets_committed()
+    stack.wait_overflow_drained()
+    after, recorder_after = stack.metrics(), stack.metrics("recorder")
+    overflowed = total(after, "invoker_overflow_records_total") - overflowed_before
+    recorded = sum(
+        total(recorder_after, name) - total(recorder_before, name)
+        for name in ("invoker_records_stored_total", "invoker_records_already_stored_total"))
+    assert recorded >= overflowed >= 100
