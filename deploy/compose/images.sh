@@ -7,8 +7,8 @@
 #
 # What it builds (the bases only when missing; the rest every time, the layer cache makes an
 # unchanged rebuild take seconds):
-#   invoker-python-base:bookworm,     by deploy/images.sh (debootstrap, python3), only if missing
-#   invoker-action-python:latest      (the action runtime the invoker starts)
+#   invoker-python-base:bookworm,     by deploy/images.sh (debootstrap, python3; only if missing)
+#   invoker-action-python:latest      and the action runtime the invoker starts
 #   invoker-java-base:bookworm        debootstrap minbase + openjdk-17-jre-headless, docker import
 #   invoker-node-base:bookworm        debootstrap minbase + nodejs (Debian's node 18)
 #   invoker-local/invoker:latest      deploy/compose/invoker.Dockerfile; the project and its
@@ -47,7 +47,7 @@ KAFKA_LIBS="$CACHE_ROOT/kafka-$KAFKA_VERSION/libs" # same layout as deploy/kafka
 POUCHDB_VERSION=4.2.0                              # same as deploy/pouchdb.sh
 POUCHDB_DIR="$CACHE_ROOT/pouchdb-server-$POUCHDB_VERSION"
 WHEEL_CACHE="$CACHE_ROOT/compose-wheels/cp311-manylinux-x86_64"
-WHEEL_STAGE="$COMPOSE_DIR/.wheels" # inside the repo: the Dockerfile's context is the repo root
+WHEEL_STAGE="$COMPOSE_DIR/wheels" # inside the repo: the Dockerfile's context is the repo root
 
 log() { echo "[compose-images] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -63,12 +63,7 @@ step() { # step NAME CMD...: run and time it
     TIMINGS+=("$(printf '%-16s %4ss' "$name" "$((SECONDS - t0))")")
 }
 
-python_base_and_action() {
-    if image_exists "$PY_BASE" && image_exists "$ACTION_IMAGE"; then
-        log "$PY_BASE and $ACTION_IMAGE exist; skipping deploy/images.sh"
-        return 0
-    fi
-    log "running deploy/images.sh build ($PY_BASE and/or $ACTION_IMAGE missing)"
+python_base_and_action() { # the base when missing, the runtime through the layer cache
     "$REPO_DIR/deploy/images.sh" build
 }
 
@@ -183,7 +178,7 @@ EOF
             die "pip download of the dependencies failed"
         }
     fi
-    rm -rf "$WHEEL_STAGE"
+    rm -rf "$WHEEL_STAGE/deps" "$WHEEL_STAGE/invoker"
     mkdir -p "$WHEEL_STAGE/deps" "$WHEEL_STAGE/invoker"
     # stage exactly the wheels the requirements resolve to (not every version the cache holds)
     "$py" -m pip download "${pipopts[@]}" "${PIP_TARGET[@]}" --no-index --find-links "$WHEEL_CACHE" \
@@ -213,11 +208,16 @@ invoker_image() {
     invoker_wheels
     local logf="$STATE_DIR/build-invoker.log" t0=$SECONDS
     log "docker build $INVOKER_IMAGE (log: $logf)"
-    # The Dockerfile's context is the repo root (as in docker-compose.yml); send only the two
-    # things it reads, not the whole work tree (.venv, .git...): there is no .dockerignore.
-    if ! tar -C "$REPO_DIR" -cf - deploy/compose/invoker.Dockerfile deploy/compose/.wheels |
+    # The Dockerfile's context is the repo root (as in docker-compose.yml); send only what it
+    # reads (a context piped as a tar is not filtered by .dockerignore). Fixed mtimes: the
+    # layer cache then depends on the contents only.
+    if ! tar -C "$REPO_DIR" --exclude='__pycache__' --exclude='*.pyc' --mtime=@315532800 \
+        -cf - deploy/compose/invoker.Dockerfile deploy/compose/invoker-entrypoint.sh \
+        deploy/compose/wheels pyproject.toml invoker \
+        store overflow |
         DOCKER_BUILDKIT=0 timeout 1200 docker build -t "$INVOKER_IMAGE" \
-            -f deploy/compose/invoker.Dockerfile - >"$logf" 2>&1; then
+            --build-arg "PYTHON_BASE=$PY_BASE" -f deploy/compose/invoker.Dockerfile - \
+            >"$logf" 2>&1; then
         tail -n 30 "$logf" >&2 || true
         die "docker build of $INVOKER_IMAGE failed"
     fi
@@ -252,7 +252,7 @@ cmd_clean() {
             docker image rm "$img" >/dev/null || log "WARNING: could not remove $img"
         fi
     done
-    rm -rf "$WHEEL_STAGE"
+    rm -rf "$WHEEL_STAGE/deps" "$WHEEL_STAGE/invoker"
 }
 
 cmd_bases() {

@@ -9,6 +9,7 @@ and found in the store.
 import json
 import subprocess
 import time
+from pathlib import Path
 
 from tests.support.compose import LoadRun, assert_nothing_lost
 from tests.support.daemon import read_metrics, wait_for
@@ -29,6 +30,25 @@ def action_containers(invoker_id: str) -> set[str]:
     return set(out.stdout.split())
 
 
+def process_status(service: str, stack) -> dict[str, str]:
+    """/proc/1/status of ``service``'s container (its main process), as name → value."""
+    text = stack.compose("exec", "-T", service, "cat", "/proc/1/status").stdout
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def test_services_run_unprivileged(stack):
+    socket_gid = str(Path("/var/run/docker.sock").stat().st_gid)
+    for service in ("invoker", "recorder"):
+        status = process_status(service, stack)
+        assert status["Uid"].split() == ["10001"] * 4, (service, status["Uid"])
+        assert status["Gid"].split() == ["10001"] * 4, (service, status["Gid"])
+        assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, service
+        assert status["NoNewPrivs"].strip() == "1", service
+    # the invoker reaches the engine through the socket's group, found at start
+    assert socket_gid in process_status("invoker", stack)["Groups"].split()
+    assert socket_gid not in process_status("recorder", stack)["Groups"].split()
+
+
 def test_load_run_from_the_loadgen_service(stack):
     result = stack.compose(
         "--profile", "loadgen", "run", "--rm", "-T", "loadgen",
@@ -37,7 +57,9 @@ def test_load_run_from_the_loadgen_service(stack):
         "--metrics-url", "http://invoker:9180/metrics",
         "--metrics-url", "http://recorder:9181/metrics",
         check=False, timeout_s=400)
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    lines = result.stdout.strip().splitlines()
+    assert lines, f"loadgen exited {result.returncode} with no report:\n{result.stderr[-3000:]}"
+    report = json.loads(lines[-1])
     assert_nothing_lost(report)
     assert report["metrics_read"] == 2, report["errors"]
     assert result.returncode == 0

@@ -1,7 +1,7 @@
 """Driving the docker compose stack (deploy/docker-compose.yml) from tests.
 
 Everything goes through deploy/compose/compose.sh, the wrapper a user runs: Compose v2, the
-offline override, DOCKER_GID. The stack gets its own project name and host ports, so a stack a
+offline override. The stack gets its own project name and host ports, so a stack a
 developer runs with the defaults is left alone.
 """
 
