@@ -175,3 +175,19 @@ def test_overflow_while_the_store_is_down_then_the_recorder_drains_it(stack):
         total(recorder_after, name) - total(recorder_before, name)
         for name in ("invoker_records_stored_total", "invoker_records_already_stored_total"))
     assert recorded >= overflowed >= 100
+
+
+def test_down_removes_what_a_killed_invoker_left(stack):
+    """Last: it takes the stack down (the fixture's teardown then finds it gone)."""
+    (health,) = stack.wait_owning_partitions(1)
+    assert_nothing_lost(LoadRun("--count", "20", "--rate", "20", "--action", "echo",
+                                "--timeout", "120").report())
+    left_by_kill = action_containers(health["id"])
+    assert left_by_kill, "the invoker runs no action containers"
+    stack.compose("kill", "invoker")
+    time.sleep(2)
+    assert action_containers(health["id"]) == left_by_kill, "something removed them already"
+    stack.down()
+    assert not action_containers(health["id"])
+    left = stack.leftovers()
+    assert not any(left.values()), left
