@@ -138,6 +138,8 @@ def test_store_outage_pauses_the_invokers_then_they_recover(stack):
         stack.compose("start", "couchdb")
     assert_nothing_lost(report)
     after = stack.metrics()
+    print(f"store outage: paused {after['invoker_feed_paused_seconds_total']:.1f} s in "
+          f"{after['invoker_feed_pauses_total']:.0f} pause(s)")
     assert after["invoker_feed_pauses_total"] > before["invoker_feed_pauses_total"]
     assert after["invoker_overflow_records_total"] == 0
     stack.wait_offsets_committed()
@@ -174,6 +176,7 @@ def test_overflow_while_the_store_is_down_then_the_recorder_drains_it(stack):
     recorded = sum(
         total(recorder_after, name) - total(recorder_before, name)
         for name in ("invoker_records_stored_total", "invoker_records_already_stored_total"))
+    print(f"overflow: {overflowed:.0f} records overflowed, {recorded:.0f} stored by the recorder")
     assert recorded >= overflowed >= 100
 
 

@@ -161,7 +161,8 @@ def assert_nothing_lost(report: dict) -> None:
     """Every activation produced, stored exactly once and completed."""
     summary = {k: report[k] for k in ("produced", "stored", "completed", "lost",
                                       "duplicate_records", "produce_errors", "missing_completions",
-                                      "store_checked", "errors")}
+                                      "repeated_completions", "store_checked", "errors")}
+    print(f"loadgen: {summary} {report['throughput_per_s']:.1f}/s in {report['wall_s']:.1f} s")
     assert report["produced"] > 0, summary
     assert report["produce_errors"] == 0, summary
     assert report["store_checked"], summary
