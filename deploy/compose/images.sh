@@ -34,7 +34,6 @@ IMAGES_CACHE="$CACHE_ROOT/images"
 STATE_DIR="${INVOKER_STATE:-/tmp/invoker-state}/compose-images"
 
 PY_BASE="invoker-python-base:$SUITE"
-ACTION_IMAGE="invoker-action-python:latest"
 JAVA_BASE="invoker-java-base:$SUITE"
 NODE_BASE="invoker-node-base:$SUITE"
 INVOKER_IMAGE="invoker-local/invoker:latest"

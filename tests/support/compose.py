@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -138,7 +137,6 @@ class LoadRun:
             [sys.executable, "-m", "invoker.cli", "loadgen", "--bootstrap", BOOTSTRAP,
              "--store-url", STORE_URL, "--json", "--no-progress", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.started = time.monotonic()
 
     def running(self) -> bool:
         return self.process.poll() is None
