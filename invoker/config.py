@@ -18,9 +18,9 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from invoker.model import Limits
+from store import mask_url  # noqa: F401 (part of this module's surface: masks store_url)
 
 ENV_PREFIX = "INVOKER_"
 # Room for everything in a record besides its result and logs (ids, annotations, JSON syntax).
@@ -110,8 +110,8 @@ class Config:
                 problems.append(f"{name} must be at least 1")
         if not 0 <= self.record_channel_low_watermark < self.record_channel_size:
             problems.append("record_channel_low_watermark must be in [0, record_channel_size)")
-        if self.default_limits_problem():
-            problems.append(self.default_limits_problem())
+        if problem := self.default_limits_problem():
+            problems.append(problem)
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
 
@@ -172,17 +172,6 @@ def limits_problem(limits: Limits, config: Config) -> str | None:
         if not low <= value <= high:
             return f"{name} limit {value} is outside the allowed range [{low}, {high}]"
     return None
-
-
-def mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 # --- loading -------------------------------------------------------------------------------

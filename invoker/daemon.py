@@ -14,7 +14,6 @@ too (all slots waiting on overflow acks).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from typing import Any
@@ -29,7 +28,7 @@ from invoker.feed import FeedMessage
 from invoker.kafka_io import Publisher
 from invoker.messages import InvalidMessage, Rejection, decode_activation
 from invoker.metrics import Metrics
-from invoker.model import Activation
+from invoker.model import Activation, now_ms
 from invoker.offsets import OffsetToken
 from invoker.pool import ContainerPool, PoolConfig
 from invoker.records import build_record, build_rejection_record
@@ -69,9 +68,9 @@ class Invoker(FeedService):
         self._slots = trio.Semaphore(config.max_activations)
         self._pool: ContainerPool | None = None
         self._overflow: OverflowSender | None = None
-        records, size = config.worst_case_buffered()
-        self.metrics.worst_case_records.set(records)
-        self.metrics.worst_case_bytes.set(size)
+        self._worst_case = config.worst_case_buffered()
+        self.metrics.worst_case_records.set(self._worst_case[0])
+        self.metrics.worst_case_bytes.set(self._worst_case[1])
         self.metrics.slots_total.set(config.max_activations)
         self.metrics.slots_used.set_function(
             lambda: config.max_activations - self._slots.value)
@@ -83,7 +82,7 @@ class Invoker(FeedService):
         return topics
 
     def started_fields(self) -> dict[str, Any]:
-        records, size = self.config.worst_case_buffered()
+        records, size = self._worst_case
         return {"worst_case_buffered_records": records, "worst_case_buffered_bytes": size,
                 "overflow": self.config.overflow_enabled}
 
@@ -118,9 +117,9 @@ class Invoker(FeedService):
                 self.complete(token)
                 return
             if isinstance(decoded, Rejection):
-                record = build_rejection_record(decoded, self.config.invoker_id, _now_ms())
+                record = build_rejection_record(decoded, self.config.invoker_id, now_ms())
                 self.metrics.activations.labels(status=decoded.status.label).inc()
-                await self._deliver(PendingRecord(record, token, blocking=False))
+                await self._deliver(PendingRecord(record, token, decoded.blocking))
                 return
             await self._execute(decoded, message, token)
         finally:
@@ -150,26 +149,13 @@ class Invoker(FeedService):
         if self._overflow is None:
             await self.enqueue(pending)
             return
-        if await self._try_enqueue(pending, self.config.overflow_wait_ms / 1000):
+        if await self.enqueue(pending, timeout_s=self.config.overflow_wait_ms / 1000):
             self._overflow.channel_took_one()
             return
         await self._overflow.send(OverflowedRecord(pending.record, pending.blocking,
                                                    self.config.invoker_id))
         if pending.token is not None:
             self.complete(pending.token)  # the recorder publishes its completion once stored
-
-    async def _try_enqueue(self, pending: PendingRecord, wait_s: float) -> bool:
-        try:
-            self.record_tx.send_nowait(pending)
-            return True
-        except trio.WouldBlock:
-            pass
-        if wait_s <= 0:
-            return False
-        with trio.move_on_after(wait_s):
-            await self.record_tx.send(pending)
-            return True
-        return False
 
 
 @contextmanager
@@ -180,6 +166,3 @@ def _counted(gauge: Gauge) -> Iterator[None]:
     finally:
         gauge.dec()
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -67,10 +67,8 @@ class ContainerSpec:
 
 @dataclass(frozen=True, slots=True)
 class ContainerState:
-    exists: bool
     running: bool
     oom_killed: bool = False
-    exit_code: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,14 +238,10 @@ class DockerBackend:
             try:
                 info = api.inspect_container(container_id)
             except docker.errors.NotFound:
-                return ContainerState(exists=False, running=False)
+                return ContainerState(running=False)
             st = info.get("State") or {}
-            return ContainerState(
-                exists=True,
-                running=bool(st.get("Running")),
-                oom_killed=bool(st.get("OOMKilled")),
-                exit_code=st.get("ExitCode"),
-            )
+            return ContainerState(running=bool(st.get("Running")),
+                                  oom_killed=bool(st.get("OOMKilled")))
 
         return await self._call(_state, abandon=True)
 
@@ -259,9 +253,6 @@ class DockerBackend:
             if not st.running or trio.current_time() >= deadline:
                 return st
             await trio.sleep(0.05)
-
-    async def inspect(self, container_id: str) -> dict[str, Any]:
-        return await self._call(self._api.inspect_container, container_id, abandon=True)
 
     async def list_labelled(self, invoker_id: str) -> list[tuple[str, str]]:
         """(id, name) of every container, running or not, labelled with this invoker id."""

@@ -264,10 +264,8 @@ class Feed:
         except KafkaError as exc:
             retry = {} if only is not None else {
                 tp: offset for tp, offset in todo.items() if tp in consumer.assignment()}
-            with self._commit_lock:
-                for tp, offset in retry.items():
-                    if offset > self._commits.get(tp, -1):
-                        self._commits[tp] = offset
+            for tp, offset in retry.items():
+                self.request_commit(tp, offset)
             # Offsets not retried belong to partitions this consumer lost: their new owner
             # re-reads from the last commit and the store's idempotency absorbs the repeats.
             log.warning("commit failed", error=str(exc), retrying=len(retry),

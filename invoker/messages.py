@@ -36,6 +36,7 @@ class Rejection:
     status: Status
     message: str
     submitted_at_ms: int | None
+    blocking: bool = False  # the caller still waits for the (error) result
 
 
 def decode_activation(raw: bytes, config: Config) -> Activation | Rejection:
@@ -81,7 +82,7 @@ def decode_activation(raw: bytes, config: Config) -> Activation | Rejection:
 
     def reject(status: Status, message: str) -> Rejection:
         return Rejection(activation_id, namespace, name, version, kind or "blackbox", status,
-                         message, submitted_at)
+                         message, submitted_at, blocking)
 
     try:
         limits = _limits(limits_doc, config)

@@ -6,6 +6,7 @@ Nothing here does I/O; every type is immutable or owned by one task at a time.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,4 +99,8 @@ class InvocationResult:
     init_time_ms: int | None = None
     wait_time_ms: int = 0
     start_kind: str = "warm"  # "cold" | "prewarm" | "warm" | "none" (never reached a container)
-    run_time_ms: int | None = None  # time spent inside /run, for invoker-added latency figures
+
+
+def now_ms() -> int:
+    """Epoch milliseconds, as records and activation messages carry them."""
+    return time.time_ns() // 1_000_000

@@ -39,6 +39,10 @@ class OffsetTracker:
     def revoke(self, partition: Hashable) -> None:
         self._partitions.pop(partition, None)
 
+    def partitions(self) -> list[Hashable]:
+        """The partitions currently assigned."""
+        return list(self._partitions)
+
     def register(self, partition: Hashable, epoch: int, offset: int) -> OffsetToken | None:
         """Record that ``offset`` was taken for processing; None if the assignment is stale."""
         state = self._partitions.get(partition)

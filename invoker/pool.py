@@ -43,7 +43,7 @@ from invoker.docker_backend import (
     ImageNotFound,
 )
 from invoker.metrics import Metrics
-from invoker.model import Action, Activation, InvocationResult, Status
+from invoker.model import Action, Activation, InvocationResult, Status, now_ms
 from invoker.runtime_client import (
     MSG_ABNORMAL,
     MSG_INIT_TIMEOUT,
@@ -66,6 +66,7 @@ logger = structlog.get_logger(__name__)
 LOG_COLLECT_TIMEOUT_S = 2.0  # waiting for the sentinels after /run
 LOG_GRAB_TIMEOUT_S = 1.0  # reading what a failed/killed container logged (no sentinels)
 STOP_WAIT_S = 2.0  # after a lost connection, how long to wait for the container to stop
+REMOVE_ATTEMPTS = 3  # removing a container Docker failed to remove (1 s, then 2 s apart)
 _PROBE_INTERVAL_MAX_S = 0.1
 _STATE_CHECK_EVERY_S = 0.25
 
@@ -141,10 +142,6 @@ def _sanitize(name: str, max_len: int = 40) -> str:
     return (cleaned or "action")[:max_len]
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class Lease:
     """One concurrency slot. ``invoke`` never raises for action faults."""
 
@@ -165,7 +162,7 @@ class Lease:
             raise
         except Exception as exc:  # noqa: BLE001 - never raise for an activation
             logger.exception("invoke failed", activation_id=activation.activation_id)
-            now = _now_ms()
+            now = now_ms()
             result = InvocationResult(
                 status=Status.INTERNAL_ERROR,
                 result={"error": f"Internal error: {type(exc).__name__}: {exc}"},
@@ -244,8 +241,7 @@ class ContainerPool:
                     invoker_id=self.config.invoker_id)
 
     async def _remove_all(self) -> None:
-        ids = set(self._docker_ids)
-        ids.update(c.docker_id for c in self._containers if c.docker_id)
+        ids = set(self._docker_ids)  # every container created and not yet removed
 
         async def rm(cid: str) -> None:
             try:
@@ -442,12 +438,19 @@ class ContainerPool:
     async def _remove_task(self, c: _Container, reason: str) -> None:
         assert c.docker_id is not None
         await self._close_conn(c)
-        try:
-            await self._backend.remove(c.docker_id)
-            self._docker_ids.discard(c.docker_id)
-            logger.debug("container removed", container=c.name, reason=reason)
-        except DockerError as exc:
-            logger.warning("removing container failed", container=c.name, error=str(exc))
+        for attempt in range(REMOVE_ATTEMPTS):
+            try:
+                await self._backend.remove(c.docker_id)
+                self._docker_ids.discard(c.docker_id)
+                logger.debug("container removed", container=c.name, reason=reason)
+                break
+            except DockerError as exc:
+                # It may still run: its memory stays counted while removal is retried.
+                logger.warning("removing container failed", container=c.name, error=str(exc),
+                               attempt=attempt + 1)
+                if attempt + 1 < REMOVE_ATTEMPTS:
+                    await trio.sleep(2 ** attempt)
+        # Given up: the id stays in _docker_ids, so closing the pool tries once more.
         self._drop(c)
 
     @staticmethod
@@ -605,7 +608,7 @@ class ContainerPool:
         action = activation.action
         limits = action.limits
         if c is None:
-            now = _now_ms()
+            now = now_ms()
             return InvocationResult(
                 status=Status.DEVELOPER_ERROR,
                 result={"error": (
@@ -630,7 +633,7 @@ class ContainerPool:
             return InvocationResult(status=f.status, result=dict(f.result), start_ms=f.start_ms,
                                     end_ms=f.end_ms, logs=[], start_kind=f.start_kind)
         if c.phase != _READY:
-            now = _now_ms()
+            now = now_ms()
             return InvocationResult(status=Status.DEVELOPER_ERROR, result={"error": MSG_ABNORMAL},
                                     start_ms=now, end_ms=now, start_kind="none")
         return await self._run(c, activation, start_kind, init_time_ms, logs_since_ns)
@@ -648,7 +651,7 @@ class ContainerPool:
 
         def fail(status: Status, message: str, logs: list[str] | None = None) -> InvocationResult:
             return InvocationResult(status=status, result={"error": message}, start_ms=start_ms,
-                                    end_ms=_now_ms(), logs=logs or [], start_kind=start_kind,
+                                    end_ms=now_ms(), logs=logs or [], start_kind=start_kind,
                                     init_time_ms=init_time_ms)
 
         try:
@@ -739,7 +742,6 @@ class ContainerPool:
         run_start_ns = time.time_ns()
         start_ms = run_start_ns // 1_000_000
         body = run_body(activation, start_ms + limits.timeout_ms)
-        t0 = trio.current_time()
         lost: ConnectionLost | None = None
         resp = None
         try:
@@ -753,8 +755,7 @@ class ContainerPool:
             # container must not serve another activation.
             self._destroy(c, reason="cancelled during /run")
             raise
-        run_time_ms = round((trio.current_time() - t0) * 1000)
-        end_ms = _now_ms()
+        end_ms = now_ms()
         since_ns = logs_since_ns or run_start_ns
         concurrent = c.concurrency > 1
 
@@ -774,7 +775,7 @@ class ContainerPool:
             self._destroy(c, reason="timeout" if scope.cancelled_caught else "crashed")
             return InvocationResult(status=status, result={"error": message}, start_ms=start_ms,
                                     end_ms=end_ms, logs=logs, init_time_ms=init_time_ms,
-                                    start_kind=start_kind, run_time_ms=run_time_ms)
+                                    start_kind=start_kind)
 
         assert resp is not None
         status, result = interpret_run(resp, self.config.max_result_bytes)
@@ -789,5 +790,4 @@ class ContainerPool:
                 self._destroy(c, reason="log sentinels missing")
         c.last_used = trio.current_time()
         return InvocationResult(status=status, result=result, start_ms=start_ms, end_ms=end_ms,
-                                logs=logs, init_time_ms=init_time_ms, start_kind=start_kind,
-                                run_time_ms=run_time_ms)
+                                logs=logs, init_time_ms=init_time_ms, start_kind=start_kind)

@@ -113,9 +113,5 @@ def completion_message(record: dict[str, Any], invoker_id: str, blocking: bool) 
     return message
 
 
-def record_status(record: dict[str, Any]) -> str:
-    return record["response"]["status"]
-
-
 def _encode(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()

@@ -68,7 +68,6 @@ class RuntimeConnection:
     stale connection can never reach a later container that got the same address."""
 
     def __init__(self, base_url: str, max_result_bytes: int, ssl_context: ssl.SSLContext):
-        self.base_url = base_url
         self.max_result_bytes = max_result_bytes
         self._client = httpx.AsyncClient(
             base_url=base_url,

@@ -68,28 +68,23 @@ class _Gate:
         return taken, self._saturated()
 
     def saturated(self) -> bool:
-        if self._readahead_depth() >= self._service.config.read_ahead:
+        if self._service.readahead_depth() >= self._service.config.read_ahead:
             self._readahead_blocked = True  # full while nothing new came: nothing is moving
         return self._saturated()
 
     def _saturated(self) -> bool:
-        if self._readahead_blocked and self._readahead_depth() <= self._readahead_low:
+        if self._readahead_blocked and self._service.readahead_depth() <= self._readahead_low:
             self._readahead_blocked = False
         channel = self._channel.update(self._service.record_depth()) if self._channel else False
         return self._readahead_blocked or channel
 
-    def _readahead_depth(self) -> int:
-        return self._service.readahead_tx.statistics().current_buffer_used
-
     def assigned(self, partitions: Sequence[tuple[TopicPartition, int]]) -> None:
         for partition, epoch in partitions:
             self._service.tracker.assign(partition, epoch)
-            self._service.owned.add(partition)
 
     def revoked(self, partitions: Sequence[TopicPartition]) -> None:
         for partition in partitions:
             self._service.tracker.revoke(partition)
-            self._service.owned.discard(partition)
         self._service.offsets_moved()
 
 
@@ -107,7 +102,6 @@ class FeedService:
         self.store = store or open_store(config.store_url, timeout_s=config.store_timeout_s)
         self.tracker = OffsetTracker()
         self._offsets_moved = trio.Event()  # set (and replaced) when outstanding offsets shrink
-        self.owned: set[TopicPartition] = set()  # partitions currently assigned to the feed
         self.readahead_tx, self.readahead_rx = trio.open_memory_channel[FeedMessage](
             config.read_ahead)
         self.record_tx, self._record_rx = trio.open_memory_channel[PendingRecord](
@@ -131,8 +125,7 @@ class FeedService:
         m = self.metrics
         m.channel_capacity.set(config.record_channel_size)
         m.channel_depth.set_function(self.record_depth)
-        m.readahead_depth.set_function(
-            lambda: self.readahead_tx.statistics().current_buffer_used)
+        m.readahead_depth.set_function(self.readahead_depth)
         m.peak_rss_bytes.set_function(
             lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
@@ -162,6 +155,9 @@ class FeedService:
     def record_depth(self) -> int:
         return self.record_tx.statistics().current_buffer_used
 
+    def readahead_depth(self) -> int:
+        return self.readahead_tx.statistics().current_buffer_used
+
     def stop(self) -> None:
         """Begin a graceful stop (as SIGTERM does)."""
         self._stop.set()
@@ -171,7 +167,8 @@ class FeedService:
         # partitions), but it is what an operator looks for first, so it is reported.
         return {"ok": self._started and not self._stop.is_set(), "role": self.role,
                 "id": self.client_id, "paused": self.feed.paused,
-                "partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in self.owned)}
+                "partitions": sorted(f"{tp.topic}-{tp.partition}"
+                                    for tp in self.tracker.partitions())}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`stop`, SIGTERM or SIGINT; then drain, commit and return."""
@@ -256,9 +253,21 @@ class FeedService:
         self._offsets_moved.set()
         self._offsets_moved = trio.Event()
 
-    async def enqueue(self, pending: PendingRecord) -> None:
-        """Put a record into the bounded record channel. Blocks while the channel is full."""
-        await self.record_tx.send(pending)
+    async def enqueue(self, pending: PendingRecord, timeout_s: float | None = None) -> bool:
+        """Put a record into the bounded record channel. Blocks while the channel is full, at
+        most ``timeout_s`` if given (0: not at all); False if it did not get in."""
+        if timeout_s is None:
+            await self.record_tx.send(pending)
+            return True
+        try:
+            self.record_tx.send_nowait(pending)
+            return True
+        except trio.WouldBlock:
+            pass
+        with trio.move_on_after(timeout_s):
+            await self.record_tx.send(pending)
+            return True
+        return False
 
     def complete(self, token: OffsetToken) -> None:
         """This message's work is durable: let its offset commit once all before it are."""

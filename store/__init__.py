@@ -24,6 +24,7 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "doc_id_for",
+    "mask_url",
     "open_store",
 ]
 
@@ -120,18 +121,19 @@ def open_store(url: str | None, *, timeout_s: float = 30.0) -> Store:
         return CouchStore(url, timeout_s=timeout_s)
     raise ValueError(
         "unsupported store URL (expected sqlite:///path or http(s)://host:port/db): "
-        + _mask_for_error(url)
+        + mask_url(url)
     )
 
 
-def _mask_for_error(url: str) -> str:
-    # Never echo a password back, even in a "bad URL" message.
+def mask_url(url: str) -> str:
+    """``url`` with any password shown as ***: for logs, errors and printed configuration.
+    Never echoes a password back, even from a URL too broken to parse."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "<unparseable>" if "@" in url else url
     netloc, slash, path = rest.partition("/")
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        netloc = f"{user}:***@{hostport}"
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hostport}" if colon else f"{user}@{hostport}"
     return f"{scheme}{sep}{netloc}{slash}{path}"

@@ -24,6 +24,7 @@ from store import (
     Outcome,
     StoreUnavailable,
     fallback_doc_id,
+    mask_url,
     record_doc_id,
 )
 
@@ -46,12 +47,12 @@ class CouchStore:
         prefix, _, db = path.rpartition("/")
         if not db:
             raise ValueError(
-                f"CouchDB store URL has no database name: {self._masked(parts)} "
+                f"CouchDB store URL has no database name: {mask_url(url)} "
                 "(expected http(s)://[user:pass@]host:port/dbname)"
             )
         self._db = quote(unquote(db), safe="")
         self._timeout_s = timeout_s
-        self._describe = self._masked(parts)
+        self._describe = mask_url(url)
         hostport = parts.netloc.rpartition("@")[2]
         auth = None
         if parts.username is not None or parts.password is not None:
@@ -69,16 +70,6 @@ class CouchStore:
             follow_redirects=False,
             trust_env=False,  # loopback store: no proxies from the environment
         )
-
-    @staticmethod
-    def _masked(parts: Any) -> str:
-        hostport = parts.netloc.rpartition("@")[2]
-        userinfo = ""
-        if parts.username is not None:
-            userinfo = parts.username + (":***" if parts.password is not None else "") + "@"
-        elif parts.password is not None:
-            userinfo = ":***@"
-        return f"{parts.scheme}://{userinfo}{hostport}{parts.path}"
 
     def describe(self) -> str:
         return self._describe

@@ -117,10 +117,10 @@ class FakeBackend:
         self.removed.append(cid)
 
     async def state(self, cid: str) -> ContainerState:
-        return ContainerState(exists=True, running=True)
+        return ContainerState(running=True)
 
     async def wait_stopped(self, cid: str, timeout_s: float) -> ContainerState:
-        return ContainerState(exists=True, running=False)
+        return ContainerState(running=False)
 
     async def update_memory(self, cid: str, memory_mb: int) -> None:
         self.updated.append((cid, memory_mb))

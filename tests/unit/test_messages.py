@@ -88,3 +88,9 @@ def test_out_of_range_limits_become_error_records(limits, text):
 def test_unknown_kind_is_rejected_with_known_kinds():
     r = decode_activation(message(action_kind="cobol:85"), Config())
     assert isinstance(r, Rejection) and "cobol:85" in r.message and "python:3" in r.message
+
+
+def test_rejection_keeps_blocking_so_the_caller_gets_the_error_result():
+    assert decode_activation(message(action_kind="cobol:85"), Config()).blocking
+    assert not decode_activation(message(action_kind="cobol:85", blocking=False),
+                                 Config()).blocking
