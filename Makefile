@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_STATE ?= /tmp/invoker-demo
 
 .PHONY: venv services down demo test test-unit lint bench images test-compose clean
 

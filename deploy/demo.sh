@@ -22,11 +22,15 @@ export INVOKER_DEFAULT_MEMORY_MB=128 INVOKER_USER_MEMORY_MB=2048
 "$PY" -m invoker.cli run >"$STATE/daemon.log" 2>&1 &
 daemon=$!
 trap 'kill -TERM $daemon 2>/dev/null || true; wait $daemon 2>/dev/null || true' EXIT
+fail() { echo "$1; log:" >&2; tail -20 "$STATE/daemon.log" >&2; exit 1; }
+up=""
 for _ in $(seq 1 150); do
-  curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break
-  kill -0 $daemon 2>/dev/null || { echo "daemon exited; log:" >&2; tail -20 "$STATE/daemon.log" >&2; exit 1; }
+  if curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null; then up=1; break; fi
+  kill -0 $daemon 2>/dev/null || fail "daemon exited"
   sleep 0.2
 done
+# the loop only ends early on an answer: otherwise the daemon is alive but never became healthy
+[[ -n "$up" ]] || fail "daemon (pid $daemon) did not answer http://127.0.0.1:$PORT/healthz within ~30s"
 echo "daemon up (pid $daemon, metrics http://127.0.0.1:$PORT/metrics, log $STATE/daemon.log)" >&2
 echo "worst-case buffer: $(grep -o '"worst_case_buffered_records": [0-9]*, "worst_case_buffered_bytes": [0-9]*' "$STATE/daemon.log" | head -1)" >&2
 

@@ -19,8 +19,6 @@ die() { log "ERROR: $*"; exit 1; }
 # shellcheck source=deploy/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-docker_answers() { timeout 10 docker info >/dev/null 2>&1; }
-
 # pid from our pidfile if that process is alive and really is dockerd
 our_pid() {
     [[ -f "$PID_FILE" ]] || return 1
@@ -32,13 +30,6 @@ our_pid() {
     { mapfile -d '' argv <"/proc/$pid/cmdline"; } 2>/dev/null || return 1
     [[ "${argv[0]:-}" == *dockerd ]] || return 1
     echo "$pid"
-}
-
-show_log_tail() {
-    if [[ -f "$LOG_FILE" ]]; then
-        log "last lines of $LOG_FILE:"
-        tail -n 30 "$LOG_FILE" >&2 || true
-    fi
 }
 
 ensure_packages() {
@@ -58,11 +49,11 @@ wait_for_docker() {
     local pid="${1:-}" deadline=$((SECONDS + TIMEOUT))
     while ! docker_answers; do
         if [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null; then
-            show_log_tail
+            show_log_tail 30 "$LOG_FILE"
             die "dockerd (pid $pid) exited during startup"
         fi
         if ((SECONDS >= deadline)); then
-            show_log_tail
+            show_log_tail 30 "$LOG_FILE"
             die "docker info did not answer within ${TIMEOUT}s"
         fi
         sleep 0.5

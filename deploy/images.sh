@@ -52,8 +52,7 @@ build_action() {
 }
 
 cmd_build() {
-    timeout 10 docker info >/dev/null 2>&1 ||
-        die "the Docker engine does not answer; run deploy/docker-engine.sh up first"
+    docker_answers || die "the Docker engine does not answer; run deploy/docker-engine.sh up first"
     build_base
     build_action
 }
@@ -69,7 +68,7 @@ cmd_clean() {
 }
 
 case "${1:-build}" in
-    build | up) cmd_build ;;
+    build) cmd_build ;;
     clean) cmd_clean ;;
     *)
         echo "usage: $0 [build|clean]" >&2

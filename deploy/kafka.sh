@@ -2,7 +2,9 @@
 # Single-node Apache Kafka broker (KRaft, broker+controller in one JVM) from Maven Central.
 #
 #   deploy/kafka.sh up      fetch the jars (once, cached), format storage (once), start, wait ready
-#   deploy/kafka.sh fetch   only fetch the jars (deploy/compose/images.sh puts them in an image)
+#   deploy/kafka.sh fetch   only fetch the jars; prints their directory (deploy/compose/images.sh
+#                           puts them in an image)
+#   deploy/kafka.sh version the Kafka version of deploy/kafka/pom.xml
 #   deploy/kafka.sh down    stop the broker (SIGTERM, then SIGKILL after a timeout)
 #   deploy/kafka.sh status  exit 0 if the broker serves requests, 3 otherwise
 #   deploy/kafka.sh reset   down + wipe all data + up
@@ -43,16 +45,6 @@ die() { log "ERROR: $*"; exit 1; }
 # shellcheck source=deploy/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-show_log_tail() {
-    local f
-    for f in "$OUT_FILE" "$SERVER_LOG"; do
-        if [[ -s "$f" ]]; then
-            log "last lines of $f:"
-            tail -n 40 "$f" >&2 || true
-        fi
-    done
-}
-
 # ---------------------------------------------------------------- processes
 is_our_broker() { # pid -> true if it is a kafka.Kafka JVM running our server.properties
     local -a argv # read without forking: the fallback scan checks every process
@@ -60,31 +52,7 @@ is_our_broker() { # pid -> true if it is a kafka.Kafka JVM running our server.pr
     [[ " ${argv[*]} " == *" kafka.Kafka $PROPS "* ]]
 }
 
-broker_pid() {
-    local pid=""
-    if [[ -f "$PID_FILE" ]]; then
-        pid="$(cat "$PID_FILE" 2>/dev/null || true)"
-        if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && is_our_broker "$pid"; then
-            echo "$pid"
-            return 0
-        fi
-    fi
-    # pidfile lost or stale: look for a JVM started with exactly our config file
-    local p
-    for p in /proc/[0-9]*; do
-        p="${p#/proc/}"
-        if is_our_broker "$p"; then
-            echo "$p" >"$PID_FILE"
-            echo "$p"
-            return 0
-        fi
-    done
-    return 1
-}
-
-port_listening() { # port -> true if something accepts TCP connections on 127.0.0.1:port
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
+broker_pid() { pid_from_file "$PID_FILE" is_our_broker; }
 
 # ---------------------------------------------------------------- readiness
 pick_python() {
@@ -120,11 +88,11 @@ wait_ready() {
     local pid="$1" deadline=$((SECONDS + TIMEOUT))
     until broker_answers; do
         if ! kill -0 "$pid" 2>/dev/null; then
-            show_log_tail
+            show_log_tail 40 "$OUT_FILE" "$SERVER_LOG"
             die "broker (pid $pid) exited during startup"
         fi
         if ((SECONDS >= deadline)); then
-            show_log_tail
+            show_log_tail 40 "$OUT_FILE" "$SERVER_LOG"
             log "last readiness check ($STATE_DIR/check.log):"
             tail -n 5 "$STATE_DIR/check.log" >&2 2>/dev/null || true
             die "broker did not serve requests on $BOOTSTRAP within ${TIMEOUT}s (pid $pid still running)"
@@ -274,18 +242,7 @@ cmd_up() {
     log "up (pid $pid) on $BOOTSTRAP in $((SECONDS - t0))s"
 }
 
-cmd_down() {
-    local pid
-    if ! pid="$(broker_pid)"; then
-        rm -f "$PID_FILE"
-        log "not running"
-        return 0
-    fi
-    log "stopping broker (pid $pid)"
-    stop_process broker "$pid" 30
-    rm -f "$PID_FILE"
-    log "stopped"
-}
+cmd_down() { stop_service broker 30 "$PID_FILE" broker_pid; }
 
 cmd_status() {
     PYTHON="$(pick_python || true)"
@@ -312,12 +269,16 @@ cmd_reset() {
 
 case "${1:-}" in
     up) cmd_up ;;
-    fetch) ensure_jars ;;
+    fetch)
+        ensure_jars
+        echo "$LIBS_DIR"
+        ;;
+    version) echo "$KAFKA_VERSION" ;;
     down) cmd_down ;;
     status) cmd_status ;;
     reset) cmd_reset ;;
     *)
-        echo "usage: $0 up|fetch|down|status|reset" >&2
+        echo "usage: $0 up|fetch|version|down|status|reset" >&2
         exit 2
         ;;
 esac

@@ -1,4 +1,5 @@
 # Shared by the deploy/ scripts (sourced; the caller defines log() and die()).
+# shellcheck shell=bash
 
 # stop_process NAME PID GRACE_S: SIGTERM, wait up to GRACE_S, then SIGKILL.
 stop_process() {
@@ -15,6 +16,60 @@ stop_process() {
         sleep 0.2
     done
 }
+
+# pid_from_file PID_FILE IS_OURS_FN: the pid of our process, from PID_FILE if IS_OURS_FN accepts it,
+# else from a /proc scan (pidfile lost or stale), written back to PID_FILE
+pid_from_file() {
+    local file=$1 is_ours=$2 pid=""
+    if [[ -f "$file" ]]; then
+        pid="$(cat "$file" 2>/dev/null || true)"
+        if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && "$is_ours" "$pid"; then
+            echo "$pid"
+            return 0
+        fi
+    fi
+    local p
+    for p in /proc/[0-9]*; do
+        p="${p#/proc/}"
+        if "$is_ours" "$p"; then
+            echo "$p" >"$file"
+            echo "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# stop_service NAME GRACE_S PID_FILE PID_FN: stop the process PID_FN prints (stop_process), if any
+stop_service() {
+    local name=$1 grace=$2 pid_file=$3 pid_fn=$4 pid
+    if ! pid="$("$pid_fn")"; then
+        rm -f "$pid_file"
+        log "not running"
+        return 0
+    fi
+    log "stopping $name (pid $pid)"
+    stop_process "$name" "$pid" "$grace"
+    rm -f "$pid_file"
+    log "stopped"
+}
+
+# port_listening PORT: true if something accepts TCP connections on 127.0.0.1:PORT
+port_listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# show_log_tail LINES FILE...: the last LINES of each non-empty FILE, on stderr
+show_log_tail() {
+    local n=$1 f
+    shift
+    for f in "$@"; do
+        if [[ -s "$f" ]]; then
+            log "last lines of $f:"
+            tail -n "$n" "$f" >&2 || true
+        fi
+    done
+}
+
+docker_answers() { timeout 10 docker info >/dev/null 2>&1; }
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 

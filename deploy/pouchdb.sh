@@ -3,7 +3,8 @@
 #
 #   deploy/pouchdb.sh up [--fresh]  install (once, cached), start, wait until it answers;
 #                                   --fresh wipes the data first
-#   deploy/pouchdb.sh install       only install it (deploy/compose/images.sh puts it in an image)
+#   deploy/pouchdb.sh install       only install it; prints the install dir (deploy/compose/images.sh
+#                                   puts it in an image)
 #   deploy/pouchdb.sh down          stop it
 #   deploy/pouchdb.sh status        exit 0 if it answers, 3 otherwise
 #   deploy/pouchdb.sh reset         down + wipe data + up
@@ -32,19 +33,7 @@ die() { log "ERROR: $*"; exit 1; }
 # shellcheck source=deploy/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-show_log_tail() {
-    local f
-    for f in "$OUT_FILE" "$LOG_FILE"; do
-        if [[ -s "$f" ]]; then
-            log "last lines of $f:"
-            tail -n 30 "$f" >&2 || true
-        fi
-    done
-}
-
 answers() { curl -sf -m 3 -o /dev/null "$URL"; }
-
-port_listening() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 
 is_ours() { # pid -> true if it is a pouchdb-server using our config file
     local -a argv # read without forking: the fallback scan checks every process
@@ -52,27 +41,7 @@ is_ours() { # pid -> true if it is a pouchdb-server using our config file
     [[ " ${argv[*]} " == *pouchdb-server*" --config $CONFIG "* ]]
 }
 
-server_pid() {
-    local pid=""
-    if [[ -f "$PID_FILE" ]]; then
-        pid="$(cat "$PID_FILE" 2>/dev/null || true)"
-        if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && is_ours "$pid"; then
-            echo "$pid"
-            return 0
-        fi
-    fi
-    # pidfile lost or stale: look for a server started with exactly our config file
-    local p
-    for p in /proc/[0-9]*; do
-        p="${p#/proc/}"
-        if is_ours "$p"; then
-            echo "$p" >"$PID_FILE"
-            echo "$p"
-            return 0
-        fi
-    done
-    return 1
-}
+server_pid() { pid_from_file "$PID_FILE" is_ours; }
 
 ensure_installed() {
     if [[ -f "$CACHE_DIR/.complete" && -x "$BIN" ]]; then
@@ -123,11 +92,11 @@ wait_ready() {
     local pid="$1" deadline=$((SECONDS + TIMEOUT))
     until answers; do
         if ! kill -0 "$pid" 2>/dev/null; then
-            show_log_tail
+            show_log_tail 30 "$OUT_FILE" "$LOG_FILE"
             die "pouchdb-server (pid $pid) exited during startup"
         fi
         if ((SECONDS >= deadline)); then
-            show_log_tail
+            show_log_tail 30 "$OUT_FILE" "$LOG_FILE"
             die "pouchdb-server did not answer on $URL within ${TIMEOUT}s (pid $pid still running)"
         fi
         sleep 0.3
@@ -149,7 +118,7 @@ cmd_up() {
         log "already up (pid $pid) on $URL; nothing to do"
         return 0
     fi
-    if port_listening; then
+    if port_listening "$PORT"; then
         ss -ltnp "sport = :$PORT" >&2 2>/dev/null || true
         die "port $PORT on 127.0.0.1 is already in use by another process (not our pouchdb-server)"
     fi
@@ -167,18 +136,7 @@ cmd_up() {
     log "up (pid $pid) on $URL in $((SECONDS - t0))s"
 }
 
-cmd_down() {
-    local pid
-    if ! pid="$(server_pid)"; then
-        rm -f "$PID_FILE"
-        log "not running"
-        return 0
-    fi
-    log "stopping pouchdb-server (pid $pid)"
-    stop_process pouchdb-server "$pid" 15
-    rm -f "$PID_FILE"
-    log "stopped"
-}
+cmd_down() { stop_service pouchdb-server 15 "$PID_FILE" server_pid; }
 
 cmd_status() {
     local pid
@@ -200,7 +158,10 @@ cmd_status() {
 
 case "${1:-}" in
     up) cmd_up "${2:-}" ;;
-    install) ensure_installed ;;
+    install)
+        ensure_installed
+        echo "$CACHE_DIR"
+        ;;
     down) cmd_down ;;
     status) cmd_status ;;
     reset) cmd_up --fresh ;;

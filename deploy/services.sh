@@ -16,6 +16,9 @@ set -euo pipefail
 DEPLOY="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 log() { echo "[services] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=deploy/lib.sh
+source "$DEPLOY/lib.sh"
 
 TIMINGS=()
 step() { # step NAME CMD... : run, time it, stop on failure
@@ -84,9 +87,9 @@ cmd_status() {
     "$DEPLOY/docker-engine.sh" status || rc=1
     "$DEPLOY/kafka.sh" status || rc=1
     "$DEPLOY/pouchdb.sh" status || rc=1
-    if timeout 10 docker info >/dev/null 2>&1; then
+    if docker_answers; then
         for img in invoker-python-base:bookworm invoker-action-python:latest; do
-            if docker image inspect "$img" >/dev/null 2>&1; then
+            if image_exists "$img"; then
                 log "image $img present"
             else
                 log "image $img MISSING"

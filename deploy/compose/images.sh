@@ -40,11 +40,6 @@ INVOKER_IMAGE="invoker-local/invoker:latest"
 KAFKA_IMAGE="invoker-local/kafka"
 COUCH_IMAGE="invoker-local/couchdb:latest"
 
-POM="$REPO_DIR/deploy/kafka/pom.xml"
-KAFKA_VERSION="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$POM" | head -n1)"
-KAFKA_LIBS="$CACHE_ROOT/kafka-$KAFKA_VERSION/libs" # same layout as deploy/kafka.sh
-POUCHDB_VERSION=4.2.0                              # same as deploy/pouchdb.sh
-POUCHDB_DIR="$CACHE_ROOT/pouchdb-server-$POUCHDB_VERSION"
 WHEEL_CACHE="$CACHE_ROOT/compose-wheels/cp311-manylinux-x86_64"
 WHEEL_STAGE="$COMPOSE_DIR/wheels" # inside the repo: the Dockerfile's context is the repo root
 
@@ -60,6 +55,11 @@ step() { # step NAME CMD...: run and time it
     shift
     "$@"
     TIMINGS+=("$(printf '%-16s %4ss' "$name" "$((SECONDS - t0))")")
+}
+show_timings() {
+    local line
+    log "timings:"
+    for line in "${TIMINGS[@]}"; do log "  $line"; done
 }
 
 python_base_and_action() { # the base when missing, the runtime through the layer cache
@@ -102,23 +102,29 @@ stage_dir() {
     cp -al "$1" "$2" 2>/dev/null || { rm -rf "$2"; cp -a "$1" "$2"; }
 }
 
+# deploy/kafka.sh owns the version and the cache layout: ask it
+kafka_version() { "$REPO_DIR/deploy/kafka.sh" version; }
+
 kafka_image() {
-    "$REPO_DIR/deploy/kafka.sh" fetch
-    local ctx="$CACHE_ROOT/compose-context/kafka"
+    local libs version ctx="$CACHE_ROOT/compose-context/kafka"
+    libs="$("$REPO_DIR/deploy/kafka.sh" fetch)" || die "deploy/kafka.sh fetch failed"
+    [[ -d "$libs" ]] || die "deploy/kafka.sh fetch printed '$libs', not a directory"
+    version="$(kafka_version)" || die "deploy/kafka.sh version failed"
     mkdir -p "$ctx"
     cp "$COMPOSE_DIR"/kafka/{Dockerfile,kafka-entrypoint.sh,kafka-healthcheck.sh,log4j2.properties} "$ctx/"
-    stage_dir "$KAFKA_LIBS" "$ctx/libs"
+    stage_dir "$libs" "$ctx/libs"
     rm -f "$ctx/libs/.complete"
-    build_dir "$KAFKA_IMAGE:$KAFKA_VERSION" "$KAFKA_IMAGE:latest" -- "$ctx"
+    build_dir "$KAFKA_IMAGE:$version" "$KAFKA_IMAGE:latest" -- "$ctx"
 }
 
 # ------------------------------------------------------------------ couchdb (pouchdb-server)
 couchdb_image() {
-    "$REPO_DIR/deploy/pouchdb.sh" install
-    local ctx="$CACHE_ROOT/compose-context/couchdb"
+    local dir ctx="$CACHE_ROOT/compose-context/couchdb"
+    dir="$("$REPO_DIR/deploy/pouchdb.sh" install)" || die "deploy/pouchdb.sh install failed"
+    [[ -d "$dir/node_modules" ]] || die "deploy/pouchdb.sh install printed '$dir', which has no node_modules"
     mkdir -p "$ctx"
     cp "$COMPOSE_DIR"/couchdb/{Dockerfile,couchdb-entrypoint.sh,healthcheck.js} "$ctx/"
-    stage_dir "$POUCHDB_DIR/node_modules" "$ctx/node_modules"
+    stage_dir "$dir/node_modules" "$ctx/node_modules"
     # the sqlite3 addon was never built (--ignore-scripts) and is not used: leave it out
     rm -rf "$ctx/node_modules/sqlite3"
     build_dir "$COUCH_IMAGE" -- "$ctx"
@@ -227,8 +233,7 @@ invoker_image() {
 
 # ------------------------------------------------------------------ commands
 cmd_build() {
-    timeout 10 docker info >/dev/null 2>&1 ||
-        die "the Docker engine does not answer; run deploy/docker-engine.sh up first"
+    docker_answers || die "the Docker engine does not answer; run deploy/docker-engine.sh up first"
     local t0=$SECONDS
     step python-base python_base_and_action
     step java-base java_base
@@ -236,15 +241,14 @@ cmd_build() {
     step invoker invoker_image
     step kafka kafka_image
     step couchdb couchdb_image
-    log "timings:"
-    local line
-    for line in "${TIMINGS[@]}"; do log "  $line"; done
+    show_timings
     log "all images ready in $((SECONDS - t0))s"
 }
 
 cmd_clean() {
-    local img
-    for img in "$INVOKER_IMAGE" "$KAFKA_IMAGE:$KAFKA_VERSION" "$KAFKA_IMAGE:latest" "$COUCH_IMAGE" \
+    local img version
+    version="$(kafka_version)" || die "deploy/kafka.sh version failed"
+    for img in "$INVOKER_IMAGE" "$KAFKA_IMAGE:$version" "$KAFKA_IMAGE:latest" "$COUCH_IMAGE" \
         "$JAVA_BASE" "$NODE_BASE"; do
         if image_exists "$img"; then
             log "removing $img"
@@ -255,12 +259,11 @@ cmd_clean() {
 }
 
 cmd_bases() {
-    timeout 10 docker info >/dev/null 2>&1 || die "the Docker engine does not answer"
+    docker_answers || die "the Docker engine does not answer"
     step python-base python_base_and_action
     step java-base java_base
     step node-base node_base
-    local line
-    for line in "${TIMINGS[@]}"; do log "  $line"; done
+    show_timings
 }
 
 case "${1:-build}" in
@@ -268,7 +271,7 @@ case "${1:-build}" in
     bases) cmd_bases ;;
     clean) cmd_clean ;;
     *)
-        echo "usage: $0 [build|clean]" >&2
+        echo "usage: $0 [build|bases|clean]" >&2
         exit 2
         ;;
 esac
