@@ -14,27 +14,24 @@ One daemon subprocess (default bounds, info logging) on fresh topics and a fresh
 from __future__ import annotations
 
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.figures import Results
 from bench.infra import (
-    KAFKA,
-    Topics,
     delete_couch_db,
     delete_topics,
     launch,
+    load_problems,
     metric_samples,
     new_couch_db,
-    read_records,
     stop_daemon,
-    store_session,
+    store_rate,
 )
 from invoker.config import Config
 from invoker.loadgen import LoadSpec, Report, percentile, run_load
-from store import Outcome
+from tests.support.daemon import Topics, load_spec, stored_records
 
 ACTION = "noop"
 
@@ -56,19 +53,13 @@ class E2EParams:
 
 
 def _spec(topics: Topics, store_url: str, **kw: Any) -> LoadSpec:
-    return LoadSpec(bootstrap=KAFKA, feed_topic=topics.feed,
-                    completions_topic=topics.completions, store_url=store_url,
-                    actions=[ACTION], progress=False, **kw)
+    return load_spec(topics, store_url, actions=[ACTION], **kw)
 
 
-def _check(report: Report, what: str) -> list[str]:
-    problems = []
-    if report.completed < report.produced or report.lost or report.duplicate_records:
-        problems.append(f"{what}: produced {report.produced}, completed {report.completed}, "
-                        f"stored {report.stored}, lost {report.lost}, duplicates "
-                        f"{report.duplicate_records}")
-    problems += [f"{what}: {e}" for e in report.errors]
-    return problems
+def _records(url: str, report: Report) -> dict[str, dict]:
+    """The run's records by activation id (only those present)."""
+    ids = dict.fromkeys(report.latencies_ms, report.namespace)
+    return stored_records(url, ids, timeout_s=120.0)[0]
 
 
 def _added_latencies(report: Report, records: dict[str, dict]) -> list[float]:
@@ -79,35 +70,6 @@ def _added_latencies(report: Report, records: dict[str, dict]) -> list[float]:
         if record is not None and isinstance(record.get("duration"), int | float):
             added.append(latency - record["duration"])
     return added
-
-
-def _store_rate(url: str, template: dict, batch_size: int, total: int,
-                time_limit_s: float) -> tuple[int, float]:
-    """(records written, seconds) writing copies of ``template`` with store.write_batch."""
-    namespace = f"bench-store-{uuid.uuid4().hex[:8]}"
-    base = {k: v for k, v in template.items() if k not in ("_id", "_rev")}
-    batches = [
-        [dict(base, namespace=namespace, activationId=uuid.uuid4().hex)
-         for _ in range(batch_size)]
-        for _ in range(max(1, total // batch_size))
-    ]
-
-    async def body(store: Any) -> tuple[int, float]:
-        import trio
-
-        written = 0
-        t0 = trio.current_time()
-        for batch in batches:
-            results = await store.write_batch(batch)
-            bad = [r for r in results if r.outcome is not Outcome.STORED]
-            if bad:
-                raise RuntimeError(f"{len(bad)} records not newly stored, e.g. {bad[0]}")
-            written += len(batch)
-            if trio.current_time() - t0 >= time_limit_s:
-                break
-        return written, trio.current_time() - t0
-
-    return store_session(url, body, time_limit_s + 60)
 
 
 def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
@@ -126,7 +88,7 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
         daemon, topics = launch(lambda m: results.error(scenario, m), store_url, work, scenario)
         warm = run_load(_spec(topics, store_url, count=params.warmup,
                               completion_timeout_s=params.completion_timeout_s))
-        for problem in _check(warm, "warm-up run"):
+        for problem in load_problems(warm, "warm-up run"):
             results.error(scenario, problem)
         if warm.completed == 0:
             raise RuntimeError(f"the warm-up run completed nothing; see {daemon.log_path}")
@@ -134,9 +96,9 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
         cpu_before = _cpu_seconds(daemon)
         report = run_load(_spec(topics, store_url, count=params.count,
                                 completion_timeout_s=params.completion_timeout_s,
-                                metrics_urls=[daemon.url("/metrics")]))
+                                daemons=[daemon]))
         cpu_after = _cpu_seconds(daemon)
-        for problem in _check(report, "throughput run"):
+        for problem in load_problems(report, "throughput run"):
             results.error(scenario, problem)
         cpu = ""
         if cpu_before is not None and cpu_after is not None and report.wall_s > 0:
@@ -148,15 +110,15 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
                     f"lost {report.lost}, duplicates {report.duplicate_records}{cpu}; feed "
                     f"paused {report.daemon_pauses} times, {report.daemon_paused_seconds:.1f} s "
                     f"in all")
-        records = read_records(store_url, report.namespace, list(report.latencies_ms))
+        records = _records(store_url, report)
         saturated = _added_latencies(report, records)
 
         paced = run_load(_spec(topics, store_url, count=params.paced_count,
                                rate=params.paced_rate,
                                completion_timeout_s=params.completion_timeout_s))
-        for problem in _check(paced, "paced run"):
+        for problem in load_problems(paced, "paced run"):
             results.error(scenario, problem)
-        paced_records = read_records(store_url, paced.namespace, list(paced.latencies_ms))
+        paced_records = _records(store_url, paced)
         added = _added_latencies(paced, paced_records)
         durations = [r["duration"] for r in paced_records.values()]
         waits = [_wait_time(r) for r in paced_records.values()]
@@ -166,8 +128,8 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
 
         if not records:
             raise RuntimeError("no record of the throughput run found in the store")
-        written, seconds = _store_rate(store_url, next(iter(records.values())), batch_size,
-                                       params.store_records, params.store_time_limit_s)
+        written, seconds = store_rate(store_url, next(iter(records.values())), batch_size,
+                                      params.store_records, params.store_time_limit_s)
         results.add(f"store.{kind}.bulk_insert_rate", written / seconds if seconds else None,
                     "records/s", f"{written} records in batches of {batch_size}, "
                     "one write at a time")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -15,29 +14,19 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from invoker.loadgen import store_session
-from store import doc_id_for
-from tests.support.daemon import COUCHDB, KAFKA, Daemon, Topics
-
-__all__ = ["COUCHDB", "KAFKA", "Daemon", "Topics", "remove_containers"]
+from invoker.loadgen import Report, store_session
+from store import Outcome
+from tests.support import daemon as support
+from tests.support.daemon import COUCHDB, KAFKA, Daemon, Topics, parse_samples, settings_env
 
 DOCKER_TIMEOUT_S = 60.0
 
 
 def remove_containers(invoker_id: str, timeout_s: float = DOCKER_TIMEOUT_S) -> int:
-    """Remove the containers labelled with ``invoker_id`` (as tests.support.daemon does), but
+    """Remove the containers labelled with ``invoker_id`` (tests.support.daemon's), but
     bounded: a wedged Docker engine (``docker rm -f`` hanging) raises RuntimeError after
     ``timeout_s`` instead of hanging the bench."""
-    try:
-        ids = subprocess.run(
-            ["docker", "ps", "-aq", "--filter", f"label=org.invoker.id={invoker_id}"],
-            capture_output=True, text=True, check=True, timeout=timeout_s).stdout.split()
-        if ids:  # some may be gone already
-            subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"docker did not answer within {timeout_s:g} s removing the "
-                           f"containers of {invoker_id} ({' '.join(exc.cmd[:3])})") from None
-    return len(ids)
+    return support.remove_containers(invoker_id, timeout_s)
 
 
 def _reachable(hostport: str) -> bool:
@@ -74,10 +63,10 @@ def start_daemon(topics: Topics, store_url: str, log_dir: Path, name: str,
     """A started ``invoker run`` (or ``invoker recorder``: ``command="recorder"``) subprocess
     (info logging unless ``log_level`` is given)."""
     settings.setdefault("log_level", "info")
-    env = {"INVOKER_" + k.upper(): str(v) for k, v in settings.items()}
     prefix = "daemon" if command == "run" else command
     daemon = Daemon(topics, store_url, log_dir / f"{prefix}-{name}.log",
-                    invoker_id=f"bench{tag()[:8]}", settings=env, command=command)
+                    invoker_id=f"bench{tag()[:8]}", settings=settings_env(settings),
+                    command=command)
     try:
         return daemon.start(timeout_s=timeout_s)
     except BaseException:
@@ -199,51 +188,55 @@ def delete_couch_db(url: str) -> None:
         pass
 
 
-def read_records(url: str, namespace: str, activation_ids: list[str],
-                 timeout_s: float = 120.0) -> dict[str, dict]:
-    """Records by activation id (only those present)."""
+def load_problems(report: Report, what: str) -> list[str]:
+    """What went wrong in a load run (``what`` names it): an activation not completed or not
+    stored once, and the report's errors."""
+    problems = []
+    if (report.completed < report.produced or report.stored < report.produced or report.lost
+            or report.duplicate_records):
+        problems.append(f"{what}: produced {report.produced}, completed {report.completed}, "
+                        f"stored {report.stored}, lost {report.lost}, duplicates "
+                        f"{report.duplicate_records}")
+    problems += [f"{what}: {e}" for e in report.errors]
+    return problems
 
-    async def body(store: Any) -> dict[str, dict]:
-        found: dict[str, dict] = {}
-        ids = [doc_id_for(namespace, a) for a in activation_ids]
-        for start in range(0, len(ids), 500):
-            found.update(await store.get_many(ids[start:start + 500]))
-        return {doc["activationId"]: doc for doc in found.values()}
 
-    return store_session(url, body, timeout_s)
+def store_rate(url: str, template: dict[str, Any], batch_size: int, total: int,
+               time_limit_s: float, writers: int = 1) -> tuple[int, float]:
+    """(records written, seconds): copies of ``template`` (new ids, fresh namespace) written
+    with store.write_batch in batches of ``batch_size``, ``writers`` writes at a time, until
+    ``total`` records or ``time_limit_s`` (a batch is not started after it)."""
+    import trio
 
+    namespace = f"bench-store-{uuid.uuid4().hex[:8]}"
+    base = {k: v for k, v in template.items() if k not in ("_id", "_rev")}
+    batches = iter([
+        [dict(base, namespace=namespace, activationId=uuid.uuid4().hex)
+         for _ in range(batch_size)]
+        for _ in range(max(1, total // batch_size))
+    ])
 
-class ProxyProcess:
-    """The fault proxy (tests/support/faultproxy.py) in its own process, steered through its
-    control file (as tests/integration/conftest.py does)."""
+    async def body(store: Any) -> tuple[int, float]:
+        written = 0
+        t0 = trio.current_time()
 
-    def __init__(self, target: str, workdir: Path) -> None:
-        self.control = workdir / f"proxy-control-{tag()}.json"
-        self.set(latency=0.0, down=False)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.faultproxy", "--target", target,
-             "--listen", "127.0.0.1:0", "--control-file", str(self.control)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().strip()
-        if not line.isdigit():
-            self.close()
-            raise RuntimeError(f"fault proxy did not start (said {line!r})")
-        self.port = int(line)
+        async def writer() -> None:
+            nonlocal written
+            for batch in batches:
+                if trio.current_time() - t0 >= time_limit_s:
+                    return
+                results = await store.write_batch(batch)
+                bad = [r for r in results if r.outcome is not Outcome.STORED]
+                if bad:
+                    raise RuntimeError(f"{len(bad)} records not newly stored, e.g. {bad[0]}")
+                written += len(batch)
 
-    def set(self, *, latency: float, down: bool) -> None:
-        tmp = self.control.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"latency": latency, "down": down}))
-        tmp.rename(self.control)
+        async with trio.open_nursery() as nursery:
+            for _ in range(writers):
+                nursery.start_soon(writer)
+        return written, trio.current_time() - t0
 
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+    return store_session(url, body, time_limit_s + 60)
 
 
 _metrics_client: httpx.Client | None = None
@@ -251,8 +244,6 @@ _metrics_client: httpx.Client | None = None
 
 def metric_samples(daemon: Daemon, timeout_s: float = 2.0) -> dict[str, float] | None:
     """The daemon's /metrics as name → value (labels folded in), or None if it did not answer."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     global _metrics_client
     if _metrics_client is None:  # one client: a new one per request costs tens of ms
         _metrics_client = httpx.Client(trust_env=False)
@@ -260,12 +251,7 @@ def metric_samples(daemon: Daemon, timeout_s: float = 2.0) -> dict[str, float] |
         text = _metrics_client.get(daemon.url("/metrics"), timeout=timeout_s).text
     except httpx.HTTPError:
         return None
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return samples
+    return parse_samples(text)
 
 
 def sleep_until(deadline: float) -> None:

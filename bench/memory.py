@@ -25,10 +25,6 @@ from typing import Any
 
 from bench.figures import Results, fmt_value
 from bench.infra import (
-    COUCHDB,
-    KAFKA,
-    ProxyProcess,
-    Topics,
     delete_couch_db,
     delete_topics,
     launch,
@@ -37,7 +33,9 @@ from bench.infra import (
     sleep_until,
     stop_daemon,
 )
-from invoker.loadgen import LoadSpec, Report, run_load
+from invoker.loadgen import Report, run_load
+from tests.support.daemon import COUCHDB, Topics, counter_total, load_spec
+from tests.support.faultproxy import ProxyProcess
 
 MiB = 1024 * 1024
 STORE = {"batch_size": 50, "max_writes_in_flight": 1}
@@ -83,7 +81,7 @@ def _sample(daemon: Any, t: float) -> dict[str, float] | None:
         "paused": m.get("invoker_feed_paused", 0.0),
         "pauses": m.get("invoker_feed_pauses_total", 0.0),
         "stored": m.get("invoker_records_stored_total", 0.0),
-        "executed": sum(v for k, v in m.items() if k.startswith("invoker_activations_total")),
+        "executed": counter_total(m, "invoker_activations_total"),
         "worst_case_bytes": m.get("invoker_worst_case_buffered_bytes", 0.0),
         "peak_rss": m.get("invoker_process_peak_rss_bytes", 0.0),
     }
@@ -102,10 +100,8 @@ def _run_one(name: str, params: MemoryParams, proxy: ProxyProcess, work: Path,
         first = _sample(daemon, 0.0)
         if first is None:
             raise RuntimeError(f"{name} daemon: /metrics did not answer")
-        spec = LoadSpec(bootstrap=KAFKA, feed_topic=topics.feed,
-                        completions_topic=topics.completions, store_url=direct_url,
-                        actions=[params.action], count=params.count, progress=False,
-                        completion_timeout_s=params.window_s)
+        spec = load_spec(topics, direct_url, actions=[params.action], count=params.count,
+                         completion_timeout_s=params.window_s)
 
         def load() -> None:
             try:

@@ -45,29 +45,26 @@ import httpx
 
 from bench.figures import Results
 from bench.infra import (
-    COUCHDB,
-    KAFKA,
-    Daemon,
-    ProxyProcess,
-    Topics,
     delete_couch_db,
     delete_topics,
     launch,
+    load_problems,
     metric_samples,
     new_couch_db,
     start_daemon,
     stop_daemon,
-    store_session,
+    store_rate,
     tag,
     wait_assigned,
     wait_topic_metadata,
 )
 from invoker.config import Config
-from invoker.loadgen import LoadSpec, Report, activation_message, produce_messages, run_load
+from invoker.loadgen import Report, activation_message, produce_messages, run_load, store_session
 from invoker.model import Action, Activation, InvocationResult, Limits, Status
 from invoker.records import build_record
 from overflow.envelope import OverflowedRecord, encode
-from store import Outcome
+from tests.support.daemon import COUCHDB, KAFKA, Daemon, Topics, counter_total, load_spec
+from tests.support.faultproxy import ProxyProcess
 
 ACTION = "noop"
 # As tests/integration/test_overflow.py: the record channel saturates at once on a slow store.
@@ -100,16 +97,12 @@ class OverflowParams:
 @dataclass
 class Throughput:
     rate: float
-    seconds: float
-    counted: int
     note: str
 
 
 @dataclass
 class Drain:
     rate: float | None
-    seconds: float
-    record_bytes: int
     note: str
     template: dict[str, Any] = field(default_factory=dict)
     store_url: str = ""
@@ -121,7 +114,7 @@ def _finished(daemon: Daemon) -> float | None:
     m = metric_samples(daemon)
     if m is None:
         return None
-    return sum(v for k, v in m.items() if k.startswith("invoker_activations_total"))
+    return counter_total(m, "invoker_activations_total")
 
 
 def _wait_finished(daemon: Daemon, target: float, timeout_s: float, what: str
@@ -184,10 +177,8 @@ def _throughput(variant: str, params: OverflowParams, proxy: ProxyProcess, work:
         time.sleep(0.3)  # the proxy re-reads its control file every 100 ms
         before_m = metric_samples(daemon) or {}
         before = _finished(daemon) or 0.0
-        spec = LoadSpec(bootstrap=KAFKA, feed_topic=topics.feed,
-                        completions_topic=topics.completions, store_url=direct_url,
-                        actions=[ACTION], count=params.count, progress=False,
-                        completion_timeout_s=params.finish_timeout_s + 90)
+        spec = load_spec(topics, direct_url, actions=[ACTION], count=params.count,
+                         completion_timeout_s=params.finish_timeout_s + 90)
 
         def load() -> None:
             try:
@@ -214,7 +205,8 @@ def _throughput(variant: str, params: OverflowParams, proxy: ProxyProcess, work:
             errors(f"overflow {variant}: load failed: {outcome['error']}")
         report: Report | None = outcome.get("report")
         if report is not None:
-            _check(report, f"overflow {variant}", errors)
+            for problem in load_problems(report, f"overflow {variant}"):
+                errors(problem)
             if recorder is not None:
                 drained = (f"; a recorder started after the run had them all stored and "
                            f"completed {time.monotonic() - t_rec:.1f} s later")
@@ -234,7 +226,7 @@ def _throughput(variant: str, params: OverflowParams, proxy: ProxyProcess, work:
         if report is not None:
             note += (f"; load: completed {report.completed}, stored {report.stored}, lost "
                      f"{report.lost}, duplicates {report.duplicate_records}")
-        return Throughput(rate, seconds, counted, note + drained)
+        return Throughput(rate, note + drained)
     finally:
         proxy.set(latency=0.0, down=False)
         try:
@@ -250,15 +242,6 @@ def _throughput(variant: str, params: OverflowParams, proxy: ProxyProcess, work:
             delete_couch_db(direct_url)
             if topics is not None:
                 delete_topics(topics)
-
-
-def _check(report: Report, what: str, errors: Callable[[str], None]) -> None:
-    if (report.completed < report.produced or report.stored < report.produced or report.lost
-            or report.duplicate_records):
-        errors(f"{what}: produced {report.produced}, completed {report.completed}, stored "
-               f"{report.stored}, lost {report.lost}, duplicates {report.duplicate_records}")
-    for e in report.errors:
-        errors(f"{what}: {e}")
 
 
 # --- 2./3. recorder drain --------------------------------------------------------------------
@@ -512,50 +495,14 @@ def _drain(recorders: int, prefill: bool, params: OverflowParams, work: Path,
                 f"{per(f'{c / seconds:.2f}' for c in cpu)} cores"
                 + (" (incl. start-up)" if prefill else "")
                 + f", pouchdb-server {pouch_note}")
-        return Drain(params.drain_records / seconds if seconds > 0 else None, seconds,
-                     record_bytes, note, records[0], url)
+        return Drain(params.drain_records / seconds if seconds > 0 else None, note, records[0],
+                     url)
     finally:
         for d in started:
             stop_daemon(d, graceful=False)
         if not keep_db:
             delete_couch_db(url)
         delete_topics(topics)
-
-
-def _store_rate(url: str, template: dict[str, Any], total: int, time_limit_s: float
-                ) -> tuple[int, float]:
-    """(records written, seconds): copies of ``template`` (new ids) with store.write_batch, in
-    batches of the recorder's batch size, as many writes at a time as the recorder has."""
-    import trio
-
-    namespace = f"bench-store-{uuid.uuid4().hex[:8]}"
-    batches = iter([
-        [dict(template, namespace=namespace, activationId=uuid.uuid4().hex)
-         for _ in range(RECORDER_BATCH)]
-        for _ in range(max(1, total // RECORDER_BATCH))
-    ])
-
-    async def body(store: Any) -> tuple[int, float]:
-        written = 0
-        t0 = trio.current_time()
-
-        async def writer() -> None:
-            nonlocal written
-            for batch in batches:
-                if trio.current_time() - t0 >= time_limit_s:
-                    return
-                results = await store.write_batch(batch)
-                bad = [r for r in results if r.outcome is not Outcome.STORED]
-                if bad:
-                    raise RuntimeError(f"{len(bad)} records not newly stored, e.g. {bad[0]}")
-                written += len(batch)
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(RECORDER_IN_FLIGHT):
-                nursery.start_soon(writer)
-        return written, trio.current_time() - t0
-
-    return store_session(url, body, time_limit_s + 60)
 
 
 def run(results: Results, params: OverflowParams, work: Path) -> None:
@@ -579,8 +526,9 @@ def run(results: Results, params: OverflowParams, work: Path) -> None:
     one = _drain(1, True, params, work, errors, keep_db=True)
     try:
         results.add("overflow.drain.prefilled", one.rate, "records/s", one.note)
-        written, seconds = _store_rate(one.store_url, one.template, params.store_records,
-                                       params.store_time_limit_s)
+        written, seconds = store_rate(one.store_url, one.template, RECORDER_BATCH,
+                                      params.store_records, params.store_time_limit_s,
+                                      writers=RECORDER_IN_FLIGHT)
     finally:
         delete_couch_db(one.store_url)
     results.add("store.overflow.bulk_insert_rate", written / seconds if seconds else None,

@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from invoker.config import Config
+from invoker.config import ENV_PREFIX, Config
 from store import doc_id_for
 
 KIND = "python:3"
@@ -569,12 +569,12 @@ def produce_messages(bootstrap: str, topic: str, messages: list[bytes | dict],
         producer.close(timeout=5)
 
 
-def read_completions(bootstrap: str, topic: str, ids: set[str], timeout_s: float, *,
-                     from_beginning: bool = True) -> dict[str, list[dict]]:
+def read_completions(bootstrap: str, topic: str, ids: set[str], timeout_s: float
+                     ) -> dict[str, list[dict]]:
     """Completion messages on ``topic`` for ``ids``, waiting until each id has at least one or
-    ``timeout_s`` passed. Reads the topic from its beginning (from its current end with
-    ``from_beginning=False``). The result has only the ids that got a completion (so
-    ``ids - result.keys()`` are the missing ones); each maps to all its messages, in order.
+    ``timeout_s`` passed. Reads the topic from its beginning. The result has only the ids that
+    got a completion (so ``ids - result.keys()`` are the missing ones); each maps to all its
+    messages, in order.
     """
     wanted = set(ids)
     found: dict[str, list[dict]] = {}
@@ -587,11 +587,7 @@ def read_completions(bootstrap: str, topic: str, ids: set[str], timeout_s: float
             tps = _assign_all(consumer, topic, max(0.0, timeout_s))
         except LoadgenError:
             return found
-        if from_beginning:
-            consumer.seek_to_beginning(*tps)
-        else:
-            for tp, offset in consumer.end_offsets(tps).items():
-                consumer.seek(tp, offset)
+        consumer.seek_to_beginning(*tps)
         while len(found) < len(wanted):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -630,8 +626,6 @@ class _CompletionCollector:
         self.first_seen: dict[str, float] = {}  # guarded by cond
         self._arrivals: list[str] = []  # ids in first-seen order, guarded by cond
         self.messages: dict[str, list[dict]] = {}  # guarded by cond
-        self.total_messages = 0
-        self.last_seen: float | None = None
         self.error: str | None = None
         self._stop = threading.Event()
         self._consumer = _new_consumer(bootstrap)
@@ -670,11 +664,9 @@ class _CompletionCollector:
             return  # a foreign id
         with self.cond:
             self.messages.setdefault(activation_id, []).append(doc)
-            self.total_messages += 1
             if activation_id not in self.first_seen:
                 self.first_seen[activation_id] = now
                 self._arrivals.append(activation_id)
-                self.last_seen = now
             self.cond.notify_all()
 
     def completed_count(self) -> int:
@@ -1056,17 +1048,17 @@ def spec_from_args(args: argparse.Namespace,
     env = os.environ if environ is None else environ
     defaults = Config.__dataclass_fields__
 
-    def pick(flag: str | None, env_name: str, field_name: str) -> str:
+    def pick(flag: str | None, field_name: str) -> str:
+        """The flag, else INVOKER_<FIELD_NAME>, else the Config default."""
         if flag:
             return flag
-        return env.get(env_name) or defaults[field_name].default
+        return env.get(ENV_PREFIX + field_name.upper()) or defaults[field_name].default
 
     spec = LoadSpec(
-        bootstrap=pick(args.bootstrap, "INVOKER_KAFKA_BOOTSTRAP", "kafka_bootstrap"),
-        feed_topic=pick(args.feed_topic, "INVOKER_FEED_TOPIC", "feed_topic"),
-        completions_topic=pick(args.completions_topic, "INVOKER_COMPLETIONS_TOPIC",
-                               "completions_topic"),
-        store_url=pick(args.store_url, "INVOKER_STORE_URL", "store_url"),
+        bootstrap=pick(args.bootstrap, "kafka_bootstrap"),
+        feed_topic=pick(args.feed_topic, "feed_topic"),
+        completions_topic=pick(args.completions_topic, "completions_topic"),
+        store_url=pick(args.store_url, "store_url"),
         actions=list(args.actions or ["echo"]),
         count=args.count if args.count is not None else 100,
         duration_s=args.duration,

@@ -21,36 +21,14 @@ import httpx
 import pytest
 import trio
 
-from store import DocResult, Outcome, Store, StoreUnavailable, doc_id_for, open_store
+from store import DocResult, Outcome, Store, StoreUnavailable, open_store
 from store.couchdb import CouchStore
 from tests.support.faultproxy import FaultProxy
+from tests.support.records import record, rid
 
 BASE_URL = os.environ.get("INVOKER_TEST_COUCHDB_URL", "http://127.0.0.1:5984").rstrip("/")
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-Pa55word"
-
-
-def record(namespace: str = "guest", activation_id: str | None = None, **extra) -> dict:
-    rec = {
-        "namespace": namespace,
-        "name": "hello",
-        "activationId": activation_id or uuid.uuid4().hex,
-        "version": "0.0.1",
-        "subject": "guest",
-        "start": 1700000000000,
-        "end": 1700000000042,
-        "duration": 42,
-        "response": {"statusCode": 0, "success": True, "result": {"msg": "héllo ☃"}},
-        "logs": ["2024-01-01T00:00:00Z stdout: hi"],
-        "annotations": [{"key": "path", "value": f"{namespace}/hello"}],
-        "publish": False,
-    }
-    rec.update(extra)
-    return rec
-
-
-def rid(rec: dict) -> str:
-    return doc_id_for(rec["namespace"], rec["activationId"])
 
 
 def with_netloc(url: str, host: str, port: int) -> str:

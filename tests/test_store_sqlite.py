@@ -3,38 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
-import uuid
 from pathlib import Path
 
 import pytest
 import trio
 
-from store import DocResult, Outcome, Store, StoreUnavailable, doc_id_for, open_store
+from store import DocResult, Outcome, Store, StoreUnavailable, open_store
 from store.sqlite import SqliteStore
-
-
-def record(namespace: str = "guest", activation_id: str | None = None, **extra) -> dict:
-    activation_id = activation_id or uuid.uuid4().hex
-    rec = {
-        "namespace": namespace,
-        "name": "hello",
-        "activationId": activation_id,
-        "version": "0.0.1",
-        "subject": "guest",
-        "start": 1700000000000,
-        "end": 1700000000042,
-        "duration": 42,
-        "response": {"statusCode": 0, "success": True, "result": {"msg": "héllo ☃"}},
-        "logs": ["2024-01-01T00:00:00Z stdout: hi"],
-        "annotations": [{"key": "path", "value": f"{namespace}/hello"}],
-        "publish": False,
-    }
-    rec.update(extra)
-    return rec
-
-
-def rid(rec: dict) -> str:
-    return doc_id_for(rec["namespace"], rec["activationId"])
+from tests.support.records import record, rid
 
 
 @pytest.fixture

@@ -7,27 +7,19 @@ and found in the store.
 """
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
 from tests.support.compose import LoadRun, assert_nothing_lost
-from tests.support.daemon import read_metrics, wait_for
-
-
-def total(samples: dict[str, float], name: str) -> float:
-    """A counter summed over its labels."""
-    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+from tests.support.daemon import container_ids, counter_total, read_metrics, wait_for
 
 
 def activations(samples: dict[str, float]) -> float:
-    return total(samples, "invoker_activations_total")
+    return counter_total(samples, "invoker_activations_total")
 
 
 def action_containers(invoker_id: str) -> set[str]:
-    out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=org.invoker.id={invoker_id}"],
-                         capture_output=True, text=True, timeout=60, check=True)
-    return set(out.stdout.split())
+    return set(container_ids(invoker_id, timeout_s=60))
 
 
 def process_status(service: str, stack) -> dict[str, str]:
@@ -156,8 +148,8 @@ def test_overflow_while_the_store_is_down_then_the_recorder_drains_it(stack):
                  "40 activations done before the outage", interval_s=0.5)
         stack.compose("stop", "couchdb")
         outage_start = activations(stack.metrics())
-        overflowed_before = total(before, "invoker_overflow_records_total")
-        wait_for(lambda: total(stack.metrics(), "invoker_overflow_records_total")
+        overflowed_before = counter_total(before, "invoker_overflow_records_total")
+        wait_for(lambda: counter_total(stack.metrics(), "invoker_overflow_records_total")
                  >= overflowed_before + 100, 120,
                  "100 records overflowed while the store is down", interval_s=0.5)
         during = stack.metrics()
@@ -172,9 +164,9 @@ def test_overflow_while_the_store_is_down_then_the_recorder_drains_it(stack):
     stack.wait_offsets_committed()
     stack.wait_overflow_drained()
     after, recorder_after = stack.metrics(), stack.metrics("recorder")
-    overflowed = total(after, "invoker_overflow_records_total") - overflowed_before
+    overflowed = counter_total(after, "invoker_overflow_records_total") - overflowed_before
     recorded = sum(
-        total(recorder_after, name) - total(recorder_before, name)
+        counter_total(recorder_after, name) - counter_total(recorder_before, name)
         for name in ("invoker_records_stored_total", "invoker_records_already_stored_total"))
     print(f"overflow: {overflowed:.0f} records overflowed, {recorded:.0f} stored by the recorder")
     assert recorded >= overflowed >= 100

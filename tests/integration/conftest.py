@@ -9,7 +9,8 @@ import uuid
 import httpx
 import pytest
 
-from tests.support.daemon import COUCHDB, Daemon, Topics, remove_containers
+from tests.support.daemon import COUCHDB, Daemon, Topics, remove_containers, settings_env
+from tests.support.faultproxy import ProxyProcess
 
 pytestmark = pytest.mark.integration
 
@@ -38,10 +39,9 @@ def daemons(tmp_path, topics):
 
     def make(store_url: str, *, start: bool = True, invoker_id: str | None = None,
              command: str = "run", **settings: str) -> Daemon:
-        env = {"INVOKER_" + k.upper(): str(v) for k, v in settings.items()}
         kwargs = {"invoker_id": invoker_id} if invoker_id else {}
-        d = Daemon(topics, store_url, tmp_path / f"{command}-{len(started)}.log", settings=env,
-                   command=command, **kwargs)
+        d = Daemon(topics, store_url, tmp_path / f"{command}-{len(started)}.log",
+                   settings=settings_env(settings), command=command, **kwargs)
         started.append(d)
         return d.start() if start else d
 
@@ -56,33 +56,6 @@ def daemons(tmp_path, topics):
         remove_containers(invoker_id)
 
 
-class ProxyProcess:
-    """The fault proxy in its own process, steered through its control file."""
-
-    def __init__(self, target: str, workdir):
-        import json
-        import subprocess
-        import sys
-
-        self._json = json
-        self.control = workdir / "proxy-control.json"
-        self.set(latency=0.0, down=False)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.faultproxy", "--target", target,
-             "--listen", "127.0.0.1:0", "--control-file", str(self.control)],
-            stdout=subprocess.PIPE, text=True)
-        self.port = int(self.process.stdout.readline().strip())
-
-    def set(self, *, latency: float, down: bool) -> None:
-        tmp = self.control.with_suffix(".tmp")
-        tmp.write_text(self._json.dumps({"latency": latency, "down": down}))
-        tmp.rename(self.control)
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
-
-
 @pytest.fixture
 def couch_proxies(tmp_path):
     """Factory of fault proxies in front of the CouchDB-API server (``.port`` to connect)."""
@@ -92,7 +65,7 @@ def couch_proxies(tmp_path):
     def make() -> ProxyProcess:
         workdir = tmp_path / f"proxy-{len(proxies)}"
         workdir.mkdir()
-        proxies.append(ProxyProcess(target, workdir))
+        proxies.append(ProxyProcess(target, workdir, quiet=False))
         return proxies[-1]
 
     yield make

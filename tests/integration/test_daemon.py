@@ -16,7 +16,14 @@ from invoker.loadgen import (
     read_completions,
     run_load,
 )
-from tests.support.daemon import KAFKA, group_lag, load_spec, stored_records, wait_for
+from tests.support.daemon import (
+    KAFKA,
+    container_ids,
+    group_lag,
+    load_spec,
+    stored_records,
+    wait_for,
+)
 
 NS = "itest"
 
@@ -200,7 +207,7 @@ def test_sigterm_drains_and_restart_re_executes_nothing(daemons, topics, sqlite_
              "load under way")
     assert first.terminate() == 0
     assert first.log_events("record channel flushed")
-    assert leftover_containers(first.invoker_id) == [], "a clean stop removes its containers"
+    assert container_ids(first.invoker_id) == [], "a clean stop removes its containers"
     second = daemons(sqlite_url, invoker_id=first.invoker_id, max_activations=8)
     loader.join(timeout=240)
     report = result["report"]
@@ -209,13 +216,6 @@ def test_sigterm_drains_and_restart_re_executes_nothing(daemons, topics, sqlite_
     assert second.metrics()["invoker_records_already_stored_total"] == 0
     assert report.repeated_completions == 0
     wait_for(lambda: group_lag(topics) == 0, 30, "offsets committed")
-
-
-def leftover_containers(invoker_id: str) -> list[str]:
-    import subprocess
-
-    return subprocess.run(["docker", "ps", "-aq", "--filter", f"label=org.invoker.id={invoker_id}"],
-                          capture_output=True, text=True, check=True).stdout.split()
 
 
 def _read_all(topic: str, expect: int, timeout_s: float = 30):

@@ -18,6 +18,7 @@ from invoker.records import build_record
 from overflow.envelope import OverflowedRecord, encode
 from tests.support.daemon import (
     KAFKA,
+    counter_total,
     free_port,
     group_lag,
     load_spec,
@@ -52,7 +53,7 @@ def activation_rate(daemon, count: int, produce) -> float:
 
 
 def _finished(daemon) -> float:
-    return sum(v for k, v in daemon.metrics().items() if k.startswith("invoker_activations_total"))
+    return counter_total(daemon.metrics(), "invoker_activations_total")
 
 
 def overflow_envelopes(count: int) -> list[bytes]:

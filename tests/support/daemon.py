@@ -16,7 +16,8 @@ import httpx
 from kafka.admin import KafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
-from invoker.loadgen import LoadSpec, store_session
+from invoker.config import ENV_PREFIX
+from invoker.loadgen import STORE_CHUNK, STORE_TIMEOUT_S, LoadSpec, store_session
 from store import doc_id_for
 
 KAFKA = os.environ.get("INVOKER_TEST_KAFKA", "127.0.0.1:9092")
@@ -151,15 +152,30 @@ class Daemon:
         ]
 
 
+def settings_env(settings: dict[str, object]) -> dict[str, str]:
+    """Daemon settings by Config field name as the INVOKER_* environment variables."""
+    return {ENV_PREFIX + k.upper(): str(v) for k, v in settings.items()}
+
+
 def read_metrics(url: str) -> dict[str, float]:
     """Prometheus samples at ``url`` by name (labels folded into the name as name{k=v})."""
-    text = httpx.get(url, timeout=5).text
+    return parse_samples(httpx.get(url, timeout=5).text)
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """Prometheus exposition ``text`` as samples by name (labels folded into the name as
+    name{k=v,...}, sorted by label name)."""
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return samples
+
+
+def counter_total(samples: dict[str, float], name: str) -> float:
+    """The sample ``name`` summed over its labels (``name`` itself and every ``name{...}``)."""
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
 
 
 def group_lag(topics: Topics) -> int:
@@ -190,9 +206,8 @@ def topic_lag(group: str, topic: str, bootstrap: str = KAFKA) -> int:
         admin.close()
 
 
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25, describe=None):
-    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` on timeout
-    (and what ``describe()`` says then, if given)."""
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
+    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` on timeout."""
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
@@ -200,21 +215,32 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25, d
         if last:
             return last
         time.sleep(interval_s)
-    state = f"; state: {describe()}" if describe else ""
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})"
-                         + state)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
 
 
-def remove_containers(invoker_id: str) -> int:
-    """Remove action containers a test's daemon left (e.g. after SIGKILL)."""
-    ids = subprocess.run(
+def container_ids(invoker_id: str, timeout_s: float | None = None) -> list[str]:
+    """Ids of the containers (running or not) labelled with ``invoker_id``, as docker lists
+    them. ``timeout_s``: bound on the docker call (subprocess.TimeoutExpired past it)."""
+    return subprocess.run(
         ["docker", "ps", "-aq", "--filter", f"label=org.invoker.id={invoker_id}"],
         capture_output=True,
         text=True,
         check=True,
+        timeout=timeout_s,
     ).stdout.split()
-    if ids:
-        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)  # some may be gone
+
+
+def remove_containers(invoker_id: str, timeout_s: float | None = None) -> int:
+    """Remove action containers a test's daemon left (e.g. after SIGKILL). ``timeout_s``
+    bounds each docker call: a wedged Docker engine then raises RuntimeError instead of
+    hanging."""
+    try:
+        ids = container_ids(invoker_id, timeout_s)
+        if ids:  # some may be gone already
+            subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"docker did not answer within {timeout_s:g} s removing the "
+                           f"containers of {invoker_id} ({' '.join(exc.cmd[:3])})") from None
     return len(ids)
 
 
@@ -225,11 +251,16 @@ def load_spec(topics, store_url, daemons=(), **kw) -> LoadSpec:
                     store_url=store_url, metrics_urls=[d.url("/metrics") for d in daemons], **kw)
 
 
-def stored_records(store_url: str, ids: dict[str, str]) -> tuple[dict[str, dict], int]:
-    """Records by activation id for ``ids`` (activation id → namespace), and the store count."""
+def stored_records(store_url: str, ids: dict[str, str], timeout_s: float = STORE_TIMEOUT_S
+                   ) -> tuple[dict[str, dict], int]:
+    """Records by activation id for ``ids`` (activation id → namespace; only those present),
+    and the store count. Read ``STORE_CHUNK`` ids at a time, all within ``timeout_s``."""
+    doc_ids = [doc_id_for(ns, aid) for aid, ns in ids.items()]
 
     async def read(store):
-        found = await store.get_many([doc_id_for(ns, aid) for aid, ns in ids.items()])
+        found: dict[str, dict] = {}
+        for start in range(0, len(doc_ids), STORE_CHUNK):
+            found.update(await store.get_many(doc_ids[start:start + STORE_CHUNK]))
         return {doc["activationId"]: doc for doc in found.values()}, await store.count()
 
-    return store_session(store_url, read)
+    return store_session(store_url, read, timeout_s)

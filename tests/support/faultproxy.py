@@ -16,7 +16,7 @@ From a test that does not run trio, as a separate process::
 
 prints its bound port as the first line of stdout, then re-reads PATH (JSON such as
 ``{"latency": 0.2, "down": false}``) every 100 ms; write it atomically (write a temporary file,
-then rename). SIGTERM or SIGINT stops it.
+then rename). SIGTERM or SIGINT stops it. ``ProxyProcess`` runs it so and steers it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import subprocess
 import sys
+import uuid
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -164,6 +167,40 @@ class FaultProxy:
             await dst.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             conn.cancel()  # a reset on either side ends the whole connection
+
+
+class ProxyProcess:
+    """The fault proxy in its own process (``python -m tests.support.faultproxy``), steered
+    through its control file in ``workdir``; ``.port`` to connect. ``quiet``: discard its
+    stderr (where it logs each change of settings)."""
+
+    def __init__(self, target: str, workdir: Path, *, quiet: bool = True) -> None:
+        self.control = workdir / f"proxy-control-{uuid.uuid4().hex[:10]}.json"
+        self.set(latency=0.0, down=False)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.faultproxy", "--target", target,
+             "--listen", "127.0.0.1:0", "--control-file", str(self.control)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if quiet else None, text=True)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        if not line.isdigit():
+            self.close()
+            raise RuntimeError(f"fault proxy did not start (said {line!r})")
+        self.port = int(line)
+
+    def set(self, *, latency: float, down: bool) -> None:
+        tmp = self.control.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"latency": latency, "down": down}))
+        tmp.rename(self.control)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
 
 
 # ---- command line --------------------------------------------------------------------
