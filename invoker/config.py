@@ -41,6 +41,9 @@ class Config:
     completions_topic: str = "invoker-completions"
     dead_letter_topic: str = "invoker-dead-letters"
     topic_partitions: int = 4  # used when the daemon has to create its topics
+    # max.message.bytes of the topics the daemon creates, and the producer's max_request_size;
+    # a message larger than a topic allows is never sent (see invoker.kafka_io)
+    kafka_max_message_bytes: int = 4 * 1024 * 1024
     # Overflow (records the record channel cannot take go to Kafka; a recorder stores them)
     overflow_enabled: bool = False
     overflow_topic: str = "invoker-overflow"
@@ -59,6 +62,7 @@ class Config:
     max_poll_records: int = 16  # messages taken per poll(); they wait in the thread if trio is full
     fetch_max_bytes: int = 4 * 1024 * 1024  # the consumer's own fetch buffer
     max_message_bytes: int = 1024 * 1024  # largest activation message accepted
+    max_json_depth: int = 64  # nesting depth of params and results (deeper: refused)
     max_activations: int = 32  # execution slots
     # Offsets taken but not yet committable. One slow activation holds back its partition's
     # commit while later ones finish; this bounds the offsets remembered meanwhile.
@@ -84,6 +88,15 @@ class Config:
     container_cpus: float = 1.0
     init_timeout_s: float = 30.0
     max_result_bytes: int = 1024 * 1024
+    # Runtime settings for every kind (kind_runtime overrides them per kind): the uid:gid the
+    # runtime runs as, and tmpfs paths it may write *and exec* from (ActionLoop runtimes write
+    # the action under /action/<n>/ and exec it); /tmp is a noexec tmpfs in every container.
+    container_user: str = "65534:65534"
+    container_exec_tmpfs: list[str] = field(default_factory=lambda: ["/action"])
+    # {kind: {"user": "uid:gid", "exec_tmpfs": [paths], "env": {NAME: value}}}
+    kind_runtime: dict[str, dict] = field(default_factory=dict)
+    # Image patterns (fnmatch) a blackbox action may name; empty: blackbox actions are refused
+    blackbox_images: list[str] = field(default_factory=list)
     # Action limits: defaults for missing ones, and the allowed ranges
     default_timeout_ms: int = 60_000
     default_memory_mb: int = 256
@@ -99,13 +112,17 @@ class Config:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9180
     grace_period_s: float = 30.0
+    # /healthz fails when a store write or a Kafka publish has been retried for longer than
+    # this, or when the feed has been paused for longer than health_paused_s
+    health_stuck_s: float = 120.0
+    health_paused_s: float = 600.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         problems = []
         for name in ("read_ahead", "max_poll_records", "max_activations", "record_channel_size",
                      "batch_size", "max_writes_in_flight", "user_memory_mb",
-                     "overflow_max_in_flight", "max_uncommitted_offsets"):
+                     "overflow_max_in_flight", "max_uncommitted_offsets", "max_json_depth"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if not 0 <= self.record_channel_low_watermark < self.record_channel_size:
@@ -182,6 +199,16 @@ def _field_types() -> dict[str, Any]:
 
 def _convert(name: str, raw: Any, kind: Any) -> Any:
     origin = typing.get_origin(kind)
+    if origin is list or kind is list:
+        if isinstance(raw, str):
+            text = raw.strip()
+            value = json.loads(text) if text.startswith("[") else [
+                part.strip() for part in text.split(",") if part.strip()]
+        else:
+            value = raw
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name} must be a list of strings (JSON array or a,b,c)")
+        return value
     if origin is dict or kind is dict:
         value = json.loads(raw) if isinstance(raw, str) else raw
         if not isinstance(value, Mapping):
