@@ -25,7 +25,8 @@ from prometheus_client import Gauge
 from invoker.batcher import PendingRecord
 from invoker.config import Config
 from invoker.feed import FeedMessage
-from invoker.kafka_io import Publisher
+from invoker.kafka_io import Publisher, Unpublishable
+from invoker.lastresort import HandOff, dead_letter_unexpected
 from invoker.messages import InvalidMessage, Rejection, decode_activation
 from invoker.metrics import Metrics
 from invoker.model import Activation, now_ms
@@ -49,10 +50,14 @@ def pool_config(config: Config) -> PoolConfig:
         prewarm_memory_mb=config.prewarm_memory_mb,
         kind_images=dict(config.kind_images),
         network=config.container_network or None,
+        subnet_pool=config.container_subnet_pool,
         pids_limit=config.container_pids_limit,
         cpus=config.container_cpus,
         max_result_bytes=config.max_result_bytes,
         init_timeout_s=config.init_timeout_s,
+        user=config.container_user,
+        exec_tmpfs=tuple(config.container_exec_tmpfs),
+        kind_runtime=dict(config.kind_runtime),
     )
 
 
@@ -87,16 +92,25 @@ class Invoker(FeedService):
                 "overflow": self.config.overflow_enabled}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """:meth:`FeedService.run` with the container pool (and the overflow producer) around
+        it. On a stop the containers are removed as soon as no activation runs any more, while
+        the last records are still being written: both within the one shutdown deadline."""
         cfg = self.config
-        async with AsyncExitStack() as stack:
+        async with trio.open_nursery() as service, AsyncExitStack() as stack:
             self._pool = await stack.enter_async_context(
                 ContainerPool.open(pool_config(cfg), self.metrics))
             if cfg.overflow_enabled:
-                publisher = Publisher(cfg.overflow_brokers, cfg.invoker_id + "-overflow")
+                publisher = Publisher(cfg.overflow_brokers, cfg.invoker_id + "-overflow",
+                                      max_message_bytes=cfg.kafka_max_message_bytes,
+                                      stuck=self.stuck)
                 stack.callback(publisher.close)
                 self._overflow = OverflowSender(publisher, cfg.overflow_topic,
                                                 cfg.overflow_max_in_flight, self.metrics)
-            await super().run(task_status=task_status)
+            # The service runs in a task of its own so that this task, which opened the pool,
+            # can close it before the service is done (the nursery then waits for the rest).
+            await service.start(super().run)
+            task_status.started()
+            await self.work_finished.wait()
 
     async def dispatch(self, messages: trio.MemoryReceiveChannel[FeedMessage],
                        work: trio.Nursery) -> None:
@@ -108,27 +122,38 @@ class Invoker(FeedService):
             work.start_soon(self._handle, message, token)
 
     async def _handle(self, message: FeedMessage, token: OffsetToken) -> None:
-        """One activation, holding its slot until its record is enqueued (or overflowed)."""
+        """One activation, holding its slot until its record is enqueued (or overflowed).
+
+        Whatever else goes wrong with this one message, it is dead-lettered and the daemon
+        goes on (:mod:`invoker.lastresort`). Blocks on the pool, the record channel and Kafka.
+        """
+        handoff = HandOff()  # set once the outcome is handed on (dead letter, record delivered)
         try:
             try:
                 decoded = decode_activation(message.value, self.config)
             except InvalidMessage as exc:
                 await self.dead_letter(message, str(exc))
+                handoff.done = True
                 self.complete(token)
                 return
             if isinstance(decoded, Rejection):
-                record = build_rejection_record(decoded, self.config.invoker_id, now_ms())
+                record = build_rejection_record(decoded, self.config.invoker_id, now_ms(),
+                                                self.config.max_record_bytes)
                 self.metrics.activations.labels(status=decoded.status.label).inc()
-                await self._deliver(PendingRecord(record, token, decoded.blocking))
+                await self._deliver(PendingRecord(record, token, decoded.blocking), handoff)
                 return
-            await self._execute(decoded, message, token)
+            await self._execute(decoded, message, token, handoff)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            await dead_letter_unexpected(self, message, token, exc, handoff)
         finally:
             self._slots.release()
 
     async def _execute(self, activation: Activation, message: FeedMessage,
-                       token: OffsetToken) -> None:
+                       token: OffsetToken, handoff: HandOff) -> None:
         assert self._pool is not None
-        async with self._pool.lease(activation.action) as lease:
+        async with self._pool.lease(activation.action, activation.namespace) as lease:
             with _counted(self.metrics.in_flight):
                 outcome = await lease.invoke(activation)
             # From arrival to the container starting work on it (init time excluded).
@@ -142,18 +167,35 @@ class Invoker(FeedService):
                       action=activation.action.name, status=outcome.status.label,
                       duration_ms=outcome.end_ms - outcome.start_ms, start=outcome.start_kind)
             # The lease (the container's slot) is released only after this returns.
-            await self._deliver(PendingRecord(record, token, activation.blocking))
+            await self._deliver(PendingRecord(record, token, activation.blocking), handoff)
 
-    async def _deliver(self, pending: PendingRecord) -> None:
-        """Into the record channel; with overflow on, to Kafka if the channel cannot take it."""
+    async def _deliver(self, pending: PendingRecord, handoff: HandOff) -> None:
+        """Into the record channel; with overflow on, to Kafka if the channel cannot take it.
+
+        A record the overflow topic can never take (too large) waits for the channel instead,
+        holding its slot, and is never retried against Kafka. Blocks until one took it; then
+        sets ``handoff``: the record's path completes its offset from there on.
+        """
         if self._overflow is None:
             await self.enqueue(pending)
+            handoff.done = True
             return
         if await self.enqueue(pending, timeout_s=self.config.overflow_wait_ms / 1000):
+            handoff.done = True
             self._overflow.channel_took_one()
             return
-        await self._overflow.send(OverflowedRecord(pending.record, pending.blocking,
-                                                   self.config.invoker_id))
+        try:
+            await self._overflow.send(OverflowedRecord(pending.record, pending.blocking,
+                                                       self.config.invoker_id))
+        except Unpublishable as exc:
+            self.metrics.kafka_refused.labels(instead="stored_instead").inc()
+            log.warning("record cannot be overflowed; waiting for the record channel",
+                        activation_id=pending.record["activationId"],
+                        reason=exc.refused[0].reason)
+            await self.enqueue(pending)
+            handoff.done = True
+            return
+        handoff.done = True
         if pending.token is not None:
             self.complete(pending.token)  # the recorder publishes its completion once stored
 

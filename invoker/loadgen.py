@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
 from invoker.config import ENV_PREFIX, Config
+from invoker.messages import NAME_RULE, valid_name
 from store import doc_id_for
 
 KIND = "python:3"
@@ -64,7 +65,6 @@ METRICS_TIMEOUT_S = 5.0
 KAFKA_TIMEOUT_S = 30.0  # producer max_block / request timeout, flush, admin calls
 TOPIC_METADATA_TIMEOUT_S = 15.0
 PROGRESS_INTERVAL_S = 0.2  # at most 5 refreshes a second
-_NAME = re.compile(r"^[A-Za-z0-9_@.\- ]{1,256}$")  # as invoker.messages accepts
 
 
 class LoadgenError(RuntimeError):
@@ -197,8 +197,8 @@ def _auto_limits(action: ParsedAction) -> dict[str, int] | None:
 
 
 def check_namespace(namespace: str) -> str:
-    if not isinstance(namespace, str) or not _NAME.match(namespace) or "/" in namespace:
-        raise ValueError(f"invalid namespace {namespace!r} (1-256 of A-Z a-z 0-9 _ @ . - space)")
+    if not valid_name(namespace):
+        raise ValueError(f"invalid namespace {namespace!r} ({NAME_RULE})")
     return namespace
 
 

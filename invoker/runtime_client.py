@@ -14,7 +14,9 @@ from typing import Any
 
 import httpx
 
+from invoker.config import Config
 from invoker.model import Action, Activation, Status
+from invoker.safejson import QUOTE_CHARS, JsonRejected, loads
 
 # OpenWhisk's messages (common/scala/.../core/entity/ActivationResult.scala and Messages.scala)
 MSG_TIMEOUT = "The action exceeded its time limits of {ms} milliseconds."
@@ -144,31 +146,44 @@ def run_body(activation: Activation, deadline_ms: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ interpretation
 def _text(body: bytes) -> str:
-    return body.decode("utf-8", "replace")
+    """The start of an answer for an error text: at most ``QUOTE_CHARS`` characters, saying how
+    long it was when cut (the whole answer is the action's to log, not the record's)."""
+    text = body[:4 * QUOTE_CHARS].decode("utf-8", "replace")  # a character is at most 4 bytes
+    if len(text) <= QUOTE_CHARS and len(body) <= 4 * QUOTE_CHARS:
+        return text
+    return f"{text[:QUOTE_CHARS]}... ({len(body)} bytes)"
 
 
-def _json_object(body: bytes) -> dict[str, Any] | None:
+def _json_object(body: bytes, max_depth: int) -> tuple[dict[str, Any] | None, str]:
+    """The answer as a JSON object, or None and why not (empty when the reason is plain to see
+    in the answer's text: not JSON at all, or JSON but not an object)."""
     try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
+        value = loads(body, max_depth)
+    except JsonRejected as exc:
+        return None, "" if exc.syntax else str(exc)
+    return (value, "") if isinstance(value, dict) else (None, "")
+
+
+def _invalid_json(body: bytes, why: str) -> str:
+    text = _text(body)
+    return MSG_INVALID_JSON.format(text=f"{text} ({why})" if why else text)
 
 
 def truncated_result(length: int, max_bytes: int) -> tuple[Status, dict[str, Any]]:
     return Status.APPLICATION_ERROR, {"error": MSG_TRUNCATED.format(n=length, max=max_bytes)}
 
 
-def interpret_run(resp: RuntimeResponse, max_bytes: int) -> tuple[Status, dict[str, Any]]:
-    """OpenWhisk's rules for a /run answer."""
+def interpret_run(resp: RuntimeResponse, max_bytes: int,
+                  max_depth: int = Config.max_json_depth) -> tuple[Status, dict[str, Any]]:
+    """OpenWhisk's rules for a /run answer. A result that is not JSON as
+    :func:`invoker.safejson.loads` takes it (NaN, nested deeper than ``max_depth``, an
+    integer of thousands of digits, invalid UTF-8...) is a developer error saying why."""
     if resp.truncated:
         return truncated_result(resp.length, max_bytes)
-    obj = _json_object(resp.body)
+    obj, why = _json_object(resp.body, max_depth)
     if resp.status_code == 200:
         if obj is None:
-            return Status.DEVELOPER_ERROR, {
-                "error": MSG_INVALID_JSON.format(text=_text(resp.body))
-            }
+            return Status.DEVELOPER_ERROR, {"error": _invalid_json(resp.body, why)}
         if "error" in obj:
             return Status.APPLICATION_ERROR, obj
         return Status.SUCCESS, obj
@@ -177,7 +192,9 @@ def interpret_run(resp: RuntimeResponse, max_bytes: int) -> tuple[Status, dict[s
     return Status.DEVELOPER_ERROR, {"error": MSG_INVALID_RUN.format(text=_text(resp.body))}
 
 
-def interpret_init(resp: RuntimeResponse, max_bytes: int) -> tuple[Status, dict[str, Any]] | None:
+def interpret_init(resp: RuntimeResponse, max_bytes: int,
+                   max_depth: int = Config.max_json_depth,
+                   ) -> tuple[Status, dict[str, Any]] | None:
     """None when /init succeeded, else the DEVELOPER_ERROR status and result."""
     if resp.status_code == 200 and not resp.truncated:
         return None
@@ -187,7 +204,7 @@ def interpret_init(resp: RuntimeResponse, max_bytes: int) -> tuple[Status, dict[
                 text=MSG_TRUNCATED.format(n=resp.length, max=max_bytes)
             )
         }
-    obj = _json_object(resp.body)
+    obj, _ = _json_object(resp.body, max_depth)
     if obj is not None and "error" in obj:
         return Status.DEVELOPER_ERROR, {"error": obj["error"]}
     return Status.DEVELOPER_ERROR, {"error": MSG_INVALID_INIT.format(text=_text(resp.body))}

@@ -1,16 +1,30 @@
 """The overflow topic's message format (pure).
 
-Value: JSON ``{"v": 1, "record": <activation record>, "blocking": bool, "invoker": id}``; key:
-the activation id, so a record and its re-executions land in the same partition.
+Value: compact UTF-8 JSON ``{"v": 1, "record": <activation record>, "blocking": bool,
+"invoker": id}``; key: the activation id, so a record and its re-executions land in the same
+partition.
+
+Anyone who can write to the overflow topic can put anything there, so :func:`decode` takes it
+as untrusted: :func:`invoker.safejson.loads` with the depth cap, then every field the recorder's
+pipeline reads (the store's document id, the completion message) checked as the invoker checks
+its feed messages.
 """
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from invoker.messages import valid_activation_id, valid_name
+from invoker.model import Status
+from invoker.safejson import JsonRejected, dumps, loads, quote
+
 VERSION = 1
+# Levels above a record's result: the envelope, the record, its response.
+ENVELOPE_LEVELS = 3
+_INVOKER_ID = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no space
+_STATUS_CODES = frozenset(int(status) for status in Status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,28 +35,55 @@ class OverflowedRecord:
 
 
 def encode(item: OverflowedRecord) -> bytes:
-    return json.dumps({"v": VERSION, "record": item.record, "blocking": item.blocking,
-                       "invoker": item.invoker_id}, separators=(",", ":")).encode()
+    """Raises ValueError for a record JSON or UTF-8 cannot hold (see
+    :func:`invoker.safejson.dumps`)."""
+    return dumps({"v": VERSION, "record": item.record, "blocking": item.blocking,
+                  "invoker": item.invoker_id})
 
 
-def decode(raw: bytes) -> OverflowedRecord:
-    """Raises ValueError with a reason for anything that is not an overflowed record."""
+def decode(raw: bytes, max_json_depth: int) -> OverflowedRecord:
+    """Raises ValueError with a reason for anything that is not an overflowed record.
+
+    ``max_json_depth`` caps the nesting of the record's result, as for the invoker's results.
+    """
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"overflow message is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("v") != VERSION:
+        doc = loads(raw, max_json_depth + ENVELOPE_LEVELS)
+    except JsonRejected as exc:
+        raise ValueError(f"overflow message refused: {exc}") from None
+    version = doc.get("v") if isinstance(doc, dict) else None
+    if type(version) is not int or version != VERSION:  # True == 1, but is no version
         raise ValueError(f"overflow message is not a version {VERSION} envelope")
     record = doc.get("record")
     if not isinstance(record, dict):
         raise ValueError("overflow message has no record object")
-    for key in ("activationId", "namespace"):
-        if not isinstance(record.get(key), str) or not record[key]:
-            raise ValueError(f"overflowed record has no {key}")
-    response = record.get("response")
-    if not isinstance(response, dict) or not isinstance(response.get("statusCode"), int):
-        raise ValueError("overflowed record has no response status")
+    activation_id = record.get("activationId")
+    if not valid_activation_id(activation_id):
+        raise ValueError("overflowed record's activationId is not 32 lower-case hex "
+                         f"characters: {quote(activation_id)}")
+    if not valid_name(record.get("namespace")):
+        raise ValueError(f"overflowed record has an invalid namespace: "
+                         f"{quote(record.get('namespace'))}")
+    _check_response(record.get("response"))
     invoker = doc.get("invoker")
-    if not isinstance(invoker, str):
-        raise ValueError("overflow message has no invoker id")
-    return OverflowedRecord(record, bool(doc.get("blocking")), invoker)
+    if not isinstance(invoker, str) or not _INVOKER_ID.fullmatch(invoker):
+        raise ValueError(f"overflow message has no valid invoker id: {quote(invoker)}")
+    blocking = doc.get("blocking", False)
+    if not isinstance(blocking, bool):
+        raise ValueError(f"overflow message's blocking is not a boolean: {quote(blocking)}")
+    return OverflowedRecord(record, blocking, invoker)
+
+
+def _check_response(response: object) -> None:
+    """What the completion message takes from the record: a status code and its label, and an
+    object result."""
+    if not isinstance(response, dict):
+        raise ValueError("overflowed record has no response object")
+    code = response.get("statusCode")
+    if type(code) is not int or code not in _STATUS_CODES:
+        raise ValueError(f"overflowed record's statusCode is not one of 0-3: {quote(code)}")
+    label = Status(code).label
+    if response.get("status") != label:
+        raise ValueError(f"overflowed record's status is not {label!r} (statusCode {code}): "
+                         f"{quote(response.get('status'))}")
+    if not isinstance(response.get("result"), dict):
+        raise ValueError("overflowed record's result is not an object")

@@ -2,8 +2,10 @@
 
 Same pipeline as the invoker after execution: feed (its own consumer group) → bounded record
 channel → batcher → store → completion → commit. The consumer pauses when the channel is
-saturated. Undecodable messages go to the dead-letter topic. Scale out by starting more
-recorders in the same group (``recorder_group_id``).
+saturated. Undecodable messages go to the dead-letter topic (the overflow topic is taken as
+untrusted: see :mod:`overflow.envelope`), and so does one whose handling fails unexpectedly
+(:mod:`invoker.lastresort`). Scale out by starting more recorders in the same group
+(``recorder_group_id``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import trio
 from invoker.batcher import PendingRecord
 from invoker.config import Config
 from invoker.feed import FeedMessage
+from invoker.lastresort import HandOff, dead_letter_unexpected
 from invoker.metrics import Metrics
+from invoker.offsets import OffsetToken
 from invoker.service import FeedService
 from overflow.envelope import decode
 from store import Store
@@ -35,16 +39,32 @@ class Recorder(FeedService):
 
     async def dispatch(self, messages: trio.MemoryReceiveChannel[FeedMessage],
                        work: trio.Nursery) -> None:
-        """Decode in order; blocks on the record channel, which is what pauses the feed."""
+        """Decode in order; blocks on the record channel, which is what pauses the feed.
+
+        Whatever goes wrong with one message beyond what decoding expects, it is
+        dead-lettered and the recorder goes on (:mod:`invoker.lastresort`).
+        """
         async for message in messages:
             token = await self.register(message)
             if token is None:
                 continue
+            handoff = HandOff()
             try:
-                item = decode(message.value)
-            except ValueError as exc:
-                await self.dead_letter(message, str(exc))
-                self.complete(token)
-                continue
-            await self.enqueue(PendingRecord(item.record, token, item.blocking,
-                                             invoker_id=item.invoker_id))
+                await self._take(message, token, handoff)
+            except MemoryError:
+                raise
+            except Exception as exc:
+                await dead_letter_unexpected(self, message, token, exc, handoff)
+
+    async def _take(self, message: FeedMessage, token: OffsetToken, handoff: HandOff) -> None:
+        """Into the record channel (blocks while it is full), or to the dead-letter topic."""
+        try:
+            item = decode(message.value, self.config.max_json_depth)
+        except ValueError as exc:
+            await self.dead_letter(message, str(exc))
+            handoff.done = True
+            self.complete(token)
+            return
+        await self.enqueue(PendingRecord(item.record, token, item.blocking,
+                                         invoker_id=item.invoker_id))
+        handoff.done = True

@@ -67,27 +67,35 @@ def test_record_content_and_blocking_completion(daemons, topics, sqlite_url):
 
 def test_bad_messages_dead_letter_or_error_record_and_the_rest_flows(daemons, topics,
                                                                     sqlite_url):
-    daemon = daemons(sqlite_url)
+    # Blackbox images are refused unless allow-listed: allow the missing one, so that both the
+    # allow-list and a missing allowed image are exercised.
+    daemon = daemons(sqlite_url, blackbox_images="invoker-no-such-*")
     good = [activation_message("echo", NS) for _ in range(5)]
     unknown_kind = activation_message("echo", NS)
     unknown_kind["action"]["kind"] = "cobol:85"
     missing_image = activation_message("echo", NS)
     missing_image["action"].update(image="invoker-no-such-image:1", kind=None, code=None)
+    not_allowed = activation_message("echo", NS)
+    not_allowed["action"].update(image="invoker-action-python:latest", kind=None)
     bad_limits = activation_message("echo", NS)
     bad_limits["action"]["limits"] = {"memory": 1 << 20}
     not_json = b'{"activationId": "oops'
     no_id = json.dumps({"namespace": NS, "action": {"name": "x"}}).encode()
     messages = [good[0], not_json, good[1], unknown_kind, good[2], missing_image, no_id,
-                good[3], bad_limits, good[4]]
+                good[3], not_allowed, bad_limits, good[4]]
     produce_messages(KAFKA, topics.feed, messages)
 
-    recorded = {m["activationId"]: NS for m in good + [unknown_kind, missing_image, bad_limits]}
+    recorded = {m["activationId"]: NS
+                for m in good + [unknown_kind, missing_image, not_allowed, bad_limits]}
     read_completions(KAFKA, topics.completions, set(recorded), 90)
     records, _ = stored_records(sqlite_url, recorded)
-    assert len(records) == 8
+    assert len(records) == 9
     for m in good:
         assert records[m["activationId"]]["response"]["statusCode"] == 0
     for m, text in [(unknown_kind, "Unknown action kind"), (missing_image, "image"),
+                    (not_allowed, "Blackbox image 'invoker-action-python:latest' is not "
+                                  "allowed: it does not match any of blackbox_images "
+                                  "(invoker-no-such-*)"),
                     (bad_limits, "memory limit")]:
         response = records[m["activationId"]]["response"]
         assert response["status"] == "action developer error", response
@@ -255,7 +263,9 @@ def test_action_faults_end_in_correct_records_and_the_daemon_keeps_going(daemons
         "not_json": action("def main(a):\n    return 42"),
         "huge_result": action("def main(a):\n    return {'x': 'y' * 500000}"),
         "huge_logs": action("def main(a):\n    for i in range(100000):\n"
-                            "        print('line', i, 'x' * 80)\n    return {'ok': 1}", logs=4),
+                            "        print('line', i, 'x' * 80)\n    return {'ok': 1}", logs=4,
+                            # 9 MB through Docker's log driver: seconds on a loaded machine
+                            timeout=60_000),
         "init_fails": action("def main(a) syntax error"),
     }
     after = [activation_message("echo", NS) for _ in range(3)]

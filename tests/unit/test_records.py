@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from invoker.messages import Rejection
 from invoker.model import Action, Activation, InvocationResult, Limits, Status
 from invoker.records import (
@@ -7,7 +9,9 @@ from invoker.records import (
     build_record,
     build_rejection_record,
     completion_message,
+    stored_size,
 )
+from store import doc_id_for, encode_record
 
 LIMITS = Limits(timeout_ms=1000, memory_mb=128, logs_kb=10, concurrency=1)
 ACTION = Action(name="hello", version="0.0.2", kind="python:3", image="img", code="x",
@@ -66,9 +70,38 @@ def test_record_over_size_cap_drops_logs_then_result():
 def test_rejection_record():
     rej = Rejection("b" * 32, "ns", "act", "1.0", "cobol", Status.DEVELOPER_ERROR, "Unknown kind",
                     submitted_at_ms=500)
-    r = build_rejection_record(rej, "inv0", now_ms=900)
+    r = build_rejection_record(rej, "inv0", now_ms=900, max_record_bytes=1 << 20)
     assert r["response"]["statusCode"] == 2 and r["response"]["result"] == {"error": "Unknown kind"}
     assert annotations(r)["waitTime"] == 400 and r["duration"] == 0
+
+
+def test_rejection_records_are_capped_too():
+    rej = Rejection("b" * 32, "ns", "act", "1.0", "cobol", Status.DEVELOPER_ERROR,
+                    "\u6f22" * 50_000, submitted_at_ms=500)
+    r = build_rejection_record(rej, "inv0", now_ms=900, max_record_bytes=20_000)
+    assert stored_size(r) <= 20_000 and r["response"]["statusCode"] == 2
+    assert "exceeded the allowed record size" in r["response"]["result"]["error"]
+
+
+def written_by_store(record) -> int:
+    """Bytes the stores write for ``record`` (the CouchDB store adds its _id member)."""
+    doc_id = doc_id_for(record["namespace"], record["activationId"])
+    return len(encode_record({**record, "_id": doc_id}))
+
+
+@pytest.mark.parametrize("char", ["\u00e9", "\u6f22", "\U0001f600", "\x01"])
+def test_records_with_multibyte_or_escaped_characters_near_the_cap_stay_under_it(char):
+    cap = 20_000
+    # Sizes in characters around where the stored bytes cross the cap, whatever the
+    # character's UTF-8 length or JSON escaping.
+    width = len(encode_record({"s": char})) - len(encode_record({"s": ""}))
+    for chars in range(cap // width - 100, cap // width + 20, 3):
+        for res, logs in [({"s": char * chars}, []), ({"ok": 1}, [char * chars])]:
+            record = build_record(ACT, result(res=res, logs=logs), "inv0", cap)
+            assert written_by_store(record) <= cap
+            assert stored_size(record) >= written_by_store(record)
+            if stored_size(build_record(ACT, result(res=res, logs=logs), "inv0", 1 << 30)) <= cap:
+                assert record["response"]["result"] == res and record["logs"] == logs
 
 
 def test_completion_carries_result_only_when_blocking():
