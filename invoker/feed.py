@@ -121,6 +121,10 @@ class Feed:
         """Whether the consumer is paused (read without locking: a bool, for reporting)."""
         return self._paused
 
+    def paused_for(self) -> float:
+        """Seconds the consumer has been paused so far (0.0 while it is not). Never blocks."""
+        return time.monotonic() - self._paused_since if self._paused else 0.0
+
     def request_commit(self, partition: TopicPartition, offset: int) -> None:
         """Ask the thread to commit ``offset`` (the next offset to read). Never blocks."""
         with self._commit_lock:
@@ -228,8 +232,8 @@ class Feed:
 
     def _pause(self, consumer: KafkaConsumer, reason: str) -> None:
         consumer.pause(*consumer.assignment())
+        self._paused_since = time.monotonic()  # first: /healthz reads both from the trio thread
         self._paused = True
-        self._paused_since = time.monotonic()
         self._metrics.paused.set(1)
         self._metrics.pauses.inc()
         log.info("feed paused", reason=reason, held=len(self._pending))

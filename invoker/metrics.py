@@ -96,3 +96,9 @@ class Metrics:
         self.worst_case_bytes = Gauge(
             "invoker_worst_case_buffered_bytes", "Bound on bytes of records buffered", registry=r
         )
+        self.kafka_refused = Counter(
+            "invoker_kafka_refused",
+            "Messages Kafka can never take (too large, invalid or forbidden topic), by what "
+            "was done instead: result_omitted, truncated, stored_instead, dropped",
+            ["instead"], registry=r,
+        )

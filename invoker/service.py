@@ -9,11 +9,22 @@ Offsets: every message taken from the feed is registered with the offset tracker
 completed when its record is stored and its completion acknowledged, when it was dead-lettered,
 or when the subclass says so (e.g. after an overflow write was acknowledged). Only then can
 its offset be committed.
+
+Kafka's refusals never wedge a partition. A completion too large for the completions topic is
+published without its result, with ``resultOmitted`` saying why (the stored record has the
+result); a dead letter too large for the dead-letter topic carries the first bytes of its
+payload and the header ``dlq.truncated: <original size>``. A completion or dead letter that
+Kafka can never take for another reason (see :mod:`invoker.kafka_io`) is logged in one line
+and its offset completes all the same: the record is stored, and losing a completion notice
+is better than stopping the partition. Failures that may pass are retried for as long as it
+takes, and ``/healthz`` fails once a publish (or a store write) has been unfinished for
+``health_stuck_s``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import resource
 import signal
@@ -27,15 +38,28 @@ from kafka.structs import TopicPartition
 from invoker.batcher import Batcher, BatcherSettings, PendingRecord, backoff_delay
 from invoker.config import Config
 from invoker.feed import Feed, FeedMessage, FeedSettings
-from invoker.kafka_io import OutgoingMessage, Publisher, ensure_topics
+from invoker.kafka_io import (
+    OutgoingMessage,
+    Publisher,
+    Refusal,
+    Unpublishable,
+    ensure_topics,
+    value_room,
+)
 from invoker.metrics import Metrics
 from invoker.offsets import OffsetToken, OffsetTracker
 from invoker.ops import serve_ops
 from invoker.records import completion_message
+from invoker.safejson import dumps
+from invoker.stuck import StuckWatch
 from invoker.watermark import Hysteresis
 from store import Store, StoreUnavailable, open_store
 
 log = structlog.get_logger(__name__)
+
+# Of the shutdown deadline, what in-flight work leaves for the last writes, their completions
+# and removing containers (at most a quarter of the grace period).
+_SHUTDOWN_RESERVE_S = 5.0
 
 
 class _Gate:
@@ -111,6 +135,13 @@ class FeedService:
         self._feed_bootstrap = feed_bootstrap or config.kafka_bootstrap
         self._metrics_port = metrics_port
         self._stop = trio.Event()
+        # One deadline (trio clock) for the whole graceful stop, set when it begins: in-flight
+        # work, the last writes and completions, removing containers (see _process).
+        self.shutdown_deadline = math.inf
+        self.work_finished = trio.Event()  # no activation runs any more (set when stopping)
+        # Every publish (completions, dead letters, overflow) and store write not finished yet:
+        # /healthz names the oldest once it is older than health_stuck_s.
+        self.stuck = StuckWatch()
         self._started = False
         self.dispatch_scope = trio.CancelScope()
         self.feed = Feed(
@@ -163,27 +194,51 @@ class FeedService:
         self._stop.set()
 
     def health(self) -> dict[str, Any]:
+        """``ok``, or the reasons it is not: starting, stopping, a publish or store write
+        unfinished for longer than ``health_stuck_s`` (the oldest), the feed paused for longer
+        than ``health_paused_s``."""
+        cfg = self.config
+        reasons = []
+        if not self._started:
+            reasons.append("starting")
+        if self._stop.is_set():
+            reasons.append("stopping")
+        stuck = self.stuck.oldest()
+        if stuck is not None and stuck.seconds > cfg.health_stuck_s:
+            reasons.append(stuck.describe())
+        paused_for = self.feed.paused_for()
+        if paused_for > cfg.health_paused_s:
+            reasons.append(f"feed paused for {paused_for:.1f} s")
         # Owning no partitions is not unhealthy (a group may have more members than
         # partitions), but it is what an operator looks for first, so it is reported.
-        return {"ok": self._started and not self._stop.is_set(), "role": self.role,
+        return {"ok": not reasons, "reasons": reasons, "role": self.role,
                 "id": self.client_id, "paused": self.feed.paused,
                 "partitions": sorted(f"{tp.topic}-{tp.partition}"
                                     for tp in self.tracker.partitions())}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until :meth:`stop`, SIGTERM or SIGINT; then drain, commit and return."""
+        """Run until :meth:`stop` (:meth:`watch_signals` calls it on SIGTERM/SIGINT); then
+        drain, commit and return. A stop while the store cannot be opened yet returns at once
+        (``task_status`` then reports started all the same)."""
         cfg = self.config
         log.info(f"{self.role} starting", id=self.client_id, store=self.store.describe(),
                  **self.started_fields())
         for brokers, topics in self.topics_to_ensure().items():
-            await trio.to_thread.run_sync(ensure_topics, brokers, topics, cfg.topic_partitions)
-        await self._open_store()
-        self.publisher = Publisher(cfg.kafka_bootstrap, self.client_id)
+            await trio.to_thread.run_sync(ensure_topics, brokers, topics, cfg.topic_partitions,
+                                          cfg.kafka_max_message_bytes)
+        if not await self._open_store():
+            self.work_finished.set()
+            await self.store.aclose()
+            log.info(f"{self.role} stopped before it started")
+            task_status.started()
+            return
+        self.publisher = Publisher(cfg.kafka_bootstrap, self.client_id,
+                                   max_message_bytes=cfg.kafka_max_message_bytes,
+                                   stuck=self.stuck)
         try:
             async with trio.open_nursery() as services:
                 self.ops_port = await services.start(
                     serve_ops, cfg.metrics_host, self._metrics_port, self.metrics, self.health)
-                services.start_soon(self._watch_signals)
                 services.start_soon(self.feed.run)
                 await self.feed.ready.wait()
                 self._started = True
@@ -192,46 +247,67 @@ class FeedService:
                 self.feed.close()
                 services.cancel_scope.cancel()
         finally:
+            self.work_finished.set()
             self.publisher.close()
             await self.store.aclose()
             log.info(f"{self.role} stopped")
 
-    async def _open_store(self) -> None:
+    async def _open_store(self) -> bool:
+        """Open the store, retrying while it is unavailable; False if a stop came first."""
         attempt = 0
-        while True:
+        while not self._stop.is_set():
             try:
                 await self.store.open()
-                return
+                return True
             except StoreUnavailable as exc:
                 delay = backoff_delay(attempt, 0.5, 10.0, self._rng)
                 attempt += 1
                 log.warning("store unavailable at start; retrying", error=str(exc),
                             retry_in_s=round(delay, 2))
-                await trio.sleep(delay)
+                with trio.move_on_after(delay):
+                    await self._stop.wait()
+        return False
 
     async def _process(self) -> None:
-        """The pipeline until asked to stop; then finish in-flight work and flush."""
+        """The pipeline until asked to stop; then finish in-flight work and flush.
+
+        The stop has one deadline, ``grace_period_s`` after it (:attr:`shutdown_deadline`).
+        In-flight work is cut off ``_SHUTDOWN_RESERVE_S`` (at most a quarter of the grace
+        period) before it, so the last records can still be written and their completions
+        published, and the invoker's containers removed, by the deadline; the flush is cut off
+        at the deadline. What was cut off is not committed: it runs again later.
+        """
         cfg = self.config
+        assert self.publisher is not None
         batcher = Batcher(self.store, BatcherSettings(
             batch_size=cfg.batch_size, linger_s=cfg.linger_ms / 1000,
             max_writes_in_flight=cfg.max_writes_in_flight,
             backoff_initial_s=cfg.backoff_initial_ms / 1000,
             backoff_max_s=cfg.backoff_max_ms / 1000), self._on_stored, self._on_refused,
-            self.metrics)
+            self.metrics, stuck=self.stuck)
         async with trio.open_nursery() as writing:
             writing.start_soon(batcher.run, self._record_rx)
             async with self.record_tx:
                 async with trio.open_nursery() as work:
                     work.start_soon(self._dispatch_until_stopped, work)
                     await self._stop.wait()
+                    self.shutdown_deadline = trio.current_time() + cfg.grace_period_s
+                    reserve = min(_SHUTDOWN_RESERVE_S, cfg.grace_period_s / 4)
                     log.info("stopping: taking no new messages; finishing in-flight work",
-                             grace_s=cfg.grace_period_s)
+                             grace_s=cfg.grace_period_s,
+                             work_cut_off_in_s=round(cfg.grace_period_s - reserve, 3))
                     self.feed.stop_fetching()
-                    # Work cut off by the grace period is not committed: it runs again later.
-                    work.cancel_scope.deadline = trio.current_time() + cfg.grace_period_s
+                    work.cancel_scope.deadline = self.shutdown_deadline - reserve
                     self.dispatch_scope.cancel()
-            writing.cancel_scope.deadline = trio.current_time() + cfg.grace_period_s
-        log.info("record channel flushed")
+                if work.cancel_scope.cancelled_caught:
+                    log.warning("shutdown: in-flight work cut off; it runs again after a restart")
+            self.work_finished.set()
+            writing.cancel_scope.deadline = self.shutdown_deadline
+        if writing.cancel_scope.cancelled_caught:
+            log.warning("shutdown deadline passed before every record was written; those not "
+                        "written are not committed and run again after a restart")
+        else:
+            log.info("record channel flushed")
 
     async def _dispatch_until_stopped(self, work: trio.Nursery) -> None:
         with self.dispatch_scope:
@@ -288,43 +364,104 @@ class FeedService:
     # --- internals -----------------------------------------------------------------------
 
     async def _on_stored(self, stored: Sequence[PendingRecord]) -> None:
-        """Records are durable: publish their completions, then let their offsets commit."""
+        """Records are durable: publish their completions, then let their offsets commit.
+
+        Blocks until Kafka acknowledged them (retrying while it fails); a completion too large
+        goes without its result, one Kafka never takes is logged (see the module docstring).
+        """
         assert self.publisher is not None
-        completions = [
-            OutgoingMessage(
-                self.config.completions_topic,
-                json.dumps(completion_message(p.record, p.invoker_id or self.client_id,
-                                              p.blocking)).encode(),
-                key=p.record["activationId"].encode())
-            for p in stored
-        ]
-        await self.publisher.publish_until_acked(completions)
+        topic = self.config.completions_topic
+
+        def completion(pending: PendingRecord, omitted: str = "") -> OutgoingMessage:
+            message = completion_message(pending.record, pending.invoker_id or self.client_id,
+                                         pending.blocking)
+            if omitted:
+                message.pop("result", None)
+                message["resultOmitted"] = omitted
+            try:
+                value = dumps(message)
+            except ValueError as exc:  # NaN or a lone surrogate (a record read back may hold)
+                message.pop("result", None)
+                message["resultOmitted"] = f"not encodable as UTF-8 JSON: {exc}"[:200]
+                value = dumps(message)
+            return OutgoingMessage(topic, value, key=pending.record["activationId"].encode())
+
+        def skipped(pending: PendingRecord, refusal: Refusal) -> None:
+            self.metrics.kafka_refused.labels(instead="dropped").inc()
+            log.error("completion cannot be published; its offset completes without it",
+                      activation_id=pending.record["activationId"], reason=refusal.reason)
+
+        try:
+            await self.publisher.publish_until_acked([completion(p) for p in stored])
+        except Unpublishable as exc:
+            for refusal in exc.refused:
+                pending = stored[refusal.index]
+                if refusal.too_large and pending.blocking:  # only blocking ones carry a result
+                    omitted = (f"too large for the completions topic "
+                               f"({len(refusal.message.value)} bytes > {refusal.room})")
+                    try:
+                        await self.publisher.publish_until_acked([completion(pending, omitted)])
+                    except Unpublishable as again:
+                        skipped(pending, again.refused[0])
+                    else:
+                        self.metrics.kafka_refused.labels(instead="result_omitted").inc()
+                else:
+                    skipped(pending, refusal)
         for pending in stored:
             if pending.token is not None:
                 self.complete(pending.token)
 
     async def _on_refused(self, pending: PendingRecord, reason: str) -> None:
         """The store will never take this record: park it rather than stall its partition."""
-        await self._publish_dead_letter(json.dumps(pending.record).encode(),
-                                        f"store refused the record: {reason}",
+        try:
+            value = dumps(pending.record)
+        except ValueError:  # a lone surrogate has no UTF-8 form: escape all non-ASCII instead
+            value = json.dumps(pending.record, separators=(",", ":")).encode()
+        await self._publish_dead_letter(value, f"store refused the record: {reason}",
                                         (("dlq.kind", b"record"),))
         if pending.token is not None:
             self.complete(pending.token)
 
     async def _publish_dead_letter(self, value: bytes, reason: str,
                                    extra: tuple[tuple[str, bytes], ...]) -> None:
+        """Blocks until Kafka acknowledged it (retrying while it fails); too large: truncated,
+        with ``dlq.truncated``; never taken for another reason: logged, dropped."""
         assert self.publisher is not None
+        topic = self.config.dead_letter_topic
         headers = (("dlq.reason", reason.encode()), ("dlq.source", self.client_id.encode()),
                    *extra)
-        await self.publisher.publish_until_acked(
-            [OutgoingMessage(self.config.dead_letter_topic, value, headers=headers)])
+        try:
+            await self.publisher.publish_until_acked([OutgoingMessage(topic, value,
+                                                                      headers=headers)])
+        except Unpublishable as exc:
+            (refusal,) = exc.refused
+            if refusal.limit is None:
+                self.metrics.kafka_refused.labels(instead="dropped").inc()
+                log.error("dead letter cannot be published; dropped", problem=refusal.reason,
+                          reason=reason[:100])
+                return
+            headers += (("dlq.truncated", str(len(value)).encode()),)
+            room = value_room(refusal.limit, None, headers)
+            try:  # (headers too large on their own: nothing fits, refused again)
+                await self.publisher.publish_until_acked(
+                    [OutgoingMessage(topic, value[:max(room, 0)], headers=headers)])
+            except Unpublishable as again:
+                self.metrics.kafka_refused.labels(instead="dropped").inc()
+                log.error("dead letter cannot be published; dropped", problem=str(again),
+                          reason=reason[:100])
+                return
+            self.metrics.kafka_refused.labels(instead="truncated").inc()
         self.metrics.dead_letters.inc()
 
-    async def _watch_signals(self) -> None:
+    async def watch_signals(self) -> None:
+        """The first SIGTERM/SIGINT begins a graceful stop (:meth:`stop`); returns at the
+        second, which asks to stop at once (the caller ends the process). Blocks until then;
+        call it from the main thread, for the whole life of the service."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
+                name = signal.Signals(signum).name
                 if self._stop.is_set():
-                    log.warning("second signal: stopping now", signal=signum)
-                    raise KeyboardInterrupt
-                log.info("signal received: draining", signal=signal.Signals(signum).name)
+                    log.warning("second signal: stopping at once", signal=name)
+                    return
+                log.info("signal received: draining", signal=name)
                 self.stop()

@@ -3,7 +3,9 @@
 What may block: :meth:`OverflowSender.send` waits for one of ``max_in_flight`` places and then
 for Kafka's acknowledgement (retrying while Kafka is unreachable). The caller holds its
 execution slot meanwhile, so when Kafka is slow or down the slots fill up and the feed pauses:
-nothing is dropped and nothing is buffered beyond the bound.
+nothing is dropped and nothing is buffered beyond the bound. A record the overflow topic can
+never take (larger than it allows) is not retried: ``send`` raises
+:class:`~invoker.kafka_io.Unpublishable` and the caller stores it the usual way.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ class OverflowSender:
         self._burst_started = 0.0
 
     async def send(self, item: OverflowedRecord) -> None:
-        """Produce ``item`` and return once Kafka acknowledged it (acks=all)."""
+        """Produce ``item`` and return once Kafka acknowledged it (acks=all); raises
+        Unpublishable, without retrying, if the overflow topic can never take it."""
         value = encode(item)
         if not self._burst_records:
             self._burst_started = time.monotonic()
             log.info("record channel full: overflowing records to Kafka", topic=self._topic)
-        self._burst_records += 1
+        self._burst_records += 1  # (a record the topic refuses counts too: it was tried)
         self._burst_bytes += len(value)
         async with self._places:
             self._metrics.overflow_in_flight.inc()

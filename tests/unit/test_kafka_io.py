@@ -1,0 +1,138 @@
+"""The Kafka publisher's pure parts: the size check, what is retried, the stuck watch."""
+
+from __future__ import annotations
+
+import pytest
+from kafka import errors as kafka_errors
+from kafka.record.default_records import DefaultRecordBatchBuilder
+
+from invoker.kafka_io import (
+    OutgoingMessage,
+    Refusal,
+    Unpublishable,
+    never_succeeds,
+    record_batch_bytes,
+    value_room,
+)
+from invoker.stuck import StuckWatch
+
+SHAPES = [
+    (None, ()),
+    (b"0123456789abcdef0123456789abcdef", ()),
+    (b"k", (("dlq.reason", b"not valid JSON: " + b"x" * 90), ("dlq.source", b"invoker-a"),
+            ("dlq.topic", b"feed"), ("dlq.partition", b"3"), ("dlq.offset", b"123456789"))),
+    (None, (("\u00e9t\u00e9", b"\xff" * 200),)),
+]
+
+
+def built_batch_bytes(key, value, headers) -> int:
+    """The real v2 record batch kafka-python's producer would send for this one record."""
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False,
+                                        producer_id=123456789, producer_epoch=3,
+                                        base_sequence=1000, batch_size=1 << 24)
+    builder.append(0, timestamp=1_764_290_000_000, key=key, value=value, headers=list(headers))
+    return len(builder.build())
+
+
+@pytest.mark.parametrize(("key", "headers"), SHAPES)
+@pytest.mark.parametrize("value_len", [0, 1, 63, 64, 8191, 8192, 300_000])
+def test_size_check_is_an_upper_bound_of_the_real_batch(key, headers, value_len):
+    value = b"v" * value_len
+    real = built_batch_bytes(key, value, headers)
+    estimate = record_batch_bytes(key, value, headers)
+    # The 21 bytes kafka-python reserves for a record's framing vs. 3 to 8 really used.
+    assert real <= estimate <= real + 18
+
+
+@pytest.mark.parametrize(("key", "headers"), SHAPES)
+@pytest.mark.parametrize("limit", [400, 500, 8_300, 8_400, 204_800, 1_048_588, 4 << 20])
+def test_value_room_is_the_longest_value_that_fits(key, headers, limit):
+    room = value_room(limit, key, headers)
+    if room < 0:
+        assert record_batch_bytes(key, b"", headers) > limit
+        return
+    assert record_batch_bytes(key, b"v" * room, headers) <= limit
+    assert record_batch_bytes(key, b"v" * (room + 1), headers) > limit
+    if limit < 300_000:  # kafka-python's pure-Python CRC makes big batches slow to build
+        assert built_batch_bytes(key, b"v" * room, headers) <= limit
+
+
+def test_value_room_when_the_headers_alone_are_too_large():
+    headers = (("dlq.reason", b"r" * 1000),)
+    assert value_room(500, None, headers) < 0
+
+
+def test_refusal_room_is_what_its_key_and_headers_leave():
+    message = OutgoingMessage("t", b"x" * 5000, key=b"k" * 32, headers=(("h", b"v"),))
+    refusal = Refusal(0, message, "too large", limit=1000)
+    assert refusal.too_large
+    assert refusal.room == value_room(1000, message.key, message.headers)
+    assert not Refusal(0, message, "forbidden").too_large
+
+
+def test_unpublishable_names_each_refused_message():
+    a = Refusal(0, OutgoingMessage("done", b"1"), "too large: 9 bytes > 8 bytes", 8)
+    b = Refusal(2, OutgoingMessage("dlq", b"2"), "cannot be sent: InvalidTopicError")
+    exc = Unpublishable([a, b])
+    assert exc.refused == [a, b]
+    assert str(exc) == ("to done: too large: 9 bytes > 8 bytes; "
+                        "to dlq: cannot be sent: InvalidTopicError")
+
+
+@pytest.mark.parametrize("error", [
+    kafka_errors.MessageSizeTooLargeError(), kafka_errors.RecordListTooLargeError(),
+    kafka_errors.InvalidTopicError(), kafka_errors.TopicAuthorizationFailedError(),
+    kafka_errors.InvalidRecordError(), kafka_errors.CorruptRecordError(),
+    kafka_errors.UnsupportedVersionError(), kafka_errors.InvalidTimestampError(),
+    kafka_errors.UnsupportedForMessageFormatError(),
+    ValueError("Topic name is illegal"), TypeError("topic must be str"),
+    AssertionError("Need at least one: key or value"),
+])
+def test_errors_about_the_message_are_never_retried(error):
+    assert never_succeeds(error)
+
+
+@pytest.mark.parametrize("error", [
+    # retriable by Kafka's own flag
+    kafka_errors.NotEnoughReplicasError(), kafka_errors.NotEnoughReplicasAfterAppendError(),
+    kafka_errors.NotLeaderForPartitionError(), kafka_errors.RequestTimedOutError(),
+    kafka_errors.UnknownTopicOrPartitionError(), kafka_errors.KafkaConnectionError(),
+    kafka_errors.NoBrokersAvailable(),
+    # the producer's delivery timeout and send()'s metadata timeout
+    kafka_errors.KafkaTimeoutError("Failed to update metadata after 30.0 secs."),
+    # not flagged retriable, but about the producer or the cluster, not this message
+    kafka_errors.OutOfOrderSequenceNumberError(), kafka_errors.UnknownProducerIdError(),
+    kafka_errors.BrokerNotAvailableError(), kafka_errors.ClusterAuthorizationFailedError(),
+    kafka_errors.UnknownError(), kafka_errors.IllegalStateError(),
+])
+def test_errors_about_the_producer_or_the_cluster_are_retried(error):
+    assert not never_succeeds(error)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_stuck_watch_reports_the_oldest_unfinished_operation():
+    clock = Clock()
+    watch = StuckWatch(clock)
+    assert watch.oldest() is None and watch.stuck_for() == 0.0
+    first = watch.begin("publish to done")
+    clock.now += 5
+    second = watch.begin("store write")
+    clock.now += 2
+    watch.failed(first, "NotEnoughReplicasError")
+    oldest = watch.oldest()
+    assert oldest is not None and oldest.what == "publish to done" and oldest.seconds == 7
+    assert oldest.describe() == "publish to done unfinished for 7.0 s: NotEnoughReplicasError"
+    watch.end(first)
+    assert watch.stuck_for() == 2
+    assert watch.oldest().describe() == "store write unfinished for 2.0 s"
+    watch.end(second)
+    watch.end(second)  # ending twice (success after cancellation paths) is harmless
+    watch.failed(second, "late")  # so is a failure reported after the end
+    assert watch.oldest() is None and watch.stuck_for() == 0.0
