@@ -1,10 +1,20 @@
 """The batcher: drains the bounded record channel into bulk store writes.
 
 Contract: a record is handed to ``on_stored`` once the store has it (newly stored or already
-there from an earlier execution), never before, and never dropped: writes that fail as a whole
-are retried with exponential backoff and jitter until they succeed or the batcher is cancelled.
-A record the store refuses on its own (retrying cannot help) goes to ``on_refused`` with the
-store's reason, so its owner can dead-letter it instead of stalling the partition forever.
+there from an earlier execution), never before, and never dropped: writes that fail as a whole,
+and single records the store did not take this time (``Outcome.RETRY``), are retried with
+exponential backoff and jitter until they succeed or the batcher is cancelled. A record the
+store refuses on its own for good (``Outcome.FAILED``), or keeps not taking for longer than
+``doc_retry_limit_s`` while it takes the others, goes to ``on_refused`` with the store's
+reason, so its owner can dead-letter it instead of stalling the partition (and holding a write
+slot) forever.
+
+Stored truth: when the store already had a record (a re-execution after a crash or a
+rebalance), what is handed to ``on_stored`` is the stored record, read back with one
+``get_many`` for all such records of the batch, not the re-run's: the completion then tells
+what the store says. A failed read is retried like a failed write (and counted among
+``store_write_failures``). While the read returns, a batch holds both the re-runs and the
+stored records (at most twice ``batch_size`` records per write slot); then only the stored.
 
 What may block: :meth:`Batcher.run` waits on the channel, on the store, and on the in-flight
 write limit. While ``max_writes_in_flight`` writes are outstanding it stops receiving, so the
@@ -13,10 +23,11 @@ record channel fills up; that is the signal the feed pauses on.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -24,7 +35,8 @@ import trio
 
 from invoker.metrics import Metrics
 from invoker.offsets import OffsetToken
-from store import Outcome, Store, StoreUnavailable
+from invoker.stuck import StuckWatch
+from store import DocResult, Outcome, Store, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +53,9 @@ class PendingRecord:
 
 @dataclass(frozen=True)
 class BatcherSettings:
+    # A record the store answers RETRY for (while the write as a whole works) is refused after
+    # this long: what fails for one record only that long is most likely about the record.
+    doc_retry_limit_s: float = 300.0
     batch_size: int = 100
     linger_s: float = 0.02
     max_writes_in_flight: int = 2
@@ -65,7 +80,7 @@ OnRefused = Callable[[PendingRecord, str], Awaitable[None]]
 class Batcher:
     def __init__(self, store: Store, settings: BatcherSettings, on_stored: OnStored,
                  on_refused: OnRefused, metrics: Metrics,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, stuck: StuckWatch | None = None) -> None:
         self._store = store
         self._settings = settings
         self._on_stored = on_stored
@@ -73,6 +88,8 @@ class Batcher:
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._write_slots = trio.Semaphore(settings.max_writes_in_flight)
+        # Every batch the store has not taken yet, for /healthz (see invoker.stuck).
+        self.stuck = stuck or StuckWatch()
 
     async def run(self, records: trio.MemoryReceiveChannel[PendingRecord]) -> None:
         """Write everything received until the channel is closed and drained, then return."""
@@ -109,42 +126,143 @@ class Batcher:
         return batch
 
     async def _write(self, batch: list[PendingRecord]) -> None:
+        """Write ``batch`` until every record is handed on; holds its write slot meanwhile, so
+        records retried one by one stay within ``max_writes_in_flight`` × ``batch_size``.
+        Registered with ``stuck`` until the store has taken every record (or refused it)."""
+        token = self.stuck.begin(f"store write of {len(batch)} records")
         try:
-            remaining = batch
+            left = _Left(to_write=batch)
             attempt = 0
-            while remaining:
-                remaining = await self._attempt(remaining)
-                if remaining:
-                    delay = backoff_delay(attempt, self._settings.backoff_initial_s,
-                                          self._settings.backoff_max_s, self._rng)
-                    attempt += 1
-                    await trio.sleep(delay)
+            while True:
+                outcome = await self._attempt(token, left)
+                outcome.left.retrying_since = left.retrying_since
+                left = outcome.left
+                if not left:
+                    self.stuck.end(token)
+                for pending, reason in outcome.refused:
+                    await self._on_refused(pending, reason)
+                if outcome.done:
+                    await self._on_stored(outcome.done)
+                if not left:
+                    return
+                delay = backoff_delay(attempt, self._settings.backoff_initial_s,
+                                      self._settings.backoff_max_s, self._rng)
+                attempt += 1
+                await trio.sleep(delay)
         finally:
+            self.stuck.end(token)
             self._write_slots.release()
 
-    async def _attempt(self, batch: list[PendingRecord]) -> list[PendingRecord]:
-        """Write ``batch`` once; hand every record on; return the batch if it must be retried."""
+    async def _attempt(self, token: int, left: _Left) -> _Attempt:
+        """Write what is left to write and read back what was already stored, once."""
+        outcome = _Attempt()
+        to_read = left.to_read
+        if left.to_write:
+            results = await self._write_once(token, left.to_write)
+            if results is None:
+                outcome.left.to_write = left.to_write
+            else:
+                for pending, result in zip(left.to_write, results, strict=True):
+                    if result.outcome is Outcome.STORED:
+                        self._metrics.records_stored.inc()
+                        outcome.done.append(pending)
+                    elif result.outcome is Outcome.ALREADY_STORED:
+                        self._metrics.records_already_stored.inc()
+                        to_read.append((pending, result.doc_id))
+                    elif result.outcome is Outcome.RETRY:
+                        now = trio.current_time()
+                        since = left.retrying_since.setdefault(result.doc_id, now)
+                        if now - since > self._settings.doc_retry_limit_s:
+                            self._metrics.records_refused.inc()
+                            log.error("store kept not taking a record; giving up",
+                                      doc_id=result.doc_id, reason=result.reason,
+                                      for_s=round(now - since, 1))
+                            outcome.refused.append((pending, (
+                                f"not taken for {now - since:.0f} s: {result.reason}")))
+                            continue
+                        log.warning("store did not take a record; will retry",
+                                    doc_id=result.doc_id, reason=result.reason)
+                        self.stuck.failed(token, f"{result.doc_id}: {result.reason}")
+                        outcome.left.to_write.append(pending)
+                    else:
+                        self._metrics.records_refused.inc()
+                        log.error("store refused a record", doc_id=result.doc_id,
+                                  reason=result.reason)
+                        outcome.refused.append((pending,
+                                                result.reason or "refused by the store"))
+        if to_read:
+            stored = await self._read_once(token, [doc_id for _, doc_id in to_read])
+            if stored is None:
+                outcome.left.to_read = to_read
+            else:
+                for pending, doc_id in to_read:
+                    record = stored.get(doc_id)
+                    if record is None:
+                        # Reported as there, but gone (deleted meanwhile): write it again.
+                        log.warning("already stored record not found; writing it again",
+                                    doc_id=doc_id)
+                        outcome.left.to_write.append(pending)
+                    elif _same_activation(record, pending.record):
+                        outcome.done.append(dataclasses.replace(pending, record=record))
+                    else:
+                        log.error("stored record is not an activation record of this id; "
+                                  "keeping the re-run's", doc_id=doc_id)
+                        outcome.done.append(pending)
+        return outcome
+
+    async def _write_once(self, token: int, batch: list[PendingRecord]
+                          ) -> list[DocResult] | None:
+        """One bulk write; None if it failed as a whole (retry it)."""
         started = time.monotonic()
         try:
             results = await self._store.write_batch([p.record for p in batch])
         except StoreUnavailable as exc:
             self._metrics.store_write_failures.inc()
+            self.stuck.failed(token, str(exc))
             log.warning("store write failed; will retry", error=str(exc), records=len(batch))
-            return batch
+            return None
         self._metrics.store_write_seconds.observe(time.monotonic() - started)
         self._metrics.store_batch_size.observe(len(batch))
-        done: list[PendingRecord] = []
-        for pending, result in zip(batch, results, strict=True):
-            if result.outcome is Outcome.STORED:
-                self._metrics.records_stored.inc()
-                done.append(pending)
-            elif result.outcome is Outcome.ALREADY_STORED:
-                self._metrics.records_already_stored.inc()
-                done.append(pending)
-            else:
-                self._metrics.records_refused.inc()
-                log.error("store refused a record", doc_id=result.doc_id, reason=result.reason)
-                await self._on_refused(pending, result.reason or "refused by the store")
-        if done:
-            await self._on_stored(done)
-        return []
+        return results
+
+    async def _read_once(self, token: int, doc_ids: list[str]) -> dict[str, dict] | None:
+        """The stored records of ``doc_ids`` (those present); None if the read failed."""
+        try:
+            return await self._store.get_many(doc_ids)
+        except StoreUnavailable as exc:
+            self._metrics.store_write_failures.inc()
+            self.stuck.failed(token, str(exc))
+            log.warning("reading already stored records failed; will retry", error=str(exc),
+                        records=len(doc_ids))
+            return None
+
+
+@dataclass(slots=True)
+class _Left:
+    """What a batch still needs from the store."""
+
+    to_write: list[PendingRecord] = field(default_factory=list)
+    to_read: list[tuple[PendingRecord, str]] = field(default_factory=list)  # with store ids
+    retrying_since: dict[str, float] = field(default_factory=dict)  # store id -> first RETRY
+
+    def __bool__(self) -> bool:
+        return bool(self.to_write or self.to_read)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One attempt's outcome: records to hand on, records refused for good, what is left."""
+
+    done: list[PendingRecord] = field(default_factory=list)
+    refused: list[tuple[PendingRecord, str]] = field(default_factory=list)  # with the reason
+    left: _Left = field(default_factory=_Left)
+
+
+def _same_activation(stored: Mapping[str, Any], record: Mapping[str, Any]) -> bool:
+    """Whether ``stored`` is an activation record of ``record``'s activation, complete enough
+    for a completion message (status, code and result)."""
+    response = stored.get("response")
+    return (stored.get("activationId") == record.get("activationId")
+            and stored.get("namespace") == record.get("namespace")
+            and isinstance(response, dict)
+            and all(key in response for key in ("status", "statusCode", "result")))

@@ -1,16 +1,27 @@
-"""The ``invoker`` command: ``run`` (the daemon), ``recorder`` and ``loadgen``."""
+"""The ``invoker`` command: ``run`` (the daemon), ``recorder`` and ``loadgen``.
+
+Exit status of ``run`` and ``recorder``: 0 after a graceful stop (the first SIGTERM/SIGINT);
+130 when a second signal stopped it at once, or SIGINT came before signals were watched.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
+from typing import TYPE_CHECKING, NoReturn
 
 import structlog
 import trio
 
 from invoker.config import add_config_arguments, load_config
+
+if TYPE_CHECKING:
+    from invoker.service import FeedService
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for an interrupted command
 
 
 def configure_logging(level: str) -> None:
@@ -36,7 +47,9 @@ def configure_logging(level: str) -> None:
                                '"level": "%(levelname)s"}')
     # While a broker is unreachable kafka-python logs every reconnect attempt at ERROR; the
     # daemon's own "publish failed" / "commit failed" lines already say so, once per retry.
-    for noisy in ("kafka.conn", "kafka.client", "kafka.producer.sender"):
+    # A deleted topic makes kafka.cluster log "not found in cluster metadata" ~8 times a second;
+    # /healthz and the "publish failed" lines say it once.
+    for noisy in ("kafka.conn", "kafka.client", "kafka.producer.sender", "kafka.cluster"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
 
@@ -53,10 +66,33 @@ def _serve(args: argparse.Namespace) -> int:
         from invoker.daemon import Invoker as service
 
     try:
-        trio.run(service(config).run)
-    except KeyboardInterrupt:
-        return 130
+        trio.run(_run_until_signalled, service(config))
+    except KeyboardInterrupt:  # SIGINT before trio watched the signals
+        return EXIT_INTERRUPTED
     return 0
+
+
+async def _run_until_signalled(service: FeedService) -> None:
+    """Run ``service`` with SIGTERM/SIGINT watched for its whole life: the first begins a
+    graceful stop, the second ends the process at once with status 130."""
+    async with trio.open_nursery() as nursery:
+
+        async def serve() -> None:
+            await service.run()
+            nursery.cancel_scope.cancel()  # stopped: signals take their default action again
+
+        nursery.start_soon(serve)
+        await service.watch_signals()
+        _exit_at_once(EXIT_INTERRUPTED)
+
+
+def _exit_at_once(status: int) -> NoReturn:
+    """End the process without unwinding: threads blocked on Kafka, the store or Docker are
+    not waited for. Nothing more is committed (what was not runs again after a restart); action
+    containers left are removed by the next start (see invoker.pool) or ``compose.sh down``."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 def build_parser() -> argparse.ArgumentParser:

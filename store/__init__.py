@@ -17,13 +17,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from invoker import safejson
+
 __all__ = [
     "DEFAULT_SQLITE_PATH",
     "DocResult",
     "Outcome",
     "Store",
     "StoreUnavailable",
+    "UnencodableRecord",
     "doc_id_for",
+    "encode_record",
     "mask_url",
     "open_store",
 ]
@@ -35,6 +39,7 @@ class Outcome(enum.Enum):
     STORED = "stored"  # written by this call
     ALREADY_STORED = "already_stored"  # the id was there before; the stored record is unchanged
     FAILED = "failed"  # this document was rejected; retrying the same document will not help
+    RETRY = "retry"  # this document was not written this time (the others were): write it again
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,11 @@ class Store(Protocol):
         """Connect; create the database/table if missing. May raise StoreUnavailable."""
 
     async def write_batch(self, docs: Sequence[Mapping[str, Any]]) -> list[DocResult]:
-        """One DocResult per doc, in the same order. Raises StoreUnavailable if the
-        write as a whole failed (then any subset of the docs may have been stored)."""
+        """One DocResult per doc, in the same order. A doc that cannot be encoded (see
+        :func:`encode_record`) or that the store refuses for good is FAILED on its own; one
+        the store failed to write for a reason that may pass is RETRY; neither affects the
+        others. Raises StoreUnavailable if the write as a whole failed (then any subset of
+        the docs may have been stored)."""
 
     async def get(self, doc_id: str) -> dict | None: ...
 
@@ -94,6 +102,22 @@ def fallback_doc_id(doc: Mapping[str, Any]) -> str:
         return "<invalid record>"
 
 
+class UnencodableRecord(ValueError):
+    """A record that cannot be written as JSON text: it fails alone, retrying cannot help."""
+
+
+def encode_record(doc: Mapping[str, Any]) -> bytes:
+    """``doc`` as every store writes it: compact UTF-8 JSON (:func:`invoker.safejson.dumps`,
+    the encoding Kafka messages use too). Raises UnencodableRecord for what JSON or UTF-8
+    cannot hold: a lone surrogate, NaN, a value of no JSON type, nesting deeper than the
+    interpreter recurses, an integer too long to print."""
+    try:
+        return safejson.dumps(doc)
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        raise UnencodableRecord(f"record is not JSON: {type(exc).__name__}: "
+                                f"{str(exc)[:100]}") from None
+
+
 def open_store(url: str | None, *, timeout_s: float = 30.0) -> Store:
     """Make (not yet open) the store named by ``url``.
 
@@ -126,14 +150,18 @@ def open_store(url: str | None, *, timeout_s: float = 30.0) -> Store:
 
 
 def mask_url(url: str) -> str:
-    """``url`` with any password shown as ***: for logs, errors and printed configuration.
-    Never echoes a password back, even from a URL too broken to parse."""
+    """``url`` with everything between ``://`` and the last ``@`` shown as ``***``: for logs,
+    errors and printed configuration.
+
+    The last ``@``, not the first, and not only up to the first ``/``: a password may hold
+    ``@``, ``:`` or ``/``, so anything before the last ``@`` may be part of one (a path with an
+    ``@`` in it is masked too; that only hides more). Without ``://`` everything before the
+    last ``@`` is masked. Never echoes a password back, even from a URL too broken to parse.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return "<unparseable>" if "@" in url else url
-    netloc, slash, path = rest.partition("/")
-    userinfo, at, hostport = netloc.rpartition("@")
-    if at:
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hostport}" if colon else f"{user}@{hostport}"
-    return f"{scheme}{sep}{netloc}{slash}{path}"
+        scheme, rest = "", url
+    _, at, hostpart = rest.rpartition("@")
+    if not at:
+        return url
+    return f"{scheme}{sep}***@{hostpart}"

@@ -3,7 +3,13 @@
 One ``httpx.AsyncClient`` with keep-alive and a small bounded pool. A write is one
 ``POST /db/_bulk_docs``; CouchDB answers per document, and an ``_id`` that already exists comes
 back as ``"error": "conflict"``, which is how ALREADY_STORED is told from STORED without a
-second copy ever being made.
+second copy ever being made. Any other per-document error is FAILED when it says the document
+itself is refused (``forbidden``, ``unauthorized``, ``bad_request``, ``too_large``,
+``illegal_docid``, ``doc_validation``) and RETRY otherwise (e.g. ``unknown_error``, or a
+validation function that crashed).
+
+Each document is encoded on its own (:func:`store.encode_record`): one that cannot be is
+FAILED and the others are still sent in one ``_bulk_docs`` body.
 
 Every request has a total deadline of ``timeout_s`` (httpx's own timeouts are per socket
 operation, so a server that trickles bytes could otherwise hold a write for much longer).
@@ -23,6 +29,8 @@ from store import (
     DocResult,
     Outcome,
     StoreUnavailable,
+    UnencodableRecord,
+    encode_record,
     fallback_doc_id,
     mask_url,
     record_doc_id,
@@ -36,6 +44,11 @@ _MAX_CONNECTIONS = 4
 # Errors that a request on a reused keep-alive connection gets when the server had just closed
 # it. Retried once, at once, on a new connection; connect errors and timeouts are not.
 _STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# Per-document errors that say the document itself is refused: writing it again cannot help.
+_PERMANENT_DOC_ERRORS = frozenset(
+    {"forbidden", "unauthorized", "bad_request", "too_large", "illegal_docid", "doc_validation"}
+)
+_REASON_CHARS = 100  # of a server's reason quoted in a DocResult
 
 
 class CouchStore:
@@ -141,7 +154,7 @@ class CouchStore:
         results: list[DocResult | None] = [None] * len(docs)
         first_index: dict[str, int] = {}  # id -> index of its first occurrence
         duplicates: list[tuple[int, int]] = []  # (index, index of first occurrence)
-        to_send: list[tuple[str, str]] = []  # (id, JSON text of the CouchDB document)
+        to_send: list[tuple[str, bytes]] = []  # (id, the CouchDB document as UTF-8 JSON)
         for i, doc in enumerate(docs):
             doc_id = record_doc_id(doc)
             problem = _doc_problem(doc, doc_id)
@@ -156,12 +169,12 @@ class CouchStore:
             body = {k: v for k, v in doc.items() if k not in ("_id", "_rev")}
             body["_id"] = doc_id
             try:
-                text = json.dumps(body, separators=(",", ":"), allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                results[i] = DocResult(doc_id, Outcome.FAILED, f"record is not JSON: {exc}")
+                encoded = encode_record(body)
+            except UnencodableRecord as exc:
+                results[i] = DocResult(doc_id, Outcome.FAILED, str(exc))
                 continue
             first_index[doc_id] = i
-            to_send.append((doc_id, text))
+            to_send.append((doc_id, encoded))
 
         if to_send:
             outcomes = await self._bulk_write(to_send)
@@ -170,17 +183,17 @@ class CouchStore:
         for i, first in duplicates:
             prior = results[first]
             assert prior is not None
-            if prior.outcome is Outcome.FAILED:
+            if prior.outcome in (Outcome.FAILED, Outcome.RETRY):
                 results[i] = prior
             else:
                 results[i] = DocResult(prior.doc_id, Outcome.ALREADY_STORED)
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
-    async def _bulk_write(self, to_send: list[tuple[str, str]]) -> dict[str, DocResult]:
+    async def _bulk_write(self, to_send: list[tuple[str, bytes]]) -> dict[str, DocResult]:
         """POST the documents (unique ids); a result for each id, or StoreUnavailable."""
         what = f"writing {len(to_send)} records"
-        content = ('{"docs":[' + ",".join(text for _, text in to_send) + "]}").encode()
+        content = b'{"docs":[' + b",".join(encoded for _, encoded in to_send) + b"]}"
         resp = await self._request("POST", f"{self._db}/_bulk_docs", what=what, content=content)
         if resp.status_code == 404:
             # The database was deleted under us: make it again and write once more.
@@ -208,17 +221,23 @@ class CouchStore:
         if not isinstance(data, list):
             self._fail(what, f"HTTP {resp.status_code} but the body is not a list of results")
         out: dict[str, DocResult] = {}
+        wanted = set(ids)
         for item in data:
             if not isinstance(item, dict) or not isinstance(item.get("id"), str):
                 self._fail(what, f"unexpected per-document result {str(item)[:200]!r}")
             doc_id = item["id"]
+            if doc_id not in wanted:
+                self._fail(what, f"a result for a record not sent: {doc_id[:100]!r}")
             if item.get("ok"):
                 out[doc_id] = DocResult(doc_id, Outcome.STORED)
             elif item.get("error") == "conflict":
                 out[doc_id] = DocResult(doc_id, Outcome.ALREADY_STORED)
             else:
-                reason = f"{item.get('error')}: {item.get('reason')}"
-                out[doc_id] = DocResult(doc_id, Outcome.FAILED, reason)
+                error = item.get("error")
+                reason = f"{error}: {str(item.get('reason'))[:_REASON_CHARS]}"
+                permanent = isinstance(error, str) and error in _PERMANENT_DOC_ERRORS
+                out[doc_id] = DocResult(doc_id, Outcome.FAILED if permanent else Outcome.RETRY,
+                                        reason)
         missing = [doc_id for doc_id in ids if doc_id not in out]
         if missing:
             self._fail(what, f"no result for {len(missing)} of {len(ids)} records")

@@ -4,6 +4,10 @@ The stdlib ``sqlite3`` module blocks, so every database call runs in a worker th
 ``trio.to_thread.run_sync``, one at a time (CapacityLimiter(1)) on one connection. Those
 thread calls are not abandoned on cancellation: a transaction that has started always commits
 or rolls back before the caller sees the Cancelled.
+
+Each record is encoded on its own (:func:`store.encode_record`) and inserted on its own in the
+batch's transaction: one that cannot be encoded, or that SQLite refuses (``string or blob too
+big``), is FAILED and the others are written.
 """
 
 from __future__ import annotations
@@ -18,7 +22,15 @@ from typing import Any, TypeVar
 
 import trio
 
-from store import DocResult, Outcome, StoreUnavailable, fallback_doc_id, record_doc_id
+from store import (
+    DocResult,
+    Outcome,
+    StoreUnavailable,
+    UnencodableRecord,
+    encode_record,
+    fallback_doc_id,
+    record_doc_id,
+)
 
 T = TypeVar("T")
 
@@ -120,10 +132,10 @@ class SqliteStore:
                 )
                 continue
             try:
-                # ensure_ascii: a lone surrogate would not encode to UTF-8 at bind time.
-                text = json.dumps(doc, separators=(",", ":"), allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                rows.append(DocResult(doc_id, Outcome.FAILED, f"record is not JSON: {exc}"))
+                # As text: valid UTF-8 (a lone surrogate fails here, not at bind time).
+                text = encode_record(doc).decode()
+            except UnencodableRecord as exc:
+                rows.append(DocResult(doc_id, Outcome.FAILED, str(exc)))
                 continue
             rows.append((doc_id, doc["namespace"], doc["activationId"], text))
         if not any(isinstance(r, tuple) for r in rows):
@@ -146,11 +158,18 @@ class SqliteStore:
                     results.append(row)
                     continue
                 doc_id, namespace, activation_id, text = row
-                cur.execute(
-                    "INSERT INTO activations (doc_id, namespace, activation_id, doc, stored_at)"
-                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (doc_id) DO NOTHING",
-                    (doc_id, namespace, activation_id, text, now),
-                )
+                try:
+                    cur.execute(
+                        "INSERT INTO activations (doc_id, namespace, activation_id, doc,"
+                        " stored_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (doc_id) DO NOTHING",
+                        (doc_id, namespace, activation_id, text, now),
+                    )
+                except sqlite3.DataError as exc:
+                    # This row only (e.g. longer than SQLite's length limit); the statement
+                    # did nothing and the transaction goes on with the others.
+                    results.append(DocResult(doc_id, Outcome.FAILED,
+                                             f"SQLite refused the record: {exc}"))
+                    continue
                 outcome = Outcome.STORED if cur.rowcount == 1 else Outcome.ALREADY_STORED
                 results.append(DocResult(doc_id, outcome))
             conn.execute("COMMIT")

@@ -25,6 +25,7 @@ from store import DocResult, Outcome, Store, StoreUnavailable, open_store
 from store.couchdb import CouchStore
 from tests.support.faultproxy import FaultProxy
 from tests.support.records import record, rid
+from tests.support.unencodable import unencodable_records
 
 BASE_URL = os.environ.get("INVOKER_TEST_COUCHDB_URL", "http://127.0.0.1:5984").rstrip("/")
 REPO = Path(__file__).resolve().parent.parent
@@ -169,6 +170,50 @@ async def test_bad_records_fail_alone(store: Store) -> None:
     assert await store.count() == 1
 
 
+async def test_records_that_cannot_be_encoded_fail_alone(store: Store) -> None:
+    bad = unencodable_records()
+    good = [record() for _ in range(3)]
+    results = await store.write_batch([good[0], *bad.values(), good[1], good[2]])
+    assert [r.outcome for r in results] == (
+        [Outcome.STORED] + [Outcome.FAILED] * len(bad) + [Outcome.STORED] * 2)
+    for what, result in zip(bad, results[1:-2], strict=True):
+        assert result.reason and result.reason.startswith("record is not JSON"), what
+    assert await store.count() == 3
+    assert await store.get_many([rid(r) for r in good]) == {rid(r): r for r in good}
+
+
+async def put_validator(db_url: str, body: str) -> None:
+    """Install (or replace) a validate_doc_update function: the server then answers some
+    documents of a _bulk_docs request with an error of their own."""
+    async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
+        current = await client.get(f"{db_url}/_design/check")
+        doc = {"validate_doc_update": f"function(doc, old, user) {{ {body} }}"}
+        if current.status_code == 200:
+            doc["_rev"] = current.json()["_rev"]
+        resp = await client.put(f"{db_url}/_design/check", json=doc)
+        assert resp.status_code in (200, 201), resp.text
+
+
+async def test_per_document_errors_are_permanent_or_retried(store: Store, db_url: str) -> None:
+    await put_validator(db_url, """
+        if (doc.name === "deny") throw({forbidden: "not this one"});
+        if (doc.name === "nobody") throw({unauthorized: "who are you"});
+        if (doc.name === "flaky") throw new Error("validator crashed" + "x".repeat(500));
+    """)
+    ok, deny, nobody, flaky = (record(name=n) for n in ("ok", "deny", "nobody", "flaky"))
+    results = await store.write_batch([ok, deny, nobody, flaky, flaky])
+    assert [r.outcome for r in results] == [Outcome.STORED, Outcome.FAILED, Outcome.FAILED,
+                                            Outcome.RETRY, Outcome.RETRY]
+    assert results[1].reason == "forbidden: not this one"
+    assert results[2].reason is not None and results[2].reason.startswith("unauthorized")
+    assert results[3].reason is not None and len(results[3].reason) < 200
+    # What failed for a passing reason is written once that reason is gone.
+    await put_validator(db_url, "")
+    assert [r.outcome for r in await store.write_batch([flaky, ok])] == [
+        Outcome.STORED, Outcome.ALREADY_STORED]
+    assert await store.get(rid(flaky)) == flaky
+
+
 async def test_get_get_many_count(store: Store) -> None:
     recs = [record(activation_id=f"m{i:04d}") for i in range(1000)]
     for start in range(0, 1000, 500):
@@ -208,10 +253,10 @@ async def test_password_is_masked() -> None:
     url = f"http://admin:{SECRET}@127.0.0.1:{closed_port()}/activations"
     s = open_store(url, timeout_s=5)
     try:
-        assert s.describe() == f"http://admin:***@127.0.0.1:{urlsplit(url).port}/activations"
+        assert s.describe() == f"http://***@127.0.0.1:{urlsplit(url).port}/activations"
         with pytest.raises(StoreUnavailable) as info:
             await s.open()
-        assert "admin:***@" in str(info.value)
+        assert "http://***@127.0.0.1" in str(info.value)
         chain: BaseException | None = info.value
         while chain is not None:  # nor anywhere in the chained causes
             assert SECRET not in str(chain) and SECRET not in repr(chain)
@@ -235,7 +280,7 @@ async def test_wrong_credentials_give_a_clear_error(db_url: str) -> None:
     try:
         with pytest.raises(StoreUnavailable) as info:
             await bad.open()
-        assert "HTTP 401" in str(info.value) and "nobody:***@" in str(info.value)
+        assert "HTTP 401" in str(info.value) and "http://***@" in str(info.value)
         assert SECRET not in str(info.value)
     finally:
         await bad.aclose()

@@ -11,6 +11,7 @@ import trio
 from store import DocResult, Outcome, Store, StoreUnavailable, open_store
 from store.sqlite import SqliteStore
 from tests.support.records import record, rid
+from tests.support.unencodable import unencodable_records
 
 
 @pytest.fixture
@@ -70,6 +71,40 @@ async def test_bad_records_fail_alone(store: Store) -> None:
     assert results[0].reason and results[2].reason
     assert results[2].doc_id == rid(not_json)
     assert await store.count() == 1
+
+
+async def test_records_that_cannot_be_encoded_fail_alone(store: Store) -> None:
+    bad = unencodable_records()
+    good = [record() for _ in range(3)]
+    batch = [good[0], *bad.values(), good[1], good[2]]
+    results = await store.write_batch(batch)
+    assert [r.outcome for r in results] == (
+        [Outcome.STORED] + [Outcome.FAILED] * len(bad) + [Outcome.STORED] * 2)
+    for what, result in zip(bad, results[1:-2], strict=True):
+        assert result.reason and result.reason.startswith("record is not JSON"), what
+        assert len(result.reason) < 200, what
+    assert await store.count() == 3
+    assert await store.get_many([rid(r) for r in good]) == {rid(r): r for r in good}
+
+
+async def test_records_are_stored_as_utf8_text(store: Store) -> None:
+    rec = record(activation_id="utf8")
+    await store.write_batch([rec])
+    conn = store._conn  # type: ignore[attr-defined]
+    text = conn.execute("SELECT doc FROM activations WHERE doc_id = 'guest/utf8'").fetchone()[0]
+    assert isinstance(text, str) and "héllo ☃" in text  # not \u escapes
+    assert await store.get("guest/utf8") == rec
+
+
+async def test_a_record_sqlite_refuses_fails_alone(store: Store) -> None:
+    conn = store._conn  # type: ignore[attr-defined]
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 4096)  # "string or blob too big" above it
+    small = [record() for _ in range(2)]
+    big = record(response={"statusCode": 0, "result": {"x": "y" * 8192}})
+    results = await store.write_batch([small[0], big, small[1]])
+    assert [r.outcome for r in results] == [Outcome.STORED, Outcome.FAILED, Outcome.STORED]
+    assert results[1].doc_id == rid(big) and "too big" in (results[1].reason or "")
+    assert await store.count() == 2
 
 
 async def test_two_stores_on_one_file(tmp_path: Path) -> None:

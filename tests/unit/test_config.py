@@ -54,7 +54,7 @@ def test_worst_case_bound_adds_every_buffer():
 
 
 def test_mask_url():
-    assert mask_url("http://admin:s3cret@db:5984/acts") == "http://admin:***@db:5984/acts"
+    assert mask_url("http://admin:s3cret@db:5984/acts") == "http://***@db:5984/acts"
     assert mask_url("sqlite:///x.db") == "sqlite:///x.db"
 
 
@@ -64,5 +64,5 @@ def test_print_config_masks_secrets(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "s3cret" not in out
     shown = json.loads(out)
-    assert shown["store_url"] == "http://admin:***@127.0.0.1:5984/acts"
+    assert shown["store_url"] == "http://***@127.0.0.1:5984/acts"
     assert shown["batch_size"] == 42

@@ -1,5 +1,3 @@
-import pytest
-
 from invoker.offsets import OffsetTracker
 
 
@@ -54,12 +52,62 @@ def test_reassignment_starts_a_new_epoch():
     assert t.complete(new) == 4
 
 
-def test_out_of_order_registration_is_a_bug():
+def test_an_offset_back_at_the_start_restarts_the_partition_without_raising():
+    # An OFFSET_OUT_OF_RANGE reset to "earliest": the consumer hands 0, 1, ... again while
+    # 5, 6 and 7 are still running.
     t = OffsetTracker()
     t.assign("p", 1)
-    t.register("p", 1, 5)
-    with pytest.raises(ValueError):
-        t.register("p", 1, 5)
+    old = [t.register("p", 1, o) for o in (5, 6, 7)]
+    assert t.complete(old[1]) is None
+    new0 = t.register("p", 1, 0)
+    assert new0 is not None and t.outstanding("p") == 1  # 5..7 come again: no longer pending
+    # The earlier copies finishing cannot move the new commit, whatever their offsets.
+    assert [t.complete(tok) for tok in old] == [None, None, None]
+    new1 = t.register("p", 1, 1)
+    assert t.complete(new1) is None  # 0 still running
+    assert t.complete(new0) == 2
+    # Tracking goes on normally from there, including the offsets seen before the reset.
+    again = [t.register("p", 1, o) for o in (5, 6)]
+    assert t.complete(again[0]) == 6 and t.complete(again[1]) == 7
+
+
+def test_the_same_offset_again_restarts_and_only_its_new_copy_counts():
+    t = OffsetTracker()
+    t.assign("p", 1)
+    first = t.register("p", 1, 5)
+    second = t.register("p", 1, 5)  # handed over twice (a seek back to 5)
+    assert second is not None and second != first
+    assert t.complete(first) is None and t.outstanding("p") == 1
+    assert t.complete(second) == 6
+
+
+def test_a_restart_keeps_what_is_below_it_pending():
+    # Back to 7 while 5..8 run: 7 and 8 come again, 5 and 6 do not, so the commit must still
+    # wait for their work, and their (earlier generation) completions count.
+    t = OffsetTracker()
+    t.assign("p", 1)
+    five, six, seven, eight = (t.register("p", 1, o) for o in (5, 6, 7, 8))
+    assert t.complete(six) is None
+    seven_again = t.register("p", 1, 7)
+    assert t.outstanding("p") == 3  # 5 (running), 6 (done, behind 5), the new 7; 8 comes again
+    assert t.complete(seven_again) is None  # 5 still running: nothing may commit yet
+    assert t.complete(eight) is None and t.complete(seven) is None  # earlier copies: ignored
+    assert t.complete(five) == 8
+    eight_again = t.register("p", 1, 8)
+    assert t.complete(eight_again) == 9
+
+
+def test_repeated_restarts_never_commit_past_a_running_message():
+    t = OffsetTracker()
+    t.assign("p", 1)
+    running = t.register("p", 1, 3)
+    t.register("p", 1, 10)
+    t.register("p", 1, 8)  # restart at 8: 3 stays pending
+    nine = t.register("p", 1, 9)
+    four = t.register("p", 1, 4)  # restart at 4: 3 still pending, 8 and 9 dropped
+    assert t.complete(nine) is None and t.complete(four) is None
+    assert t.outstanding("p") == 2
+    assert t.complete(running) == 5
 
 
 def test_outstanding_counts_every_partition_until_committable():
