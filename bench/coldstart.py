@@ -62,8 +62,9 @@ async def _measure(invoker_id: str, params: ColdParams) -> dict[str, list[float]
 
 async def _invoke(pool: ContainerPool, action: Action, times: dict[str, list[float]]) -> None:
     t0 = time.perf_counter()
-    async with pool.lease(action) as lease:
-        result = await lease.invoke(_activation(action))
+    activation = _activation(action)
+    async with pool.lease(action, activation.namespace) as lease:
+        result = await lease.invoke(activation)
     elapsed_ms = (time.perf_counter() - t0) * 1000
     if result.status != 0:
         raise RuntimeError(f"invocation failed: {result.status.label}: {result.result}")

@@ -7,7 +7,10 @@
 #                                  only the image was deleted
 #                              (b) invoker-action-python:latest — `docker build` of
 #                                  deploy/runtime/python (every time; the layer cache makes it fast)
-#   deploy/images.sh clean     remove both images (the cached rootfs tarball stays)
+#                              (c) invoker-action-actionloop:latest — deploy/runtime/actionloop,
+#                                  an ActionLoop-style runtime the tests run hardened (no pip,
+#                                  no network: a few seconds)
+#   deploy/images.sh clean     remove the three images (the cached rootfs tarball stays)
 #
 # Env: INVOKER_CACHE (default ~/.cache/invoker)   the rootfs tarball
 #      INVOKER_STATE (default /tmp/invoker-state) build logs
@@ -20,6 +23,8 @@ SUITE=bookworm
 BASE_IMAGE="invoker-python-base:$SUITE"
 ACTION_IMAGE="invoker-action-python:latest"
 ACTION_CONTEXT="$SCRIPT_DIR/runtime/python"
+ACTIONLOOP_IMAGE="invoker-action-actionloop:latest"
+ACTIONLOOP_CONTEXT="$SCRIPT_DIR/runtime/actionloop"
 INCLUDE="python3,ca-certificates"
 CACHE_DIR="${INVOKER_CACHE:-$HOME/.cache/invoker}/images"
 # bump the suffix when the debootstrap command changes, so a stale tarball is not reused
@@ -38,28 +43,31 @@ build_base() {
         'python3 -c "import ssl, sys; print(\"python\", sys.version.split()[0])"' 'CMD ["python3"]'
 }
 
-build_action() {
-    [[ -f "$ACTION_CONTEXT/Dockerfile" ]] || die "no Dockerfile in $ACTION_CONTEXT"
+# build_runtime IMAGE CONTEXT: docker build of an action runtime on the base image
+build_runtime() {
+    local image=$1 context=$2
+    [[ -f "$context/Dockerfile" ]] || die "no Dockerfile in $context"
     mkdir -p "$STATE_DIR"
-    local t0=$SECONDS logf="$STATE_DIR/build-action-python.log"
-    log "docker build -t $ACTION_IMAGE $ACTION_CONTEXT (log: $logf)"
+    local t0=$SECONDS logf="$STATE_DIR/build-${image%%:*}.log"
+    log "docker build -t $image $context (log: $logf)"
     # legacy builder: there is no buildx here
-    if ! DOCKER_BUILDKIT=0 timeout 900 docker build -t "$ACTION_IMAGE" "$ACTION_CONTEXT" >"$logf" 2>&1; then
+    if ! DOCKER_BUILDKIT=0 timeout 900 docker build -t "$image" "$context" >"$logf" 2>&1; then
         tail -n 30 "$logf" >&2 || true
-        die "docker build of $ACTION_IMAGE failed"
+        die "docker build of $image failed"
     fi
-    log "$ACTION_IMAGE built in $((SECONDS - t0))s ($(docker image inspect -f '{{.Id}}' "$ACTION_IMAGE" | cut -c1-19))"
+    log "$image built in $((SECONDS - t0))s ($(docker image inspect -f '{{.Id}}' "$image" | cut -c1-19))"
 }
 
 cmd_build() {
     docker_answers || die "the Docker engine does not answer; run deploy/docker-engine.sh up first"
     build_base
-    build_action
+    build_runtime "$ACTION_IMAGE" "$ACTION_CONTEXT"
+    build_runtime "$ACTIONLOOP_IMAGE" "$ACTIONLOOP_CONTEXT"
 }
 
 cmd_clean() {
     local img
-    for img in "$ACTION_IMAGE" "$BASE_IMAGE"; do
+    for img in "$ACTION_IMAGE" "$ACTIONLOOP_IMAGE" "$BASE_IMAGE"; do
         if image_exists "$img"; then
             log "removing $img"
             docker image rm "$img" >/dev/null || die "could not remove $img"

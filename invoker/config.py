@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import json
 import os
+import posixpath
+import re
 import socket
 import tomllib
 import types
@@ -28,7 +31,10 @@ RECORD_OVERHEAD_BYTES = 16 * 1024
 
 
 def _default_invoker_id() -> str:
-    return "invoker-" + socket.gethostname().split(".")[0].lower()
+    """``invoker-<host>-<pid>``: unique per process, so two daemons on one host never take
+    each other's containers for their own leftovers; stable across restarts of a container
+    whose daemon is its pid 1 (compose), so such a restart removes the previous run's."""
+    return f"invoker-{socket.gethostname().split('.')[0].lower()}-{os.getpid()}"
 
 
 @dataclass
@@ -82,8 +88,13 @@ class Config:
     prewarm: dict[str, int] = field(default_factory=dict)
     prewarm_memory_mb: int = 256
     idle_timeout_s: float = 600.0
-    # empty: publish container ports on 127.0.0.1; else reach containers by IP on this network
+    # Action containers never reach each other. Empty: they share the bridge network
+    # "invoker-actions" (inter-container traffic off) and publish their port on 127.0.0.1.
+    # A name (the daemon runs in a container): each action container gets a bridge network of
+    # its own, which the daemon's container joins; the name labels them ("org.invoker.network")
     container_network: str = ""
+    # where those per-container networks get their /29 subnets (network mode only)
+    container_subnet_pool: str = "10.213.0.0/16"
     container_pids_limit: int = 128
     container_cpus: float = 1.0
     init_timeout_s: float = 30.0
@@ -129,8 +140,58 @@ class Config:
             problems.append("record_channel_low_watermark must be in [0, record_channel_size)")
         if problem := self.default_limits_problem():
             problems.append(problem)
+        problems.extend(self.runtime_problems())
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
+
+    def runtime_problems(self) -> list[str]:
+        """What is wrong in the container runtime settings: container_user,
+        container_exec_tmpfs, kind_runtime, container_subnet_pool."""
+        problems: list[str] = []
+
+        def check_user(where: str, value: object) -> None:
+            if not isinstance(value, str) or not re.fullmatch(r"\d{1,10}:\d{1,10}", value):
+                problems.append(f'{where} must be "uid:gid" (numbers), not {value!r:.100}')
+
+        def check_tmpfs(where: str, value: object) -> None:
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                problems.append(f"{where} must be a list of paths, not {value!r:.100}")
+                return
+            for path in value:
+                top = path.split("/")[1] if path.startswith("/") else ""
+                if (not top or posixpath.normpath(path) != path or path == "/tmp"
+                        or top in ("proc", "sys", "dev") or "," in path):
+                    problems.append(f"{where}: {path!r:.100} is not an absolute normalized path "
+                                    "other than /, /tmp, /proc, /sys, /dev")
+
+        def check_env(where: str, value: object) -> None:
+            if not isinstance(value, Mapping) or not all(
+                    isinstance(k, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", k)
+                    and isinstance(v, str) for k, v in value.items()):
+                problems.append(f"{where} must map variable names to strings, "
+                                f"not {value!r:.100}")
+
+        check_user("container_user", self.container_user)
+        check_tmpfs("container_exec_tmpfs", self.container_exec_tmpfs)
+        checks = {"user": check_user, "exec_tmpfs": check_tmpfs, "env": check_env}
+        for kind, settings in self.kind_runtime.items():
+            where = f"kind_runtime[{kind!r:.100}]"
+            if not isinstance(settings, Mapping):
+                problems.append(f"{where} must be a table/object, not {settings!r:.100}")
+                continue
+            for key, value in settings.items():
+                if key not in checks:
+                    problems.append(f"{where}: unknown key {key!r:.100} "
+                                    "(known: user, exec_tmpfs, env)")
+                else:
+                    checks[key](f"{where}.{key}", value)
+        try:
+            pool = ipaddress.ip_network(self.container_subnet_pool)
+            if pool.version != 4 or pool.prefixlen > 29:
+                raise ValueError("not an IPv4 network of /29 or larger")
+        except ValueError as exc:
+            problems.append(f"container_subnet_pool {self.container_subnet_pool!r:.100}: {exc}")
+        return problems
 
     def default_limits_problem(self) -> str:
         d = self.default_limits

@@ -11,6 +11,7 @@ stdout/stderr distinction) and keeps at most ``limit_bytes`` of log text in memo
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import struct
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.types
 import requests
 import structlog
 import trio
@@ -32,7 +34,15 @@ LABEL_MANAGED = "org.invoker.managed"
 LABEL_ID = "org.invoker.id"
 LABEL_ACTION = "org.invoker.action"
 LABEL_KIND = "org.invoker.kind"
+LABEL_NAMESPACE = "org.invoker.namespace"  # the tenant whose action it runs (not on stem cells)
+# The process that created it (invoker.ownership): found again when that process has ended.
+LABEL_HOST = "org.invoker.host"
+LABEL_PID_NAMESPACE = "org.invoker.pid-namespace"
+LABEL_PID = "org.invoker.pid"
+LABEL_PID_START = "org.invoker.pid-start"
 ACTION_PORT = 8080
+ICC_OPTION = "com.docker.network.bridge.enable_icc"  # "false": containers cannot reach each other
+_CONTAINER_PATH = re.compile(r"/containers/([0-9a-f]{64})/")
 
 _STREAMS = {1: "stdout", 2: "stderr"}
 _MAX_FRAME = 1 << 20  # Docker splits log messages at 16 KiB; anything larger is discarded
@@ -40,6 +50,12 @@ _MAX_FRAME = 1 << 20  # Docker splits log messages at 16 KiB; anything larger is
 
 class DockerError(Exception):
     """The Docker engine failed or could not be reached."""
+
+
+class SubnetTaken(DockerError):
+    def __init__(self, subnet: str) -> None:
+        super().__init__(f"subnet {subnet} overlaps another network")
+        self.subnet = subnet
 
 
 class ImageNotFound(DockerError):
@@ -56,19 +72,44 @@ class ContainerSpec:
     image: str
     memory_mb: int
     labels: Mapping[str, str]
-    network: str | None = None
+    network: str | None = None  # the network it joins; None: Docker's default bridge
+    publish: bool = False  # publish the action port on 127.0.0.1 (else: reached by IP)
     pids_limit: int = 128
     cpus: float = 1.0
-    user: str | None = None
-    read_only: bool = True
-    tmpfs_mb: int = 64
+    user: str | None = None  # "uid:gid"; None keeps the image's user
+    read_only: bool = True  # read-only root with a noexec tmpfs /tmp
+    tmpfs_mb: int = 64  # size of each tmpfs (they count against the memory limit)
+    # tmpfs paths the run uid may write and exec from (ActionLoop runtimes exec /action/<n>/)
+    exec_tmpfs: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
     log_max_size: str = "16m"
+
+    def tmpfs(self) -> dict[str, str]:
+        """Docker's tmpfs map: /tmp (noexec) with a read-only root, and the exec paths owned
+        by the run uid (mode 0700: no other uid in the container may touch them)."""
+        mounts = {}
+        if self.read_only:
+            mounts["/tmp"] = f"rw,noexec,nosuid,nodev,size={self.tmpfs_mb}m,mode=1777"
+        owner = ""
+        if self.user is not None:
+            uid, _, gid = self.user.partition(":")
+            owner = f",uid={uid},gid={gid or uid}"
+        for path in self.exec_tmpfs:
+            mounts[path] = f"rw,exec,nosuid,nodev,size={self.tmpfs_mb}m{owner},mode=0700"
+        return mounts
 
 
 @dataclass(frozen=True, slots=True)
 class ContainerState:
     running: bool
     oom_killed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledContainer:
+    id: str
+    name: str
+    labels: Mapping[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +184,7 @@ class DockerBackend:
     async def create(self, spec: ContainerSpec) -> str:
         """Create (not start) a container; returns its id. Raises ImageNotFound, DockerError."""
         api = self._api
-        publish = spec.network is None
+        publish = spec.publish
         host_config = api.create_host_config(
             mem_limit=f"{spec.memory_mb}m",
             memswap_limit=f"{spec.memory_mb}m",  # equal to the memory limit: no swap
@@ -152,9 +193,9 @@ class DockerBackend:
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             read_only=spec.read_only,
-            tmpfs={"/tmp": f"size={spec.tmpfs_mb}m,mode=1777"} if spec.read_only else None,
+            tmpfs=spec.tmpfs() or None,
             port_bindings={ACTION_PORT: ("127.0.0.1", None)} if publish else None,
-            network_mode=spec.network if spec.network else "bridge",
+            network_mode=spec.network or "bridge",
             log_config=LogConfig(
                 type="json-file", config={"max-size": spec.log_max_size, "max-file": "2"}
             ),
@@ -169,6 +210,7 @@ class DockerBackend:
                     host_config=host_config,
                     ports=[ACTION_PORT] if publish else None,
                     user=spec.user,
+                    environment=dict(spec.env) or None,
                     detach=True,
                 )
             except docker.errors.ImageNotFound as exc:
@@ -183,43 +225,38 @@ class DockerBackend:
             raise _wrap(exc) from exc
 
     async def start(self, container_id: str, network: str | None) -> str:
-        """Start the container and return the base URL of its action port."""
+        """Start the container and return the base URL of its action port: the port published
+        on 127.0.0.1 when it has one (ContainerSpec.publish), else its address on ``network``."""
         api = self._api
 
         def _start() -> str:
             api.start(container_id)
             info = api.inspect_container(container_id)
             settings = info.get("NetworkSettings") or {}
-            if network is None:
-                bindings = (settings.get("Ports") or {}).get(f"{ACTION_PORT}/tcp") or []
-                for b in bindings:
-                    if b.get("HostPort"):
-                        return f"http://127.0.0.1:{b['HostPort']}"
-                raise DockerError(f"container {container_id[:12]} has no published port")
-            net = (settings.get("Networks") or {}).get(network) or {}
+            bindings = (settings.get("Ports") or {}).get(f"{ACTION_PORT}/tcp") or []
+            for b in bindings:
+                if b.get("HostPort"):
+                    return f"http://127.0.0.1:{b['HostPort']}"
+            net = (settings.get("Networks") or {}).get(network or "bridge") or {}
             ip = net.get("IPAddress")
             if not ip:
-                raise DockerError(
-                    f"container {container_id[:12]} has no address on network {network}"
-                )
+                raise DockerError(f"container {container_id[:12]} has no published port and "
+                                  f"no address on network {network}")
             return f"http://{ip}:{ACTION_PORT}"
 
         return await self._call(_start)
 
     async def remove(self, container_id: str) -> None:
-        """Kill and remove; a container that is already gone is not an error."""
+        """Kill and remove; returns once Docker says the container is gone (already gone is
+        fine). Raises DockerError otherwise, e.g. while a removal started elsewhere is still
+        in progress."""
         api = self._api
 
         def _remove() -> None:
             with contextlib.suppress(docker.errors.NotFound):
                 api.remove_container(container_id, force=True, v=True)
 
-        try:
-            await self._call(_remove)
-        except DockerError as exc:
-            if "is already in progress" in str(exc):
-                return
-            raise
+        await self._call(_remove)
 
     async def update_memory(self, container_id: str, memory_mb: int) -> None:
         api = self._api
@@ -254,17 +291,135 @@ class DockerBackend:
                 return st
             await trio.sleep(0.05)
 
-    async def list_labelled(self, invoker_id: str) -> list[tuple[str, str]]:
-        """(id, name) of every container, running or not, labelled with this invoker id."""
+    async def list_labelled(self, label: str, value: str) -> list[LabelledContainer]:
+        """Every managed container, running or not, whose ``label`` is ``value``."""
         api = self._api
 
-        def _list() -> list[tuple[str, str]]:
+        def _list() -> list[LabelledContainer]:
             found = api.containers(
-                all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_ID}={invoker_id}"]}
+                all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{label}={value}"]}
             )
-            return [(c["Id"], (c.get("Names") or ["?"])[0].lstrip("/")) for c in found]
+            return [LabelledContainer(c["Id"], (c.get("Names") or ["?"])[0].lstrip("/"),
+                                      c.get("Labels") or {}) for c in found]
 
         return await self._call(_list)
+
+    # ----------------------------------------------------------------- networks
+    async def ensure_network(self, name: str, labels: Mapping[str, str]) -> str:
+        """The subnet of the bridge network ``name`` on which containers cannot reach each
+        other (``enable_icc=false``), created if missing. An existing network of that name
+        without that option is refused (DockerError), never used."""
+        api = self._api
+
+        def _ensure() -> str:
+            try:
+                info = api.inspect_network(name)
+            except docker.errors.NotFound:
+                try:
+                    api.create_network(name, driver="bridge", options={ICC_OPTION: "false"},
+                                       labels=dict(labels), check_duplicate=True)
+                except docker.errors.APIError as exc:
+                    if exc.status_code != 409:  # 409: another invoker created it meanwhile
+                        raise
+                info = api.inspect_network(name)
+            if (info.get("Options") or {}).get(ICC_OPTION) != "false":
+                raise DockerError(f"network {name} exists with inter-container traffic on; "
+                                  "remove it or name another one")
+            configs = (info.get("IPAM") or {}).get("Config") or []
+            if not configs or not configs[0].get("Subnet"):
+                raise DockerError(f"network {name} has no IPv4 subnet")
+            return configs[0]["Subnet"]
+
+        return await self._call(_ensure)
+
+    async def create_network(self, name: str, subnet: str, labels: Mapping[str, str], *,
+                             internal: bool = False) -> None:
+        """Create a bridge network on ``subnet``; ``internal``: no gateway, no traffic beyond
+        the subnet. Raises SubnetTaken when another network of the engine overlaps it, else
+        DockerError."""
+        api = self._api
+
+        def _create() -> None:
+            pool = docker.types.IPAMPool(subnet=subnet)
+            try:
+                api.create_network(name, driver="bridge", labels=dict(labels),
+                                   ipam=docker.types.IPAMConfig(pool_configs=[pool]),
+                                   internal=internal, check_duplicate=True)
+            except docker.errors.APIError as exc:
+                if "overlap" in str(exc.explanation or exc):
+                    raise SubnetTaken(subnet) from exc
+                raise
+
+        try:
+            # not abandoned on cancellation: the caller must learn whether the network exists
+            await trio.to_thread.run_sync(_create, limiter=self._limiter)
+        except SubnetTaken:
+            raise
+        except _DOCKER_FAILURES as exc:
+            raise _wrap(exc) from exc
+
+    async def remove_network(self, name: str) -> None:
+        """Remove a network; one that is already gone is not an error."""
+        api = self._api
+
+        def _remove() -> None:
+            with contextlib.suppress(docker.errors.NotFound):
+                api.remove_network(name)
+
+        await self._call(_remove)
+
+    async def connect_network(self, network: str, container_id: str) -> None:
+        await self._call(self._api.connect_container_to_network, container_id, network)
+
+    async def disconnect_network(self, network: str, container_id: str) -> None:
+        """Force-disconnect; a network or container that is gone is not an error."""
+        api = self._api
+
+        def _disconnect() -> None:
+            try:
+                api.disconnect_container_from_network(container_id, network, force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                if "is not connected" not in str(exc.explanation or exc):
+                    raise
+
+        await self._call(_disconnect)
+
+    async def list_networks(self, label: str) -> list[tuple[str, dict[str, str]]]:
+        """(name, labels) of every network that has the label ``label`` (any value)."""
+        api = self._api
+
+        def _list() -> list[tuple[str, dict[str, str]]]:
+            found = api.networks(filters={"label": [label]})
+            return sorted((n["Name"], dict(n.get("Labels") or {})) for n in found)
+
+        return await self._call(_list)
+
+    async def own_container_id(self) -> str | None:
+        """This process's container id on this engine, or None when it runs on the host.
+
+        Docker bind-mounts /etc/hostname, /etc/hosts and /etc/resolv.conf from
+        ``.../containers/<id>/``, which /proc/self/mountinfo shows; the id counts only if this
+        engine knows a running container with it.
+        """
+        api = self._api
+
+        def _own() -> str | None:
+            try:
+                with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+                    found = _CONTAINER_PATH.search(fh.read())
+            except OSError:
+                return None
+            if found is None:
+                return None
+            try:
+                info = api.inspect_container(found.group(1))
+            except docker.errors.NotFound:
+                return None
+            return info["Id"] if (info.get("State") or {}).get("Running") else None
+
+        return await self._call(_own)
 
     # --------------------------------------------------------------------- logs
     async def collect_logs(

@@ -6,9 +6,11 @@ Nothing here does I/O; every type is immutable or owned by one task at a time.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class Status(enum.IntEnum):
@@ -63,11 +65,48 @@ class Action:
     binary: bool
     limits: Limits
     blackbox: bool = False
+    # Memo of code_digest: set on first use (the object is otherwise immutable). Not compared.
+    _code_digest: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
-    def pool_key(self) -> tuple[str, str, str]:
-        """Containers are reused only by activations of the same action and version."""
-        return (self.image, self.name, self.version)
+    def code_digest(self) -> str:
+        """sha256 (hex) of what a container is initialized with: kind, image, main, binary, code.
+
+        Hashed once per Action object (one per activation message, code up to the message
+        size) and kept in the object itself, so the memo lives and dies with the action: no
+        cache to bound, no key that could be reused by another object.
+        """
+        digest = self._code_digest
+        if digest is None:
+            header = json.dumps([self.kind, self.image, self.main, self.binary,
+                                 self.code is None])
+            h = hashlib.sha256(header.encode())  # JSON has no raw newline: the header ends here
+            h.update(b"\n")
+            # surrogatepass: hashing never fails, whatever the string holds (the decoder refuses
+            # lone surrogates, but an Action can be built by other code too)
+            h.update((self.code or "").encode("utf-8", "surrogatepass"))
+            digest = h.hexdigest()
+            object.__setattr__(self, "_code_digest", digest)
+        return digest
+
+    def pool_key(self, namespace: str) -> PoolKey:
+        """Which warm containers may serve this action for ``namespace`` (see PoolKey)."""
+        return PoolKey(namespace, self.name, self.version, self.code_digest,
+                       self.limits.memory_mb, max(1, self.limits.concurrency))
+
+
+class PoolKey(NamedTuple):
+    """A container is reused only by activations with an equal key: one namespace (a container
+    never serves two tenants), one action and version, the same code (changed code under the
+    same name and version gets a new container), and the limits the container was created
+    with (memory limit and concurrency are fixed per container)."""
+
+    namespace: str
+    name: str
+    version: str
+    code_digest: str
+    memory_mb: int
+    concurrency: int
 
 
 @dataclass(frozen=True, slots=True)

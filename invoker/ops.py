@@ -2,10 +2,17 @@
 
 A deliberately small HTTP/1.0-style server on trio: one request per connection, the whole
 response written in one send (see the Nagle note in ENVIRONMENT.md), request heads capped.
+
+Connections from the action containers' networks are closed unanswered: the container pool
+registers each address range its containers live on (``refuse_peers_from``; see
+invoker.networks), so an action cannot read the daemon's metrics or health even where the
+endpoint listens on an address the action can route to (e.g. ``metrics_host = 0.0.0.0``).
+Loopback peers are always served.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable
 from functools import partial
@@ -21,6 +28,26 @@ log = structlog.get_logger(__name__)
 MAX_REQUEST_HEAD = 8192
 READ_TIMEOUT_S = 5.0
 
+# Address ranges of action networks, process-wide: every ops endpoint of the process refuses
+# them (the pool and the endpoint are wired independently; a range stays refused for good).
+_refused_networks: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
+
+
+def refuse_peers_from(network: str) -> None:
+    """Close connections from addresses in ``network`` (CIDR) unanswered from now on."""
+    _refused_networks.add(ipaddress.ip_network(network, strict=False))
+
+
+def peer_refused(address: str) -> bool:
+    """True for a peer address inside a refused range; loopback is never refused."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False  # not an IP peer (e.g. a unix socket): not from an action network
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_loopback and any(ip in net for net in _refused_networks)
+
 
 async def serve_ops(host: str, port: int, metrics: Metrics, health: Callable[[], dict],
                     *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -35,6 +62,10 @@ async def serve_ops(host: str, port: int, metrics: Metrics, health: Callable[[],
 async def _handle(stream: trio.SocketStream, *, metrics: Metrics,
                   health: Callable[[], dict]) -> None:
     async with stream:
+        peer = _peer_address(stream)
+        if peer_refused(peer):
+            log.debug("ops connection from an action network refused", peer=peer)
+            return
         head = b""
         with trio.move_on_after(READ_TIMEOUT_S):
             while b"\r\n\r\n" not in head and len(head) < MAX_REQUEST_HEAD:
@@ -60,3 +91,11 @@ async def _handle(stream: trio.SocketStream, *, metrics: Metrics,
             await stream.send_all(response)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+
+def _peer_address(stream: trio.SocketStream) -> str:
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return ""
+    return peer[0] if isinstance(peer, tuple) else str(peer)

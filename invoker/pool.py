@@ -14,6 +14,29 @@ Waiters are served strictly in arrival order: a lease that arrives while others 
 behind them, even if it could be served at once. When the head of the queue needs memory that
 only evicting idle containers can free, the least recently used idle containers (action
 containers first, then stem cells) are removed, and the head is served when the removal is done.
+
+Reuse: a container serves only activations with its ``PoolKey`` (see ``invoker.model``): one
+namespace, one action and version, the same code digest and limits. A container never serves
+two tenants, and changed code under the same name and version gets a new container.
+
+Destroying: after a timeout, an OOM kill, a lost connection, or status 2 or 3 from ``/init`` or
+``/run`` (as OpenWhisk's ``ActivationResponse.isContainerError``: a runtime that failed may stay
+broken, e.g. the Node.js one answers every later ``/run`` with 403) a container is never leased
+again. It is removed once no activation uses it any more: other activations running in a
+concurrent container finish first, and the activation that failed gives its slot back as soon
+as its ``invoke`` returns. A removal Docker refuses is retried in the background with capped
+backoff (one task per container) until Docker confirms it; the memory stays counted until then,
+and closing the pool tries once more.
+
+Leftovers: each container is labelled with the invoker id and with the process that created it
+(host name, pid namespace, pid, start time; ``invoker.ownership``). Opening a pool removes the
+containers labelled with its invoker id (an id set explicitly, e.g. by a restarted service
+keeping its id) and those whose creating process, on this host and in this pid namespace, no
+longer runs (a crashed predecessor with another id, e.g. the default ``invoker-<host>-<pid>``).
+Other ids' containers of a process that still runs, of another host or of another pid namespace
+are never touched, so two daemons on one host (distinct ids: the default one is unique per
+process) never remove each other's containers. Setting one explicit id on two daemons that share
+an engine breaks this, as it always did.
 """
 
 from __future__ import annotations
@@ -33,17 +56,22 @@ import trio
 
 from invoker.docker_backend import (
     LABEL_ACTION,
+    LABEL_HOST,
     LABEL_ID,
     LABEL_KIND,
     LABEL_MANAGED,
+    LABEL_NAMESPACE,
     CollectedLogs,
     ContainerSpec,
     DockerBackend,
     DockerError,
     ImageNotFound,
+    LabelledContainer,
 )
 from invoker.metrics import Metrics
-from invoker.model import Action, Activation, InvocationResult, Status, now_ms
+from invoker.model import Action, Activation, InvocationResult, PoolKey, Status, now_ms
+from invoker.networks import LABEL_NETWORK, ActionNetworks
+from invoker.ownership import ProcessOwner
 from invoker.runtime_client import (
     MSG_ABNORMAL,
     MSG_INIT_TIMEOUT,
@@ -66,7 +94,13 @@ logger = structlog.get_logger(__name__)
 LOG_COLLECT_TIMEOUT_S = 2.0  # waiting for the sentinels after /run
 LOG_GRAB_TIMEOUT_S = 1.0  # reading what a failed/killed container logged (no sentinels)
 STOP_WAIT_S = 2.0  # after a lost connection, how long to wait for the container to stop
-REMOVE_ATTEMPTS = 3  # removing a container Docker failed to remove (1 s, then 2 s apart)
+# A removal Docker refused is retried after 1 s, 2 s, 4 s ... at most 30 s apart, until it works.
+REMOVE_RETRY_FIRST_S = 1.0
+REMOVE_RETRY_MAX_S = 30.0
+# At open another daemon may be removing the same leftover ("already in progress"): retried
+# 0.5 s, then 1 s later.
+LEFTOVER_REMOVE_ATTEMPTS = 3
+LEFTOVER_RETRY_S = 0.5
 _PROBE_INTERVAL_MAX_S = 0.1
 _STATE_CHECK_EVERY_S = 0.25
 
@@ -81,18 +115,47 @@ class PoolConfig:
     kind_images: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({"python:3": "invoker-action-python:latest"})
     )
-    network: str | None = None  # None: publish 8080 on 127.0.0.1; else attach to this network
+    # Networks (invoker.networks): None: host-port mode, every container on shared_network
+    # (inter-container traffic off), its port published on 127.0.0.1. A name: network mode,
+    # each container on a network of its own (a /29 of subnet_pool), labelled with the name.
+    network: str | None = None
+    shared_network: str = "invoker-actions"
+    subnet_pool: str = "10.213.0.0/16"
     pids_limit: int = 128
     cpus: float = 1.0  # nano_cpus per container
     max_result_bytes: int = 1_048_576
     init_timeout_s: float = 30.0  # wait for a cold container to accept connections
-    user: str | None = None  # None keeps the image's user
+    # How runtimes run: the uid:gid, the tmpfs paths it may write and exec from (ActionLoop
+    # runtimes write the action under /action/<n>/ and exec it), and kind_runtime's overrides
+    # of these per kind ("blackbox" for blackbox images), with extra env: see RuntimeSettings.
+    user: str = "65534:65534"
+    exec_tmpfs: tuple[str, ...] = ("/action",)
+    kind_runtime: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: MappingProxyType({}))
     # Additions (defaults keep the behaviour described above):
     read_only_root: bool = True  # read-only root fs with a tmpfs /tmp
     tmpfs_mb: int = 64
     api_host: str | None = None  # __OW_API_HOST in the /init env, when set
     docker_threads: int = 8  # CapacityLimiter for blocking docker SDK calls
     reaper_interval_s: float | None = None  # default: min(1 s, idle_timeout_s / 4)
+
+    def runtime(self, kind: str) -> RuntimeSettings:
+        """The settings containers of ``kind`` run with (validated by the daemon's Config)."""
+        override = self.kind_runtime.get(kind) or {}
+        return RuntimeSettings(
+            user=override.get("user", self.user),
+            exec_tmpfs=tuple(override.get("exec_tmpfs", self.exec_tmpfs)),
+            env=MappingProxyType(dict(override.get("env") or {})),
+        )
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How the containers of one kind run."""
+
+    user: str  # "uid:gid"
+    exec_tmpfs: tuple[str, ...]  # tmpfs paths owned by that uid, mounted exec
+    env: Mapping[str, str]  # extra environment variables of the container
 
 
 # Container phases
@@ -102,8 +165,10 @@ _STEM = "stem"  # started stem cell, not given to any action
 _ASSIGNED = "assigned"  # stem cell given to an action, not initialized yet
 _INITIALIZING = "initializing"
 _READY = "ready"
+_RETIRING = "retiring"  # never leased again; removed once no activation uses it
 _REMOVING = "removing"
 _REMOVED = "removed"
+_DESTROYED = (_RETIRING, _REMOVING, _REMOVED)
 
 
 @dataclass(eq=False)
@@ -113,7 +178,8 @@ class _Container:
     image: str
     kind: str
     memory_mb: int
-    pool_key: tuple[str, str, str] | None  # None: an unassigned stem cell
+    pool_key: PoolKey | None  # None: an unassigned stem cell
+    labels: dict[str, str]  # besides the ones every container has (see _spec)
     concurrency: int = 1
     phase: str = _NEW
     docker_id: str | None = None
@@ -124,6 +190,7 @@ class _Container:
     init_done: trio.Event = field(default_factory=trio.Event)
     init_failure: InvocationResult | None = None
     action_label: str = ""
+    destroy_reason: str = ""
 
     @property
     def idle(self) -> bool:
@@ -133,6 +200,7 @@ class _Container:
 @dataclass(eq=False)
 class _Waiter:
     action: Action
+    key: PoolKey
     event: trio.Event = field(default_factory=trio.Event)
     container: _Container | None = None
 
@@ -142,22 +210,47 @@ def _sanitize(name: str, max_len: int = 40) -> str:
     return (cleaned or "action")[:max_len]
 
 
+def _result_without_run(message: str) -> InvocationResult:
+    """A developer error for an activation that never reached a usable container."""
+    now = now_ms()
+    return InvocationResult(status=Status.DEVELOPER_ERROR, result={"error": message},
+                            start_ms=now, end_ms=now, start_kind="none")
+
+
 class Lease:
-    """One concurrency slot. ``invoke`` never raises for action faults."""
+    """One concurrency slot. ``invoke`` never raises for action faults.
+
+    The slot is given back when ``lease()`` is left, or as soon as ``invoke`` returns if the
+    container was destroyed meanwhile: its removal then waits only for the activations still
+    running in it, not for this one's record to be delivered.
+    """
 
     def __init__(self, pool: ContainerPool, action: Action, container: _Container | None):
         self._pool = pool
         self.action = action
         self._container = container
+        self._holds_slot = container is not None
 
     @property
     def container_name(self) -> str | None:
         return self._container.name if self._container else None
 
+    def _give_back(self) -> None:
+        if self._holds_slot:
+            self._holds_slot = False
+            assert self._container is not None
+            self._pool._release(self._container)
+
     async def invoke(self, activation: Activation) -> InvocationResult:
         pool = self._pool
+        c = self._container
         try:
-            result = await pool._invoke(self._container, activation)
+            if c is not None and not self._holds_slot:
+                result = _result_without_run(MSG_ABNORMAL)  # destroyed by an earlier invoke
+            else:
+                result = await pool._invoke(c, activation)
+                if c is not None and c.phase in _DESTROYED:
+                    self._give_back()
         except trio.Cancelled:
             raise
         except Exception as exc:  # noqa: BLE001 - never raise for an activation
@@ -193,6 +286,7 @@ class ContainerPool:
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._changed = trio.Event()  # set (and replaced) on every state change; for tests
+        self._owner = ProcessOwner.current()  # labels every container (see _new_record)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -200,22 +294,34 @@ class ContainerPool:
     async def open(cls, config: PoolConfig, metrics: Metrics) -> AsyncIterator[ContainerPool]:
         backend = await DockerBackend.connect(threads=config.docker_threads)
         client = RuntimeClient(config.max_result_bytes)
-        async with cls._open_with(config, metrics, backend, client) as pool:
+        async with cls._open_with(config, metrics, backend, client,
+                                  manage_networks=True) as pool:
             yield pool
 
     @classmethod
     @asynccontextmanager
     async def _open_with(
-        cls, config: PoolConfig, metrics: Metrics, backend: Any, client: Any
+        cls, config: PoolConfig, metrics: Metrics, backend: Any, client: Any,
+        *, manage_networks: bool = False,
     ) -> AsyncIterator[ContainerPool]:
-        """``open`` with the Docker backend and runtime client given (unit tests use fakes)."""
+        """``open`` with the Docker backend and runtime client given (unit tests use fakes).
+        Without ``manage_networks`` containers join ``config.network`` (None: Docker's
+        default bridge) as it is, and nothing isolates them (the fakes have no networks)."""
         pool = cls(config, metrics, backend, client)
+        networks = pool._networks = ActionNetworks(
+            backend, invoker_id=config.invoker_id, owner=pool._owner, group=config.network,
+            shared_name=config.shared_network, subnet_pool=config.subnet_pool,
+        ) if manage_networks else None
         try:
             await pool._remove_leftovers()
+            if networks is not None:
+                await networks.open()  # after the leftover containers: frees their networks
             async with trio.open_nursery() as nursery:
                 pool._nursery = nursery
                 pool._replenish_stems()
                 nursery.start_soon(pool._reaper)
+                if networks is not None and networks.per_container:
+                    nursery.start_soon(pool._release_networks, networks)
                 try:
                     yield pool
                 finally:
@@ -226,19 +332,54 @@ class ContainerPool:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + 60
                 await pool._remove_all()
+                if networks is not None:
+                    await networks.release_all()
                 await client.aclose()
                 await backend.aclose()
 
+    async def _release_networks(self, networks: ActionNetworks) -> None:
+        """Removes each per-container network once its container is gone: looked at after
+        every change of the pool, and every second (to retry what Docker refused)."""
+        assert self._nursery is not None
+        while True:
+            with trio.move_on_after(1.0):
+                await self.wait_changed()
+            for name in networks.gone(self._docker_ids):
+                self._nursery.start_soon(networks.release, name)
+
     async def _remove_leftovers(self) -> None:
-        leftovers = await self._backend.list_labelled(self.config.invoker_id)
+        """Remove what an earlier run left (see the module docstring). Raises DockerError."""
+        leftovers: dict[str, tuple[LabelledContainer, str]] = {}
+        for c in await self._backend.list_labelled(LABEL_HOST, self._owner.host):
+            if self._owner.left_behind(c.labels):
+                leftovers[c.id] = (c, "its process has ended")
+        for c in await self._backend.list_labelled(LABEL_ID, self.config.invoker_id):
+            leftovers[c.id] = (c, "our invoker id")
         if not leftovers:
             return
+        failures: list[str] = []
         async with trio.open_nursery() as nursery:
-            for cid, name in leftovers:
-                nursery.start_soon(self._backend.remove, cid)
-                logger.info("removing leftover container", container=name, id=cid[:12])
+            for c, why in leftovers.values():
+                logger.info("removing leftover container", container=c.name, id=c.id[:12],
+                            because=why)
+                nursery.start_soon(self._remove_leftover, c, failures)
+        if failures:
+            # Not ours to count, maybe running: starting anyway could overcommit memory.
+            raise DockerError(f"{len(failures)} leftover container(s) not removed: "
+                              f"{failures[0]}")
         logger.info("leftover containers removed", count=len(leftovers),
                     invoker_id=self.config.invoker_id)
+
+    async def _remove_leftover(self, c: LabelledContainer, failures: list[str]) -> None:
+        for attempt in range(1, LEFTOVER_REMOVE_ATTEMPTS + 1):
+            try:
+                await self._backend.remove(c.id)
+                return
+            except DockerError as exc:
+                if attempt == LEFTOVER_REMOVE_ATTEMPTS:
+                    failures.append(f"{c.name}: {str(exc)[:200]}")
+                    return
+            await trio.sleep(LEFTOVER_RETRY_S * attempt)
 
     async def _remove_all(self) -> None:
         ids = set(self._docker_ids)  # every container created and not yet removed
@@ -247,7 +388,8 @@ class ContainerPool:
             try:
                 await self._backend.remove(cid)
             except DockerError as exc:
-                logger.warning("removing container failed", id=cid[:12], error=str(exc))
+                logger.warning("removing container failed; a pool opened later removes it "
+                               "as a leftover", id=cid[:12], error=str(exc)[:200])
             self._docker_ids.discard(cid)
 
         async with trio.open_nursery() as nursery:
@@ -293,8 +435,11 @@ class ContainerPool:
         await self._changed.wait()
 
     def _new_record(self, image: str, kind: str, memory_mb: int, label: str,
-                    pool_key: tuple[str, str, str] | None, phase: str) -> _Container:
+                    pool_key: PoolKey | None, phase: str) -> _Container:
         seq = next(self._seq)
+        labels = self._owner.labels()
+        if pool_key is not None:  # for operators: whose code it runs
+            labels[LABEL_NAMESPACE] = pool_key.namespace
         c = _Container(
             seq=seq,
             name=f"{self.config.invoker_id}-{seq}-{_sanitize(label)}",
@@ -302,6 +447,7 @@ class ContainerPool:
             kind=kind,
             memory_mb=memory_mb,
             pool_key=pool_key,
+            labels=labels,
             phase=phase,
             last_used=trio.current_time(),
             action_label=label,
@@ -318,13 +464,17 @@ class ContainerPool:
 
     # -------------------------------------------------------------------- leases
     @asynccontextmanager
-    async def lease(self, action: Action) -> AsyncIterator[Lease]:
+    async def lease(self, action: Action, namespace: str) -> AsyncIterator[Lease]:
+        """A slot in a container that serves only ``action`` run for ``namespace``.
+
+        Waits, in arrival order, until memory or a warm slot is free (cancel to give up).
+        """
         if self._closed:
             raise RuntimeError("the container pool is closed")
         if action.limits.memory_mb > self.config.user_memory_mb:
             yield Lease(self, action, None)
             return
-        waiter = _Waiter(action)
+        waiter = _Waiter(action, action.pool_key(namespace))
         self._waiters.append(waiter)
         self._process_queue()
         try:
@@ -338,10 +488,11 @@ class ContainerPool:
             raise
         container = waiter.container
         assert container is not None
+        lease = Lease(self, action, container)
         try:
-            yield Lease(self, action, container)
+            yield lease
         finally:
-            self._release(container)
+            lease._give_back()
 
     def _release(self, c: _Container) -> None:
         c.active -= 1
@@ -349,12 +500,14 @@ class ContainerPool:
         if c.active == 0 and c.phase == _NEW:
             self._drop(c)  # reserved but never invoked: give the memory back
             return
+        if c.active == 0 and c.phase == _RETIRING:
+            self._start_removal(c)  # destroyed while in use: the last user has left
         self._process_queue()  # updates the gauges
 
     def _process_queue(self) -> None:
         while self._waiters and not self._closed:
             head = self._waiters[0]
-            c = self._try_grant(head.action)
+            c = self._try_grant(head.action, head.key)
             if c is None:
                 break
             self._waiters.popleft()
@@ -363,13 +516,12 @@ class ContainerPool:
             head.event.set()
         self._update_gauges()
 
-    def _try_grant(self, action: Action) -> _Container | None:
+    def _try_grant(self, action: Action, key: PoolKey) -> _Container | None:
         need = action.limits.memory_mb
-        concurrency = max(1, action.limits.concurrency)
-        # 1. a warm container of this action with a free slot (pack: fullest first, then MRU)
+        # 1. a warm container with this key and a free slot (pack: fullest first, then MRU)
         warm = [
             c for c in self._containers
-            if c.pool_key == action.pool_key
+            if c.pool_key == key
             and c.phase in (_NEW, _ASSIGNED, _INITIALIZING, _READY)
             and c.active < c.concurrency
         ]
@@ -385,8 +537,8 @@ class ContainerPool:
             if stems:
                 c = min(stems, key=lambda c: (c.memory_mb, c.seq))
                 c.phase = _ASSIGNED
-                c.pool_key = action.pool_key
-                c.concurrency = concurrency
+                c.pool_key = key
+                c.concurrency = key.concurrency
                 c.action_label = action.name
                 logger.debug("stem cell assigned", container=c.name, action=action.name)
                 return c
@@ -394,8 +546,8 @@ class ContainerPool:
         free = self.free_memory_mb
         if free >= need:
             kind = "blackbox" if action.blackbox else action.kind
-            c = self._new_record(action.image, kind, need, action.name, action.pool_key, _NEW)
-            c.concurrency = concurrency
+            c = self._new_record(action.image, kind, need, action.name, key, _NEW)
+            c.concurrency = key.concurrency
             return c
         # 4. evict least recently used idle containers, if that makes enough room
         being_freed = sum(c.memory_mb for c in self._containers if c.phase == _REMOVING)
@@ -421,36 +573,56 @@ class ContainerPool:
 
     # ----------------------------------------------------------- removal, reaper
     def _destroy(self, c: _Container, reason: str) -> None:
-        """Remove a container in the background; its memory counts until Docker confirms."""
-        if c.phase in (_REMOVING, _REMOVED):
+        """Never lease ``c`` again; remove it once no activation uses it (at once when idle).
+
+        Activations holding a slot in it keep running undisturbed (see Lease); its memory
+        counts until Docker confirms the removal.
+        """
+        if c.phase in _DESTROYED:
             return
+        c.phase = _RETIRING
+        c.destroy_reason = reason
+        if c.active == 0:
+            self._start_removal(c)
+        else:
+            logger.debug("container retiring", container=c.name, reason=reason, active=c.active)
+        self._update_gauges()
+
+    def _start_removal(self, c: _Container) -> None:
         if c.docker_id is None:
             self._drop(c)
             return
         c.phase = _REMOVING
         try:
             assert self._nursery is not None
-            self._nursery.start_soon(self._remove_task, c, reason)
+            self._nursery.start_soon(self._remove_task, c)
         except (AssertionError, RuntimeError):
             # The pool is closing: _remove_all removes every container it created.
             self._drop(c)
 
-    async def _remove_task(self, c: _Container, reason: str) -> None:
+    async def _remove_task(self, c: _Container) -> None:
+        """Remove c's container, retrying with capped backoff until Docker confirms it is gone.
+
+        Until then it may still run, so its memory stays counted. One such task per container;
+        cancelled when the pool closes, whose _remove_all tries once more.
+        """
         assert c.docker_id is not None
         await self._close_conn(c)
-        for attempt in range(REMOVE_ATTEMPTS):
+        delay = REMOVE_RETRY_FIRST_S
+        attempt = 1
+        while True:
             try:
                 await self._backend.remove(c.docker_id)
-                self._docker_ids.discard(c.docker_id)
-                logger.debug("container removed", container=c.name, reason=reason)
                 break
             except DockerError as exc:
-                # It may still run: its memory stays counted while removal is retried.
-                logger.warning("removing container failed", container=c.name, error=str(exc),
-                               attempt=attempt + 1)
-                if attempt + 1 < REMOVE_ATTEMPTS:
-                    await trio.sleep(2 ** attempt)
-        # Given up: the id stays in _docker_ids, so closing the pool tries once more.
+                logger.warning("removing container failed; its memory stays counted",
+                               container=c.name, error=str(exc)[:200], attempt=attempt,
+                               retry_in_s=delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, REMOVE_RETRY_MAX_S)
+            attempt += 1
+        self._docker_ids.discard(c.docker_id)
+        logger.debug("container removed", container=c.name, reason=c.destroy_reason)
         self._drop(c)
 
     @staticmethod
@@ -513,8 +685,9 @@ class ContainerPool:
         self._process_queue()  # updates the gauges
 
     # ---------------------------------------------------------------- containers
-    def _spec(self, c: _Container) -> ContainerSpec:
+    def _spec(self, c: _Container, network: str | None, publish: bool) -> ContainerSpec:
         cfg = self.config
+        runtime = cfg.runtime(c.kind)
         return ContainerSpec(
             name=c.name,
             image=c.image,
@@ -524,28 +697,51 @@ class ContainerPool:
                 LABEL_ID: cfg.invoker_id,
                 LABEL_ACTION: c.action_label,
                 LABEL_KIND: c.kind,
+                **c.labels,
+                # network mode: how a deployment finds the containers (compose.sh down)
+                **({LABEL_NETWORK: cfg.network} if cfg.network else {}),
             },
-            network=cfg.network,
+            network=network,
+            publish=publish,
             pids_limit=cfg.pids_limit,
             cpus=cfg.cpus,
-            user=cfg.user,
+            user=runtime.user,
             read_only=cfg.read_only_root,
             tmpfs_mb=cfg.tmpfs_mb,
+            exec_tmpfs=runtime.exec_tmpfs,
+            env=runtime.env,
         )
 
     async def _create_and_start(self, c: _Container) -> None:
-        """Create and start c's container and learn its address. Raises DockerError."""
+        """Create c's network (see invoker.networks) and container, start it and learn its
+        address. Raises DockerError."""
         t0 = trio.current_time()
-        cid = await self._backend.create(self._spec(c))
+        networks = self._networks
+        if networks is None:  # unmanaged (see _open_with)
+            network, publish = self.config.network, self.config.network is None
+        else:
+            network, publish = await networks.create(c.name), networks.publish
+        network_s = trio.current_time() - t0
+        try:
+            cid = await self._backend.create(self._spec(c, network, publish))
+        except BaseException:
+            if networks is not None:
+                await networks.discard(network)
+            raise
         c.docker_id = cid
         self._docker_ids.add(cid)
         self._update_gauges()
+        if networks is not None:
+            t1 = trio.current_time()
+            await networks.attach(network, cid)
+            network_s += trio.current_time() - t1
         if self._closed:
             raise DockerError("the container pool is closed")
-        c.base_url = await self._backend.start(cid, self.config.network)
+        c.base_url = await self._backend.start(cid, network)
         c.conn = self._client.connect(c.base_url)
         logger.debug("container started", container=c.name, id=cid[:12], url=c.base_url,
-                     seconds=round(trio.current_time() - t0, 3))
+                     seconds=round(trio.current_time() - t0, 3),
+                     network_seconds=round(network_s, 3))
 
     async def _wait_ready(self, c: _Container, deadline: float) -> str | None:
         """None once the runtime answers HTTP; else "timeout" / "oom" / "exited"."""
@@ -608,14 +804,9 @@ class ContainerPool:
         action = activation.action
         limits = action.limits
         if c is None:
-            now = now_ms()
-            return InvocationResult(
-                status=Status.DEVELOPER_ERROR,
-                result={"error": (
-                    f"The action requires {limits.memory_mb} MB of memory but this invoker "
-                    f"has only {self.config.user_memory_mb} MB for actions."
-                )},
-                start_ms=now, end_ms=now, start_kind="none",
+            return _result_without_run(
+                f"The action requires {limits.memory_mb} MB of memory but this invoker "
+                f"has only {self.config.user_memory_mb} MB for actions."
             )
         start_kind = "warm"
         init_time_ms: int | None = None
@@ -632,10 +823,9 @@ class ContainerPool:
             f = c.init_failure
             return InvocationResult(status=f.status, result=dict(f.result), start_ms=f.start_ms,
                                     end_ms=f.end_ms, logs=[], start_kind=f.start_kind)
-        if c.phase != _READY:
-            now = now_ms()
-            return InvocationResult(status=Status.DEVELOPER_ERROR, result={"error": MSG_ABNORMAL},
-                                    start_ms=now, end_ms=now, start_kind="none")
+        # A container destroyed after this activation got its slot still serves it (_destroy).
+        if c.phase not in (_READY, _RETIRING) or c.conn is None:
+            return _result_without_run(MSG_ABNORMAL)
         return await self._run(c, activation, start_kind, init_time_ms, logs_since_ns)
 
     async def _initialize(self, c: _Container, action: Action,
@@ -788,6 +978,10 @@ class ContainerPool:
                 # The runtime did not finish its logs: later activations could see stale lines.
                 logger.debug("log sentinels missing; container not reused", container=c.name)
                 self._destroy(c, reason="log sentinels missing")
+        if status in (Status.DEVELOPER_ERROR, Status.INTERNAL_ERROR):
+            # As OpenWhisk's isContainerError: a runtime that failed may stay broken (the
+            # Node.js one answers every later /run with 403), so the container is not reused.
+            self._destroy(c, reason=f"status {int(status)} from /run")
         c.last_used = trio.current_time()
         return InvocationResult(status=status, result=result, start_ms=start_ms, end_ms=end_ms,
                                 logs=logs, init_time_ms=init_time_ms, start_kind=start_kind)

@@ -9,9 +9,12 @@ with it at the end and fails the test if the pool left anything behind.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import json
 import os
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,11 +28,14 @@ import trio
 
 from invoker.metrics import Metrics
 from invoker.model import Action, Activation, InvocationResult, Limits, Status
+from invoker.networks import LABEL_NETWORK
+from invoker.ownership import ProcessOwner
 from invoker.pool import ContainerPool, PoolConfig
 
 pytestmark = pytest.mark.integration
 
 IMAGE = "invoker-action-python:latest"
+NAMESPACE = "guest"
 NETWORK = os.environ.get("INVOKER_TEST_NETWORK") or None  # set when the tests run in a container
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (stdout|stderr): (.*)$")
 TIMINGS: dict[str, list[float]] = {"cold": [], "warm": [], "prewarm": []}
@@ -77,6 +83,13 @@ def exists(dclient: docker.DockerClient, name: str) -> bool:
     return True
 
 
+def ended_pid() -> int:
+    """The pid of a process that has just ended (and been reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
 def make_action(name: str, code: str | None, *, memory: int = 128, timeout_ms: int = 5000,
                 logs_kb: int = 10, concurrency: int = 1, image: str = IMAGE,
                 kind: str = "python:3", blackbox: bool = False) -> Action:
@@ -87,7 +100,7 @@ def make_action(name: str, code: str | None, *, memory: int = 128, timeout_ms: i
 
 
 def make_activation(action: Action, params: dict[str, Any] | None = None) -> Activation:
-    return Activation(activation_id=uuid.uuid4().hex, namespace="guest", action=action,
+    return Activation(activation_id=uuid.uuid4().hex, namespace=NAMESPACE, action=action,
                       params=params or {}, blocking=True, transid=uuid.uuid4().hex,
                       submitted_at_ms=None)
 
@@ -103,7 +116,7 @@ async def open_pool(invoker_id: str, **kw: Any) -> AsyncIterator[ContainerPool]:
 async def invoke(pool: ContainerPool, action: Action,
                  params: dict[str, Any] | None = None) -> tuple[InvocationResult, str | None]:
     t0 = time.perf_counter()
-    async with pool.lease(action) as lease:
+    async with pool.lease(action, NAMESPACE) as lease:
         result = await lease.invoke(make_activation(action, params))
         name = lease.container_name
     if result.start_kind in TIMINGS:
@@ -153,7 +166,7 @@ async def test_hello_world_cold_then_warm(dclient, invoker_id) -> None:
     async with open_pool(invoker_id) as pool:
         action = make_action("hello", HELLO)
         activation = make_activation(action, {"name": "Ann"})
-        async with pool.lease(action) as lease:
+        async with pool.lease(action, NAMESPACE) as lease:
             r1 = await lease.invoke(activation)
             name1 = lease.container_name
         assert r1.status == Status.SUCCESS, r1.result
@@ -215,8 +228,11 @@ async def test_raise_is_developer_error(dclient, invoker_id) -> None:
         stderr = [t for s, t in texts(r.logs) if s == "stderr"]
         assert stderr[0] == "Traceback (most recent call last):"
         assert stderr[-1] == "ValueError: boom"
-        r2, name2 = await invoke(pool, action)  # the runtime survived: container reused
-        assert (r2.status, r2.start_kind, name2) == (Status.DEVELOPER_ERROR, "warm", name)
+        # status 2: the runtime may be broken (as OpenWhisk), so the container is not reused
+        r2, name2 = await invoke(pool, action)
+        assert (r2.status, r2.start_kind) == (Status.DEVELOPER_ERROR, "cold")
+        assert name2 != name
+        await wait_until(pool, lambda: not exists(dclient, name))
 
 
 async def test_error_field_is_application_error(dclient, invoker_id) -> None:
@@ -321,7 +337,7 @@ async def test_concurrency_two_share_a_container(dclient, invoker_id) -> None:
     async with open_pool(invoker_id) as pool:
         action = make_action("shared", SLEEPY, concurrency=2)
         results: list[InvocationResult] = []
-        async with pool.lease(action) as l1, pool.lease(action) as l2:
+        async with pool.lease(action, NAMESPACE) as l1, pool.lease(action, NAMESPACE) as l2:
             assert l1.container_name == l2.container_name
             running = 0
             peak = 0
@@ -357,7 +373,7 @@ async def test_memory_bound_fifo_and_lru_eviction(dclient, invoker_id) -> None:
         used: dict[str, str | None] = {}
 
         async def waiter(name: str) -> None:
-            async with pool.lease(a) as lease:
+            async with pool.lease(a, NAMESPACE) as lease:
                 order.append(f"{name} got")
                 used[name] = lease.container_name
                 r = await lease.invoke(make_activation(a))
@@ -366,7 +382,7 @@ async def test_memory_bound_fifo_and_lru_eviction(dclient, invoker_id) -> None:
             order.append(f"{name} released")
 
         async with trio.open_nursery() as nursery:
-            l1, l2 = pool.lease(a), pool.lease(a)
+            l1, l2 = pool.lease(a, NAMESPACE), pool.lease(a, NAMESPACE)
             lease1 = await l1.__aenter__()
             lease2 = await l2.__aenter__()
             ra = await lease1.invoke(make_activation(a))
@@ -419,12 +435,25 @@ async def test_leftovers_removed_on_open(dclient, invoker_id) -> None:
         IMAGE, name=f"{other_id}-0-other",
         labels={"org.invoker.managed": "true", "org.invoker.id": other_id},
     )
+    # Other ids on this host: a live process's containers stay, an ended one's are removed.
+    me = ProcessOwner.current()
+    live, dead = (
+        dclient.containers.create(
+            IMAGE, name=f"{other_id}-{n}-{what}",
+            labels={"org.invoker.managed": "true", "org.invoker.id": f"{other_id}{n}",
+                    **dataclasses.replace(me, pid=pid).labels()})
+        for n, what, pid in ((1, "live", me.pid), (2, "dead", ended_pid()))
+    )
     try:
         async with open_pool(invoker_id):
             assert not exists(dclient, leftover.name)
             assert exists(dclient, other.name)  # another invoker's containers are not ours
+            assert exists(dclient, live.name)
+            assert not exists(dclient, dead.name)
     finally:
-        other.remove(force=True)
+        for c in (other, live, dead):
+            if exists(dclient, c.name):
+                c.remove(force=True)
 
 
 async def test_prewarm_and_exit_removes_everything(dclient, invoker_id) -> None:
@@ -507,20 +536,109 @@ def main(args):
         assert re.fullmatch(rf"{invoker_id}-\d+-probe_me", name)
 
 
-async def test_network_mode_reaches_containers_by_ip_without_publishing(dclient, invoker_id):
-    """The daemon-in-a-container set-up: action containers on a named network, no host ports."""
-    name = f"invoker-test-{uuid.uuid4().hex[:8]}"
-    dclient.networks.create(name, driver="bridge", labels={"org.invoker.test": "true"})
+REACH = """
+import os, socket
+def main(args):
+    with open(os.path.join(os.environ["HOME"], "scratch"), "w") as fh:
+        fh.write("home is writable")
+    out = {"uid": os.getuid(), "gid": os.getgid(), "home": os.environ["HOME"]}
+    for label, host in args.get("targets", []):
+        if host == "self":
+            host = socket.gethostbyname(socket.gethostname())
+        sock = socket.socket()
+        sock.settimeout(1.0)
+        try:
+            sock.connect((host, 8080))
+            out[label] = "connected"
+        except OSError as exc:
+            out[label] = type(exc).__name__
+        finally:
+            sock.close()
+    return out
+"""
+
+
+def action_networks(dclient: docker.DockerClient, iid: str) -> dict[str, Any]:
+    """The per-container networks labelled with invoker id ``iid``, by name."""
+    found = dclient.networks.list(filters={"label": [f"org.invoker.id={iid}",
+                                                     LABEL_NETWORK]})
+    return {n.name: n for n in found}
+
+
+async def test_network_mode_gives_each_container_a_network_of_its_own(dclient, invoker_id):
+    """The daemon-in-a-container set-up (the pool's process joins each link network when it
+    runs in a container; on the host, as here, it reaches every bridge directly): no published
+    ports; each container on an internal link network of its own and on the shared egress
+    network (inter-container traffic off); an action cannot reach another one on either; a
+    link network goes with its container. The Python runtime runs as 65534 with HOME=/action,
+    a tmpfs of that uid."""
+    group = f"invoker-test-{uuid.uuid4().hex[:8]}"
     try:
-        async with open_pool(invoker_id, network=name) as pool:
-            action = make_action("netmode", HELLO)
-            result, container = await invoke(pool, action, {"name": "net"})
-            assert result.status is Status.SUCCESS, result.result
-            assert result.result["greeting"] == "Hello net"
-            attrs = dclient.containers.get(container).attrs
-            assert list(attrs["NetworkSettings"]["Networks"]) == [name]
+        async with open_pool(invoker_id, network=group) as pool:
+            target_result, target = await invoke(pool, make_action("target", REACH))
+            assert target_result.status is Status.SUCCESS, target_result.result
+            assert target_result.result == {"uid": 65534, "gid": 65534, "home": "/action"}
+            attrs = dclient.containers.get(target).attrs
+            assert sorted(attrs["NetworkSettings"]["Networks"]) == sorted([target, group])
             assert not attrs["HostConfig"].get("PortBindings")
-            warm, _ = await invoke(pool, action, {"name": "again"})
-            assert warm.start_kind == "warm" and warm.status is Status.SUCCESS
+            target_ip = attrs["NetworkSettings"]["Networks"][target]["IPAddress"]
+            target_egress_ip = attrs["NetworkSettings"]["Networks"][group]["IPAddress"]
+            link = dclient.networks.get(target).attrs
+            assert link["Internal"] is True
+            assert link["Labels"][LABEL_NETWORK] == group
+            assert link["Labels"]["org.invoker.id"] == invoker_id
+            subnet = ipaddress.ip_network(link["IPAM"]["Config"][0]["Subnet"])
+            assert subnet.prefixlen == 29
+            assert subnet.subnet_of(ipaddress.ip_network(PoolConfig("x").subnet_pool))
+            assert ipaddress.ip_address(target_ip) in subnet
+            egress = dclient.networks.get(group).attrs
+            assert egress["Options"]["com.docker.network.bridge.enable_icc"] == "false"
+
+            probe, prober = await invoke(pool, make_action("prober", REACH), {
+                "targets": [["self", "self"], ["other action", target_ip],
+                            ["other action, egress", target_egress_ip]]})
+            assert probe.status is Status.SUCCESS, probe.result
+            assert probe.result["self"] == "connected"  # the probe itself works
+            for way in ("other action", "other action, egress"):
+                assert probe.result[way] in ("TimeoutError", "ConnectionRefusedError"), way
+            assert exists(dclient, target)  # not reaped meanwhile: it was there to be reached
+            assert set(action_networks(dclient, invoker_id)) == {target, prober}
+
+            # a timeout destroys the container; its network follows
+            slow, victim = await invoke(pool, make_action("slow", SLEEPY, timeout_ms=300),
+                                        {"sleep": 5})
+            assert slow.status is Status.DEVELOPER_ERROR
+            await wait_until(pool, lambda: victim not in action_networks(dclient, invoker_id))
+            assert set(action_networks(dclient, invoker_id)) == {target, prober}
+        assert action_networks(dclient, invoker_id) == {}  # closing removed the rest
     finally:
-        dclient.networks.get(name).remove()
+        for network in [*action_networks(dclient, invoker_id).values(),
+                        *dclient.networks.list(names=[group])]:
+            network.remove()
+
+
+async def test_network_mode_removes_leftover_networks(dclient, invoker_id):
+    """Per-container networks of an earlier run with this invoker id, or of a process of this
+    host that has ended, are removed at open; another live invoker's are kept."""
+    owner = ProcessOwner.current()
+    tag = uuid.uuid4().hex[:8]
+    labels = {"org.invoker.managed": "true", LABEL_NETWORK: f"invoker-test-{tag}"}
+    ours = dclient.networks.create(f"test-{tag}-ours", labels={
+        **labels, "org.invoker.id": invoker_id})
+    ended = dclient.networks.create(f"test-{tag}-ended", labels={
+        **labels, "org.invoker.id": f"ended{tag}",
+        **dataclasses.replace(owner, pid=ended_pid(), start="").labels()})
+    alive = dclient.networks.create(f"test-{tag}-alive", labels={
+        **labels, "org.invoker.id": f"alive{tag}", **owner.labels()})
+    group = f"invoker-test-{tag}"
+    try:
+        async with open_pool(invoker_id, network=group):
+            names = {n.name for n in dclient.networks.list(filters={"label": LABEL_NETWORK})}
+            assert ours.name not in names and ended.name not in names
+            assert alive.name in names
+    finally:
+        for network in (ours, ended, alive, *dclient.networks.list(names=[group])):
+            try:
+                network.remove()
+            except docker.errors.NotFound:
+                pass  # removed by the pool, as it should be

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 import trio
 import trio.lowlevel
 
-from invoker.docker_backend import CollectedLogs, ContainerState, LogLine, since_param
+from invoker import pool as pool_module
+from invoker.docker_backend import (
+    CollectedLogs,
+    ContainerState,
+    DockerError,
+    LabelledContainer,
+    LogLine,
+    since_param,
+)
 from invoker.metrics import Metrics
 from invoker.model import Action, Activation, Limits, Status
+from invoker.ownership import ProcessOwner
 from invoker.pool import ContainerPool, PoolConfig
 from invoker.runtime_client import (
+    MSG_ABNORMAL,
     RuntimeResponse,
     init_body,
     interpret_init,
@@ -22,19 +36,22 @@ from invoker.runtime_client import (
 )
 
 IMAGE = "invoker-action-python:latest"
+NAMESPACE = "guest"
 
 
 def make_action(name: str = "a", memory: int = 128, concurrency: int = 1,
-                kind: str = "python:3") -> Action:
-    return Action(name=name, version="0.0.1", kind=kind, image=IMAGE, code="def main(a): return a",
+                kind: str = "python:3", code: str = "def main(a): return a") -> Action:
+    return Action(name=name, version="0.0.1", kind=kind, image=IMAGE, code=code,
                   main="main", binary=False,
                   limits=Limits(timeout_ms=5000, memory_mb=memory, logs_kb=10,
                                 concurrency=concurrency))
 
 
-def make_activation(action: Action, n: int = 0) -> Activation:
-    return Activation(activation_id=f"act{n}", namespace="guest", action=action,
-                      params={"n": n}, blocking=True, transid=f"tid{n}", submitted_at_ms=None)
+def make_activation(action: Action, n: int = 0, namespace: str = NAMESPACE,
+                    **params: Any) -> Activation:
+    return Activation(activation_id=f"act{n}", namespace=namespace, action=action,
+                      params={"n": n, **params}, blocking=True, transid=f"tid{n}",
+                      submitted_at_ms=None)
 
 
 # ---------------------------------------------------------------- protocol rules
@@ -100,7 +117,9 @@ class FakeBackend:
         self.created: list[Any] = []
         self.removed: list[str] = []
         self.updated: list[tuple[str, int]] = []
-        self.leftovers: list[tuple[str, str]] = []
+        self.leftovers: list[LabelledContainer] = []
+        self.refuse_removal = False  # Docker answers every removal with an error
+        self.remove_calls = 0
 
     async def create(self, spec: Any) -> str:
         await trio.lowlevel.checkpoint()
@@ -114,6 +133,9 @@ class FakeBackend:
 
     async def remove(self, cid: str) -> None:
         await trio.sleep(0.01)
+        self.remove_calls += 1
+        if self.refuse_removal:
+            raise DockerError("removal refused")
         self.removed.append(cid)
 
     async def state(self, cid: str) -> ContainerState:
@@ -125,8 +147,8 @@ class FakeBackend:
     async def update_memory(self, cid: str, memory_mb: int) -> None:
         self.updated.append((cid, memory_mb))
 
-    async def list_labelled(self, invoker_id: str) -> list[tuple[str, str]]:
-        return list(self.leftovers)
+    async def list_labelled(self, label: str, value: str) -> list[LabelledContainer]:
+        return [c for c in self.leftovers if c.labels.get(label) == value]
 
     async def collect_logs(self, cid: str, **kw: Any) -> CollectedLogs:
         return CollectedLogs(complete=True)
@@ -145,9 +167,16 @@ class FakeConnection:
     async def post(self, path: str, payload: dict[str, Any]) -> RuntimeResponse:
         await trio.lowlevel.checkpoint()
         if path == "/init":
+            if "init fails" in payload["value"]["code"]:
+                return RuntimeResponse(502, b'{"error":"bad code"}')
             return RuntimeResponse(200, b'{"ok":true}')
-        if payload["value"].get("hang"):
+        params = payload["value"]
+        if params.get("hang"):
             await trio.sleep_forever()
+        if "gate" in params:  # a trio.Event: runs until the test sets it
+            await params["gate"].wait()
+        if "respond" in params:  # [HTTP status, body]
+            return RuntimeResponse(params["respond"][0], params["respond"][1].encode())
         return RuntimeResponse(200, json.dumps({"url": self.base_url}).encode())
 
     async def aclose(self) -> None:
@@ -181,9 +210,9 @@ async def test_cold_then_warm_and_metrics() -> None:
     backend = FakeBackend()
     async with open_pool(backend) as pool:
         action = make_action()
-        async with pool.lease(action) as lease:
+        async with pool.lease(action, NAMESPACE) as lease:
             r1 = await lease.invoke(make_activation(action, 1))
-        async with pool.lease(action) as lease:
+        async with pool.lease(action, NAMESPACE) as lease:
             r2 = await lease.invoke(make_activation(action, 2))
         assert (r1.status, r1.start_kind, r2.start_kind) == (Status.SUCCESS, "cold", "warm")
         assert r1.init_time_ms is not None and r2.init_time_ms is None
@@ -199,7 +228,7 @@ async def test_oversized_action_does_not_block() -> None:
     async with open_pool(FakeBackend(), user_memory_mb=256) as pool:
         action = make_action(memory=512)
         with trio.fail_after(1):
-            async with pool.lease(action) as lease:
+            async with pool.lease(action, NAMESPACE) as lease:
                 r = await lease.invoke(make_activation(action))
         assert r.status == Status.DEVELOPER_ERROR
         assert r.start_kind == "none"
@@ -216,14 +245,14 @@ async def test_memory_bound_fifo() -> None:
         release = {name: trio.Event() for name in ("w3", "w4", "w5")}
 
         async def waiter(name: str, action: Action) -> None:
-            async with pool.lease(action) as lease:
+            async with pool.lease(action, NAMESPACE) as lease:
                 order.append(name)
                 await lease.invoke(make_activation(action))
                 await release[name].wait()
 
         async with trio.open_nursery() as nursery:
-            l1 = pool.lease(a)
-            l2 = pool.lease(a)
+            l1 = pool.lease(a, NAMESPACE)
+            l2 = pool.lease(a, NAMESPACE)
             lease1 = await l1.__aenter__()
             lease2 = await l2.__aenter__()
             await lease1.invoke(make_activation(a, 1))
@@ -254,11 +283,11 @@ async def test_lru_idle_eviction() -> None:
     async with open_pool(backend, user_memory_mb=256) as pool:
         a1, a2, b = make_action("a1"), make_action("a2"), make_action("b")
         for action in (a1, a2):
-            async with pool.lease(action) as lease:
+            async with pool.lease(action, NAMESPACE) as lease:
                 await lease.invoke(make_activation(action))
-        async with pool.lease(a1) as lease:  # a1 becomes most recently used
+        async with pool.lease(a1, NAMESPACE) as lease:  # a1 becomes most recently used
             assert (await lease.invoke(make_activation(a1))).start_kind == "warm"
-        async with pool.lease(b) as lease:
+        async with pool.lease(b, NAMESPACE) as lease:
             r = await lease.invoke(make_activation(b))
         assert r.start_kind == "cold"
         assert backend.removed == ["id2"]  # a2's container, the least recently used
@@ -270,7 +299,7 @@ async def test_concurrency_shares_container() -> None:
     backend = FakeBackend()
     async with open_pool(backend) as pool:
         action = make_action(concurrency=2)
-        async with pool.lease(action) as l1, pool.lease(action) as l2:
+        async with pool.lease(action, NAMESPACE) as l1, pool.lease(action, NAMESPACE) as l2:
             assert l1.container_name == l2.container_name
             results = []
 
@@ -289,13 +318,13 @@ async def test_concurrency_shares_container() -> None:
 async def test_cancelled_waiter_leaves_queue() -> None:
     async with open_pool(FakeBackend(), user_memory_mb=128) as pool:
         a = make_action()
-        async with pool.lease(a) as lease:
+        async with pool.lease(a, NAMESPACE) as lease:
             await lease.invoke(make_activation(a))
             with trio.move_on_after(0.05):
-                async with pool.lease(make_action("b")):
+                async with pool.lease(make_action("b"), NAMESPACE):
                     pytest.fail("must not be granted")
             assert pool.waiting == 0
-        async with pool.lease(a) as lease:
+        async with pool.lease(a, NAMESPACE) as lease:
             assert (await lease.invoke(make_activation(a))).start_kind == "warm"
 
 
@@ -305,7 +334,7 @@ async def test_prewarm_used_shrunk_and_replenished() -> None:
                          reaper_interval_s=0.01) as pool:
         await wait_until(pool, lambda: [c["phase"] for c in pool.snapshot()] == ["stem"])
         action = make_action(memory=128)
-        async with pool.lease(action) as lease:
+        async with pool.lease(action, NAMESPACE) as lease:
             r = await lease.invoke(make_activation(action))
         assert r.start_kind == "prewarm"
         assert backend.updated == [("id1", 128)]
@@ -319,27 +348,75 @@ async def test_idle_reaper() -> None:
     backend = FakeBackend()
     async with open_pool(backend, idle_timeout_s=0.05, reaper_interval_s=0.01) as pool:
         action = make_action()
-        async with pool.lease(action) as lease:
+        async with pool.lease(action, NAMESPACE) as lease:
             await lease.invoke(make_activation(action))
         await wait_until(pool, lambda: not pool.snapshot())
         assert backend.removed == ["id1"]
         assert pool.used_memory_mb == 0
 
 
+def ended_pid() -> int:
+    """The pid of a process that has just ended (and been reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
 async def test_leftovers_removed_on_open() -> None:
     backend = FakeBackend()
-    backend.leftovers = [("old1", "unit-1-x"), ("old2", "unit-2-y")]
+    me = ProcessOwner.current()
+    ours = {"org.invoker.managed": "true", "org.invoker.id": "unit"}
+
+    def owned_by(**changes: Any) -> dict[str, str]:
+        return dataclasses.replace(me, **changes).labels()
+
+    backend.leftovers = [
+        LabelledContainer("old1", "unit-1-x", ours),
+        LabelledContainer("old2", "unit-2-y", {**ours, **owned_by()}),  # our id: removed
+        # another invoker id on this host: removed only when its process has ended
+        LabelledContainer("dead", "other-1-x", owned_by(pid=ended_pid())),
+        LabelledContainer("reused", "other-2-x", owned_by(start=me.start + "0")),
+        LabelledContainer("alive", "other-3-x", owned_by()),
+        LabelledContainer("parent", "other-4-x", owned_by(pid=os.getppid(), start="")),
+        LabelledContainer("elsewhere", "other-5-x", owned_by(host=me.host + "x",
+                                                              pid=ended_pid())),
+        LabelledContainer("other-ns", "other-6-x", owned_by(pid_namespace="pid:[1]",
+                                                             pid=ended_pid())),
+    ]
     async with open_pool(backend):
-        assert sorted(backend.removed) == ["old1", "old2"]
+        assert sorted(backend.removed) == ["dead", "old1", "old2", "reused"]
+
+
+async def test_leftover_removal_retried_then_fails_open(monkeypatch) -> None:
+    monkeypatch.setattr(pool_module, "LEFTOVER_RETRY_S", 0.01)
+    backend = FakeBackend()
+    backend.leftovers = [LabelledContainer("old1", "unit-1-x", {"org.invoker.id": "unit"})]
+    backend.refuse_removal = True  # e.g. another daemon removing it: "already in progress"
+    with pytest.raises(DockerError, match="1 leftover container.s. not removed: unit-1-x: "
+                                          "removal refused"):
+        async with open_pool(backend):
+            pytest.fail("must not open")
+    assert backend.remove_calls == pool_module.LEFTOVER_REMOVE_ATTEMPTS
+
+
+def test_process_owner() -> None:
+    me = ProcessOwner.current()
+    assert me.pid == os.getpid() and me.host and me.start
+    assert me.pid_namespace.startswith("pid:[")
+    assert not me.left_behind(me.labels())
+    assert not me.left_behind({})
+    for pid in ("0", "-1", "x", str(2**70)):  # never a process group, never an error
+        labels = {**me.labels(), "org.invoker.pid": pid, "org.invoker.pid-start": ""}
+        assert not me.left_behind(labels)
 
 
 async def test_cancelled_run_destroys_container() -> None:
     backend = FakeBackend()
     async with open_pool(backend) as pool:
         action = make_action()
-        async with pool.lease(action) as lease:
+        async with pool.lease(action, NAMESPACE) as lease:
             activation = make_activation(action)
-            hanging = Activation(activation_id="h", namespace="guest", action=action,
+            hanging = Activation(activation_id="h", namespace=NAMESPACE, action=action,
                                  params={"hang": True}, blocking=True, transid="t",
                                  submitted_at_ms=None)
             await lease.invoke(activation)
@@ -347,5 +424,181 @@ async def test_cancelled_run_destroys_container() -> None:
                 await lease.invoke(hanging)
         await wait_until(pool, lambda: not pool.snapshot())
         assert backend.removed == ["id1"]
-        async with pool.lease(action) as lease:
+        async with pool.lease(action, NAMESPACE) as lease:
             assert (await lease.invoke(make_activation(action))).start_kind == "cold"
+
+
+# ------------------------------------------------- tenants, code, failed containers
+async def run_once(pool: ContainerPool, action: Action, namespace: str = NAMESPACE,
+                   **params: Any) -> tuple[Any, str | None]:
+    async with pool.lease(action, namespace) as lease:
+        result = await lease.invoke(make_activation(action, namespace=namespace, **params))
+        return result, lease.container_name
+
+
+async def test_containers_per_namespace_and_code() -> None:
+    backend = FakeBackend()
+    async with open_pool(backend) as pool:
+        action = make_action("shared-name")
+        ra, name_a = await run_once(pool, action, "tenanta")
+        rb, name_b = await run_once(pool, action, "tenantb")
+        assert (ra.start_kind, rb.start_kind) == ("cold", "cold")
+        assert name_a != name_b  # same action name, version and code: still not shared
+        assert [spec.labels["org.invoker.namespace"] for spec in backend.created] == [
+            "tenanta", "tenantb"]
+        # an equal action (a new object, as each message decodes one) reuses the container
+        again, name = await run_once(pool, make_action("shared-name"), "tenanta")
+        assert (again.start_kind, name) == ("warm", name_a)
+        # new code under the same name and version: a new container
+        changed = make_action("shared-name", code="def main(a): return {'v': 2}")
+        rc, name_c = await run_once(pool, changed, "tenanta")
+        assert rc.start_kind == "cold" and name_c not in (name_a, name_b)
+        # so does a new memory limit (fixed per container)
+        bigger, name_d = await run_once(pool, make_action("shared-name", memory=256), "tenanta")
+        assert bigger.start_kind == "cold" and name_d not in (name_a, name_b, name_c)
+        assert len(backend.created) == 4
+        labels = backend.created[0].labels
+        assert labels["org.invoker.pid"] == str(os.getpid())
+        assert labels["org.invoker.host"] == ProcessOwner.current().host
+
+
+async def test_code_digest_covers_what_init_receives() -> None:
+    action = make_action()
+    same = make_action()
+    assert action.code_digest == same.code_digest and len(action.code_digest) == 64
+    variants = [dataclasses.replace(action, **change) for change in (
+        {"code": "def main(a): return {}"}, {"main": "other"}, {"binary": True},
+        {"image": "other:1"}, {"kind": "python:3.12"}, {"code": None}, {"code": ""})]
+    digests = {v.code_digest for v in variants} | {action.code_digest}
+    assert len(digests) == len(variants) + 1
+    assert make_action(code="x\ud800").code_digest  # a lone surrogate from JSON still hashes
+    assert action.pool_key("a") != action.pool_key("b")
+    assert action.pool_key("a") == same.pool_key("a")
+
+
+@pytest.mark.parametrize(("respond", "status", "reused"), [
+    ([200, '{"error": "app says no"}'], Status.APPLICATION_ERROR, True),
+    ([502, '{"error": "runtime says no"}'], Status.DEVELOPER_ERROR, False),
+    ([200, "not json"], Status.DEVELOPER_ERROR, False),
+    ([403, '{"error": "System not ready"}'], Status.DEVELOPER_ERROR, False),
+])
+async def test_container_destroyed_after_developer_error(respond, status, reused) -> None:
+    backend = FakeBackend()
+    async with open_pool(backend) as pool:
+        action = make_action()
+        failed, name1 = await run_once(pool, action, respond=respond)
+        assert failed.status == status
+        after, name2 = await run_once(pool, action)
+        assert after.status == Status.SUCCESS
+        if reused:
+            assert (after.start_kind, name2, backend.removed) == ("warm", name1, [])
+        else:
+            assert after.start_kind == "cold" and name2 != name1
+            await wait_until(pool, lambda: backend.removed == ["id1"])
+            assert [c["name"] for c in pool.snapshot()] == [name2]
+
+
+async def test_init_failure_destroys_container() -> None:
+    backend = FakeBackend()
+    async with open_pool(backend) as pool:
+        action = make_action(code="init fails")
+        r, name = await run_once(pool, action)
+        assert (r.status, r.result) == (Status.DEVELOPER_ERROR, {"error": "bad code"})
+        await wait_until(pool, lambda: backend.removed == ["id1"])
+        assert pool.snapshot() == [] and pool.used_memory_mb == 0
+
+
+async def test_concurrent_container_removed_after_its_other_activations() -> None:
+    backend = FakeBackend()
+    async with open_pool(backend) as pool:
+        action = make_action(concurrency=3)
+        gate = trio.Event()
+        results: dict[str, Any] = {}
+
+        async def slow(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            async with pool.lease(action, NAMESPACE) as lease:
+                task_status.started(lease.container_name)
+                results["slow"] = await lease.invoke(make_activation(action, 1, gate=gate))
+                results["slow given back"] = pool.snapshot()[0]["active"]
+
+        async with trio.open_nursery() as nursery:
+            container = await nursery.start(slow)
+            await wait_until(pool, lambda: pool.snapshot()[0]["phase"] == "ready")
+            failed, name = await run_once(pool, action,
+                                          respond=[502, '{"error": "broken"}'])
+            assert (failed.status, name) == (Status.DEVELOPER_ERROR, container)
+            # not leasable any more, but not removed while "slow" still runs in it
+            assert [(c["name"], c["phase"], c["active"]) for c in pool.snapshot()] == [
+                (container, "retiring", 1)]
+            fresh, fresh_name = await run_once(pool, action)
+            assert fresh.start_kind == "cold" and fresh_name != container
+            await trio.sleep(0.05)
+            assert backend.removed == []
+            gate.set()
+        assert results["slow"].status == Status.SUCCESS
+        assert results["slow"].result == {"url": "http://fake/id1"}
+        assert results["slow given back"] == 0  # at once after invoke, before leaving lease()
+        await wait_until(pool, lambda: backend.removed == ["id1"])
+        assert [c["name"] for c in pool.snapshot()] == [fresh_name]
+
+
+async def test_lease_reused_after_its_container_was_destroyed() -> None:
+    async with open_pool(FakeBackend()) as pool:
+        action = make_action()
+        async with pool.lease(action, NAMESPACE) as lease:
+            r1 = await lease.invoke(make_activation(action, respond=[502, '{"error": "x"}']))
+            r2 = await lease.invoke(make_activation(action))
+        assert r1.status == r2.status == Status.DEVELOPER_ERROR
+        # its slot went back with the destroyed container: no second run in it
+        assert (r2.result, r2.start_kind) == ({"error": MSG_ABNORMAL}, "none")
+
+
+async def test_memory_counted_until_removal_confirmed(monkeypatch) -> None:
+    monkeypatch.setattr(pool_module, "REMOVE_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(pool_module, "REMOVE_RETRY_MAX_S", 0.02)
+    backend = FakeBackend()
+    async with open_pool(backend, user_memory_mb=128) as pool:
+        a, b = make_action("a"), make_action("b")
+        backend.refuse_removal = True
+        failed, _ = await run_once(pool, a, respond=[502, '{"error": "x"}'])
+        assert failed.status == Status.DEVELOPER_ERROR
+        granted = trio.Event()
+
+        async def other() -> None:
+            async with pool.lease(b, NAMESPACE) as lease:
+                granted.set()
+                assert (await lease.invoke(make_activation(b))).status == Status.SUCCESS
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            await wait_until(pool, lambda: backend.remove_calls >= 5)
+            # removal keeps failing: the container may still run, its memory stays counted
+            assert [c["phase"] for c in pool.snapshot()] == ["removing"]
+            assert pool.used_memory_mb == 128 and pool.waiting == 1
+            assert not granted.is_set()
+            backend.refuse_removal = False
+            await wait_until(pool, granted.is_set)
+        assert backend.removed[0] == "id1"
+
+
+async def test_closing_tries_a_refused_removal_once_more(monkeypatch) -> None:
+    monkeypatch.setattr(pool_module, "REMOVE_RETRY_FIRST_S", 3600.0)
+    backend = FakeBackend()
+    async with open_pool(backend) as pool:
+        backend.refuse_removal = True
+        await run_once(pool, make_action(), respond=[502, '{"error": "x"}'])
+        await wait_until(pool, lambda: backend.remove_calls == 1)
+        assert pool.used_memory_mb == 128
+        backend.refuse_removal = False
+    assert backend.removed == ["id1"]
+
+
+def test_default_invoker_id_is_unique_per_process() -> None:
+    from invoker.config import Config
+
+    mine = Config().invoker_id
+    other = subprocess.run(
+        [sys.executable, "-c", "from invoker.config import Config; print(Config().invoker_id)"],
+        check=True, capture_output=True, text=True).stdout.strip()
+    assert mine.endswith(f"-{os.getpid()}") and other.startswith("invoker-")
+    assert mine != other and mine.rsplit("-", 1)[0] == other.rsplit("-", 1)[0]

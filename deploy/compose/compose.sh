@@ -11,9 +11,10 @@
 # - the offline override (locally built Kafka and CouchDB-API images) unless
 #   INVOKER_COMPOSE_ONLINE=1 (public apache/kafka and couchdb images from a registry);
 # - the project name: COMPOSE_PROJECT_NAME, or -p NAME before the command, default "invoker";
-# - `down` first stops the invokers (each removes its action containers), then removes the
-#   action containers of invokers that were killed and never restarted, which would otherwise
-#   keep the action network from being removed.
+# - `down` first stops the invokers (each removes its action containers and their networks),
+#   then removes the action containers of invokers that were killed and never restarted, and
+#   after Compose's own down the action networks: those left and the shared egress network
+#   (all labelled org.invoker.network=INVOKER_NETWORK).
 set -euo pipefail
 
 COMPOSE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -55,14 +56,30 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     esac
 done
 
-if [[ "$command" == down ]]; then
-    "${COMPOSE[@]}" "${files[@]}" -p "$project" stop invoker >&2 || true
-    network="${INVOKER_NETWORK:-$project-net}"
-    leftovers="$(docker ps -aq --filter label=org.invoker.managed=true --filter "network=$network")"
-    if [[ -n "$leftovers" ]]; then
-        echo "[compose] removing action containers left on $network: $(echo $leftovers)" >&2
-        # shellcheck disable=SC2086 # one id per word
-        docker rm -f $leftovers >/dev/null
-    fi
+if [[ "$command" != down ]]; then
+    exec "${COMPOSE[@]}" "${files[@]}" "$@"
 fi
-exec "${COMPOSE[@]}" "${files[@]}" "$@"
+"${COMPOSE[@]}" "${files[@]}" -p "$project" stop invoker >&2 || true
+label="org.invoker.network=${INVOKER_NETWORK:-$project-net}"
+leftovers="$(docker ps -aq --filter label=org.invoker.managed=true --filter "label=$label")"
+if [[ -n "$leftovers" ]]; then
+    echo "[compose] removing action containers left by killed invokers: $(echo $leftovers)" >&2
+    # shellcheck disable=SC2086 # one id per word
+    docker rm -f $leftovers >/dev/null
+fi
+status=0
+"${COMPOSE[@]}" "${files[@]}" "$@" || status=$?
+# free now that the invoker containers that had joined link networks are gone
+for network in $(docker network ls -q --filter "label=$label"); do
+    docker network rm "$network" >/dev/null 2>&1 && continue
+    if [[ "$(docker network inspect -f '{{len .Containers}}' "$network" 2>/dev/null)" == 0 ]]; then
+        # seen once: Docker 20.10 counting an endpoint that no container has; harmless (the
+        # egress network is reused by the next `up`); a restart of dockerd drops it
+        echo "[compose] WARNING: Docker refuses to remove network $network though no" \
+             "container is on it (a stale endpoint count); left in place" >&2
+    else
+        echo "[compose] could not remove network $network: containers are still on it" >&2
+        status=1
+    fi
+done
+exit "$status"

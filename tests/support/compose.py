@@ -77,11 +77,16 @@ class Stack:
             return out.stdout.split()
 
         label = f"label=com.docker.compose.project={PROJECT}"
+        actions = f"label=org.invoker.network={PROJECT}-net"
+        # The shared egress network is left out: Docker 20.10 was seen to keep one "with active
+        # endpoints" after every container on it was gone (compose.sh down warns about it).
+        egress = set(ids("network", "ls", "-q", "--filter", f"name=^{PROJECT}-net$"))
         return {
             "containers": ids("ps", "-aq", "--filter", label),
-            "action containers": ids("ps", "-aq", "--filter", "label=org.invoker.managed=true",
-                                     "--filter", f"network={PROJECT}-net"),
+            "action containers": ids("ps", "-aq", "--filter", actions),
             "networks": ids("network", "ls", "-q", "--filter", label),
+            "action networks": [n for n in ids("network", "ls", "-q", "--filter", actions)
+                                if n not in egress],
             "volumes": ids("volume", "ls", "-q", "--filter", label),
         }
 
