@@ -217,12 +217,15 @@ class Config:
 
         Messages count from the moment the consumer returns them (waiting in the consumer thread,
         in the read-ahead channel, in execution slots) until their record leaves the last bulk
-        write; the consumer's fetch buffer is added in bytes.
+        write; the consumer's fetch buffer is added in bytes. A message waits whole before it
+        is decoded, so a waiting one may be as large as its topic allows (assumed at most
+        ``kafka_max_message_bytes``, as on the topics the daemon creates); one that runs has
+        passed the ``max_message_bytes`` check, and keeps its params encoded.
         """
         waiting = self.max_poll_records + self.read_ahead  # messages only
         running = self.max_activations  # a message and, at the end, its record
         writing = self.record_channel_size + self.max_writes_in_flight * self.batch_size
-        size = (waiting * self.max_message_bytes
+        size = (waiting * max(self.max_message_bytes, self.kafka_max_message_bytes)
                 + running * (self.max_message_bytes + self.max_record_bytes)
                 + writing * self.max_record_bytes + self.fetch_max_bytes)
         return waiting + running + writing, size

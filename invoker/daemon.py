@@ -54,6 +54,7 @@ def pool_config(config: Config) -> PoolConfig:
         pids_limit=config.container_pids_limit,
         cpus=config.container_cpus,
         max_result_bytes=config.max_result_bytes,
+        max_json_depth=config.max_json_depth,
         init_timeout_s=config.init_timeout_s,
         user=config.container_user,
         exec_tmpfs=tuple(config.container_exec_tmpfs),
@@ -111,6 +112,7 @@ class Invoker(FeedService):
             await service.start(super().run)
             task_status.started()
             await self.work_finished.wait()
+            self._pool.close_deadline = self.shutdown_deadline
 
     async def dispatch(self, messages: trio.MemoryReceiveChannel[FeedMessage],
                        work: trio.Nursery) -> None:

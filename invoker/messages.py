@@ -25,8 +25,8 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from invoker.config import Config, limits_problem
-from invoker.model import Action, Activation, Limits, Status
-from invoker.safejson import JsonRejected, loads, quote
+from invoker.model import Action, Activation, Limits, RawJson, Status
+from invoker.safejson import JsonRejected, dumps, loads, quote
 
 _ACTIVATION_ID = re.compile(r"[0-9a-f]{32}")
 # OpenWhisk's entity names, 1-256 characters: no leading "_" (OpenWhisk's alias of the default
@@ -149,11 +149,16 @@ def decode_activation(raw: bytes, config: Config) -> Activation | Rejection:
         return reject(f"Unknown action kind {quote(kind)} (known kinds: {known}).")
     if not blackbox and code is None:
         return reject("The action has no code.")
+    # Re-encoded, params can outgrow the message a little (1e15 -> 1000000000000000.0).
+    params_json = dumps(params)
+    if len(params_json) > config.max_message_bytes:
+        return reject(f"The params take {len(params_json)} bytes as JSON, more than "
+                      f"{config.max_message_bytes}.")
 
     action = Action(name=name, version=version, kind=kind, image=image, code=code, main=main,
                     binary=binary, limits=limits, blackbox=blackbox)
     return Activation(activation_id=activation_id, namespace=namespace, action=action,
-                      params=params, blocking=blocking, transid=transid,
+                      params=RawJson(params_json), blocking=blocking, transid=transid,
                       submitted_at_ms=submitted_at)
 
 

@@ -110,13 +110,22 @@ class PoolKey(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class RawJson:
+    """A JSON object kept encoded (compact UTF-8). A decoded message's params are kept so: as
+    Python objects they can take ~25 times their encoded size (``[{},{},...]``), which would
+    break the worst-case memory bound for every running activation."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Activation:
     """One valid activation message, as taken from the feed."""
 
     activation_id: str
     namespace: str
     action: Action
-    params: dict[str, Any]
+    params: dict[str, Any] | RawJson  # RawJson when decoded from a message
     blocking: bool
     transid: str
     submitted_at_ms: int | None

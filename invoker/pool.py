@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -124,6 +125,7 @@ class PoolConfig:
     pids_limit: int = 128
     cpus: float = 1.0  # nano_cpus per container
     max_result_bytes: int = 1_048_576
+    max_json_depth: int = 64  # nesting of results; deeper is a developer error
     init_timeout_s: float = 30.0  # wait for a cold container to accept connections
     # How runtimes run: the uid:gid, the tmpfs paths it may write and exec from (ActionLoop
     # runtimes write the action under /action/<n>/ and exec it), and kind_runtime's overrides
@@ -287,6 +289,8 @@ class ContainerPool:
         self._closed = False
         self._changed = trio.Event()  # set (and replaced) on every state change; for tests
         self._owner = ProcessOwner.current()  # labels every container (see _new_record)
+        # When closing must be done (trio clock): the daemon sets its shutdown deadline here.
+        self.close_deadline = math.inf
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -330,7 +334,7 @@ class ContainerPool:
         finally:
             pool._closed = True
             with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + 60
+                scope.deadline = min(pool.close_deadline, trio.current_time() + 60)
                 await pool._remove_all()
                 if networks is not None:
                     await networks.release_all()
@@ -891,7 +895,8 @@ class ContainerPool:
                 failure = fail(Status.DEVELOPER_ERROR, await self._crash_message(c))
             else:
                 assert resp is not None
-                bad = interpret_init(resp, self.config.max_result_bytes)
+                bad = interpret_init(resp, self.config.max_result_bytes,
+                                     self.config.max_json_depth)
                 if bad is not None:
                     failure = fail(bad[0], bad[1]["error"])
             if failure is not None:
@@ -968,7 +973,8 @@ class ContainerPool:
                                     start_kind=start_kind)
 
         assert resp is not None
-        status, result = interpret_run(resp, self.config.max_result_bytes)
+        status, result = interpret_run(resp, self.config.max_result_bytes,
+                                       self.config.max_json_depth)
         if concurrent:
             logs = [MSG_LOGS_CONCURRENT]
         else:

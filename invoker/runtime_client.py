@@ -7,7 +7,6 @@ this module never waits on its own except for the readiness probe.
 
 from __future__ import annotations
 
-import json
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -15,8 +14,8 @@ from typing import Any
 import httpx
 
 from invoker.config import Config
-from invoker.model import Action, Activation, Status
-from invoker.safejson import QUOTE_CHARS, JsonRejected, loads
+from invoker.model import Action, Activation, RawJson, Status
+from invoker.safejson import QUOTE_CHARS, JsonRejected, dumps, loads
 
 # OpenWhisk's messages (common/scala/.../core/entity/ActivationResult.scala and Messages.scala)
 MSG_TIMEOUT = "The action exceeded its time limits of {ms} milliseconds."
@@ -95,7 +94,7 @@ class RuntimeConnection:
 
     async def post(self, path: str, payload: dict[str, Any]) -> RuntimeResponse:
         """POST JSON; reads the answer streaming and stops past ``max_result_bytes``."""
-        content = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        content = encode_body(payload)
         limit = self.max_result_bytes
         try:
             async with self._client.stream("POST", path, content=content,
@@ -129,6 +128,15 @@ def init_body(action: Action, api_host: str | None = None) -> dict[str, Any]:
     if action.code is not None:
         value["code"] = action.code
     return {"value": value}
+
+
+def encode_body(payload: dict[str, Any]) -> bytes:
+    """``payload`` as compact UTF-8 JSON; a :class:`RawJson` ``value`` goes in as it is."""
+    value = payload.get("value")
+    if not isinstance(value, RawJson):
+        return dumps(payload)
+    rest = dumps({k: v for k, v in payload.items() if k != "value"})
+    return b'{"value":' + value.data + (b"," + rest[1:] if len(rest) > 2 else b"}")
 
 
 def run_body(activation: Activation, deadline_ms: int) -> dict[str, Any]:

@@ -23,12 +23,13 @@ from invoker.docker_backend import (
     since_param,
 )
 from invoker.metrics import Metrics
-from invoker.model import Action, Activation, Limits, Status
+from invoker.model import Action, Activation, Limits, RawJson, Status
 from invoker.ownership import ProcessOwner
 from invoker.pool import ContainerPool, PoolConfig
 from invoker.runtime_client import (
     MSG_ABNORMAL,
     RuntimeResponse,
+    encode_body,
     init_body,
     interpret_init,
     interpret_run,
@@ -102,6 +103,11 @@ def test_bodies() -> None:
     assert body == {"value": {"n": 3}, "namespace": "guest", "action_name": "/guest/hello",
                     "action_version": "0.0.1", "activation_id": "act3",
                     "transaction_id": "tid3", "deadline": "1234"}
+    # Params kept encoded go into the body as they are.
+    raw = {**body, "value": RawJson('{"n":3,"s":"é"}'.encode())}
+    assert json.loads(encode_body(raw)) == {**body, "value": {"n": 3, "s": "é"}}
+    assert encode_body({"value": RawJson(b"{}")}) == b'{"value":{}}'
+    assert encode_body(body) == json.dumps(body, separators=(",", ":")).encode()
 
 
 def test_log_formatting() -> None:

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from invoker.config import Config
 from invoker.messages import MAX_EPOCH_MS, InvalidMessage, Rejection, decode_activation
-from invoker.model import Activation, Status
+from invoker.model import Activation, RawJson, Status
 from invoker.safejson import QUOTE_CHARS
 
 AID = "0123456789abcdef0123456789abcdef"
@@ -37,7 +37,23 @@ def test_valid_message_decodes():
     assert isinstance(a, Activation)
     assert a.action.image == "invoker-action-python:latest"
     assert a.action.limits.timeout_ms == 1000 and a.action.limits.memory_mb == 128
-    assert a.params == {"name": "x"} and a.blocking and a.submitted_at_ms == 1764290000000
+    assert a.params == RawJson(b'{"name":"x"}')
+    assert a.blocking and a.submitted_at_ms == 1764290000000
+
+
+def test_params_are_kept_encoded_and_bounded_as_encoded():
+    # Held as Python objects, [{}, {}, ...] takes ~25 times its size: params stay bytes.
+    a = decode_activation(message(params={"l": [{}] * 1000}), Config())
+    assert isinstance(a, Activation) and a.params == RawJson(b'{"l":[' + b",".join(
+        [b"{}"] * 1000) + b"]}")
+    # Re-encoding may grow numbers (9e15 -> 9000000000000000.0); past the bound: refused.
+    config = Config(max_message_bytes=4000)
+    raw = b'{"l":[' + b",".join([b"9e15"] * 500) + b"]}"
+    grown = message(params={"l": 1}).replace(b'{"l": 1}', raw)
+    assert len(grown) < 4000
+    rejection = decode_activation(grown, config)
+    assert isinstance(rejection, Rejection) and rejection.status is Status.DEVELOPER_ERROR
+    assert "params take" in rejection.message
 
 
 def test_missing_limits_take_defaults():
@@ -131,7 +147,9 @@ def deep(depth: int) -> dict:
 
 def test_params_may_nest_max_json_depth_deep():
     config = Config(max_json_depth=10)
-    assert decode_activation(message(params=deep(10)), config).params == deep(10)
+    decoded = decode_activation(message(params=deep(10)), config)
+    assert isinstance(decoded, Activation)
+    assert json.loads(decoded.params.data) == deep(10)
     assert "nested deeper than 11" in reason(message(params=deep(11)), config)
 
 
