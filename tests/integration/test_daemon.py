@@ -21,6 +21,7 @@ from tests.support.daemon import (
     container_ids,
     group_lag,
     load_spec,
+    read_topic,
     stored_records,
     wait_for,
 )
@@ -101,7 +102,7 @@ def test_bad_messages_dead_letter_or_error_record_and_the_rest_flows(daemons, to
         assert response["status"] == "action developer error", response
         assert text in response["result"]["error"]
 
-    dead = _read_all(topics.dead_letters, expect=2)
+    dead = read_topic(topics.dead_letters, expect=2)
     assert sorted(d.value for d in dead) == sorted([not_json, no_id])
     reasons = {d.value: dict(d.headers)["dlq.reason"].decode() for d in dead}
     assert "not valid JSON" in reasons[not_json] and "activationId" in reasons[no_id]
@@ -224,25 +225,6 @@ def test_sigterm_drains_and_restart_re_executes_nothing(daemons, topics, sqlite_
     assert second.metrics()["invoker_records_already_stored_total"] == 0
     assert report.repeated_completions == 0
     wait_for(lambda: group_lag(topics) == 0, 30, "offsets committed")
-
-
-def _read_all(topic: str, expect: int, timeout_s: float = 30):
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(topic, bootstrap_servers=KAFKA, auto_offset_reset="earliest",
-                             group_id=None, consumer_timeout_ms=1000)
-    got = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(got) < expect and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                got.extend(batch)
-        time.sleep(1)
-        for batch in consumer.poll(timeout_ms=500).values():
-            got.extend(batch)  # nothing beyond what was expected may be there
-    finally:
-        consumer.close()
-    return got
 
 
 def test_action_faults_end_in_correct_records_and_the_daemon_keeps_going(daemons, topics,

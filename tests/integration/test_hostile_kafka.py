@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import httpx
 import trio
-from kafka import KafkaConsumer
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
 from invoker.kafka_io import OutgoingMessage, Publisher, Unpublishable, record_batch_bytes
 from invoker.loadgen import activation_message, produce_messages, read_completions
-from tests.support.daemon import KAFKA, group_lag, stored_records, wait_for
+from tests.support.daemon import KAFKA, group_lag, read_topic, stored_records, wait_for
 
 NS = "hostile"
 CJK = 300_000  # characters of the large result: 900 kB as UTF-8, 1.8 MB as ASCII-escaped JSON
@@ -47,19 +46,6 @@ def action(name: str, code: str, *, blocking: bool = False, **params: object) ->
     message["action"].update(name=name, code=code, limits={"timeout": 30000, "memory": 256})
     message["params"] = params
     return message
-
-
-def read_topic(topic: str, expect: int, timeout_s: float = 30) -> list:
-    consumer = KafkaConsumer(topic, bootstrap_servers=KAFKA, auto_offset_reset="earliest",
-                             group_id=None)
-    got: list = []
-    try:
-        wait_for(lambda: got.extend(r for batch in consumer.poll(timeout_ms=500).values()
-                                    for r in batch) or len(got) >= expect,
-                 timeout_s, f"{expect} messages on {topic}", interval_s=0)
-    finally:
-        consumer.close()
-    return got
 
 
 def refused(daemon, instead: str) -> float:

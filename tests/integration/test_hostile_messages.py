@@ -9,7 +9,6 @@ the consumer group's offsets reached the end of the topic.
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 
@@ -17,7 +16,14 @@ from invoker.loadgen import activation_message, produce_messages, read_completio
 from invoker.model import Action, Activation, InvocationResult, Limits, Status
 from invoker.records import build_record
 from overflow.envelope import OverflowedRecord, encode
-from tests.support.daemon import KAFKA, group_lag, stored_records, topic_lag, wait_for
+from tests.support.daemon import (
+    KAFKA,
+    group_lag,
+    read_topic,
+    stored_records,
+    topic_lag,
+    wait_for,
+)
 
 NS = "hostile"
 
@@ -71,26 +77,6 @@ def hostile_result_action(tag: str, body: bytes) -> dict:
         "    sys.modules['__main__']._json_bytes = lambda payload: BODY\n"
         "    return {}\n"))
     return message
-
-
-def read_topic(topic: str, expect: int, timeout_s: float = 30.0) -> list:
-    """Every message on ``topic`` once ``expect`` arrived, and one more second for extras."""
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(topic, bootstrap_servers=KAFKA, auto_offset_reset="earliest",
-                             group_id=None, consumer_timeout_ms=1000)
-    got: list = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(got) < expect and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                got.extend(batch)
-        time.sleep(1)
-        for batch in consumer.poll(timeout_ms=500).values():
-            got.extend(batch)
-    finally:
-        consumer.close()
-    return got
 
 
 def reasons_by_value(letters: list) -> dict[bytes, str]:

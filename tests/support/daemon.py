@@ -264,3 +264,24 @@ def stored_records(store_url: str, ids: dict[str, str], timeout_s: float = STORE
         return {doc["activationId"]: doc for doc in found.values()}, await store.count()
 
     return store_session(store_url, read, timeout_s)
+
+
+def read_topic(topic: str, expect: int, timeout_s: float = 30.0) -> list:
+    """Every message on ``topic`` once ``expect`` arrived (or ``timeout_s`` passed), and one
+    more second for extras: nothing beyond what was expected may be there."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=KAFKA, auto_offset_reset="earliest",
+                             group_id=None, consumer_timeout_ms=1000)
+    got: list = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(got) < expect and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                got.extend(batch)
+        time.sleep(1)
+        for batch in consumer.poll(timeout_ms=500).values():
+            got.extend(batch)
+    finally:
+        consumer.close()
+    return got
