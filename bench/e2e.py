@@ -53,7 +53,10 @@ class E2EParams:
 
 
 def _spec(topics: Topics, store_url: str, **kw: Any) -> LoadSpec:
-    return load_spec(topics, store_url, actions=[ACTION], **kw)
+    # One namespace for the warm-up and the measured runs: containers serve one namespace, and
+    # each loadgen run would otherwise pick a new one (and start cold).
+    return load_spec(topics, store_url, actions=[ACTION], namespace=f"bench-{topics.group}",
+                     **kw)
 
 
 def _records(url: str, report: Report) -> dict[str, dict]:
