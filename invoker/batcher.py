@@ -135,7 +135,6 @@ class Batcher:
             attempt = 0
             while True:
                 outcome = await self._attempt(token, left)
-                outcome.left.retrying_since = left.retrying_since
                 left = outcome.left
                 if not left:
                     self.stuck.end(token)
@@ -155,7 +154,7 @@ class Batcher:
 
     async def _attempt(self, token: int, left: _Left) -> _Attempt:
         """Write what is left to write and read back what was already stored, once."""
-        outcome = _Attempt()
+        outcome = _Attempt(left=_Left(retrying_since=left.retrying_since))
         to_read = left.to_read
         if left.to_write:
             results = await self._write_once(token, left.to_write)

@@ -149,6 +149,16 @@ class _Delivery:
         self.finished = False
 
 
+HEADER_TEXT_CHARS = 1000  # of a text header (a dead letter's reason)
+
+
+def header_text(text: str, limit: int = HEADER_TEXT_CHARS) -> bytes:
+    """``text`` as a Kafka header value: ASCII (non-ASCII escaped, so a lone surrogate in a
+    store's or an exception's text cannot make encoding raise), at most ``limit`` characters."""
+    escaped = text.encode("ascii", "backslashreplace")
+    return escaped if len(escaped) <= limit else escaped[:limit - 3] + b"..."
+
+
 class Publisher:
     """Publishes batches of messages and waits until Kafka acknowledged all of them.
 

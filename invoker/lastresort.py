@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from invoker.kafka_io import OutgoingMessage, Unpublishable
+from invoker.kafka_io import OutgoingMessage, Unpublishable, header_text
 
 if TYPE_CHECKING:
     from invoker.feed import FeedMessage
@@ -60,8 +60,7 @@ def unexpected_reason(exc: BaseException) -> str:
     """``exc`` as a dead letter's reason: its type and a short text, at most ``REASON_CHARS``
     characters, ASCII (it becomes a Kafka header and a log field)."""
     text = f"unexpected {type(exc).__name__} while handling the message: {exc}"
-    text = text.encode("ascii", "backslashreplace").decode("ascii")
-    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3] + "..."
+    return header_text(text, REASON_CHARS).decode("ascii")
 
 
 async def dead_letter_unexpected(service: FeedService, message: FeedMessage,
@@ -86,7 +85,7 @@ async def dead_letter_unexpected(service: FeedService, message: FeedMessage,
             assert service.publisher is not None  # the service publishes before dispatching
             await service.publisher.publish_until_acked([OutgoingMessage(
                 service.config.dead_letter_topic, message.value,
-                headers=(("dlq.reason", reason.encode()),))])
+                headers=(("dlq.reason", header_text(reason)),))])
         except Unpublishable as refused:
             log.error("message dropped: neither handled nor dead-lettered, and Kafka will "
                       "never take it as a dead letter", error=str(refused)[:REASON_CHARS],

@@ -44,6 +44,7 @@ from invoker.kafka_io import (
     Refusal,
     Unpublishable,
     ensure_topics,
+    header_text,
     value_room,
 )
 from invoker.metrics import Metrics
@@ -428,7 +429,7 @@ class FeedService:
         with ``dlq.truncated``; never taken for another reason: logged, dropped."""
         assert self.publisher is not None
         topic = self.config.dead_letter_topic
-        headers = (("dlq.reason", reason.encode()), ("dlq.source", self.client_id.encode()),
+        headers = (("dlq.reason", header_text(reason)), ("dlq.source", header_text(self.client_id)),
                    *extra)
         try:
             await self.publisher.publish_until_acked([OutgoingMessage(topic, value,

@@ -10,6 +10,7 @@ from invoker.kafka_io import (
     OutgoingMessage,
     Refusal,
     Unpublishable,
+    header_text,
     never_succeeds,
     record_batch_bytes,
     value_room,
@@ -136,3 +137,12 @@ def test_stuck_watch_reports_the_oldest_unfinished_operation():
     watch.end(second)  # ending twice (success after cancellation paths) is harmless
     watch.failed(second, "late")  # so is a failure reported after the end
     assert watch.oldest() is None and watch.stuck_for() == 0.0
+
+
+def test_header_text_never_raises_and_is_bounded():
+    # A store's per-document reason is parsed JSON: "\ud800" in it is a lone surrogate, which
+    # str.encode() refuses; as a dead letter's reason header that once meant an exception.
+    assert header_text("conflict \ud800 é") == b"conflict \\ud800 \\xe9"
+    long = header_text("x" * 5000)
+    assert len(long) == 1000 and long.endswith(b"...")
+    assert header_text("y" * 50, limit=20) == b"y" * 17 + b"..."
