@@ -3,15 +3,31 @@
 Also the pure functions that turn a runtime's answer into an OpenWhisk status and result, so
 they can be tested without containers. Timeouts are the caller's business (trio cancel scopes);
 this module never waits on its own except for the readiness probe.
+
+HTTP is a lean HTTP/1.1 client: h11 parses, and non-blocking sockets are driven directly by
+trio's I/O waits (``wait_readable`` / ``wait_writable``), because a general-purpose client's
+request path (httpx: ~1 ms per ``/run``) was the largest cost on the daemon's trio thread. It
+speaks only to the IP address of a container the daemon started, over keep-alive connections
+with TCP_NODELAY, each request written in one send. It never sends a request twice: anything
+that goes wrong once a request is under way is :class:`ConnectionLost`, and that connection is
+closed. Bounds: an answer's status line and headers at most ``MAX_HEAD_BYTES``, its body at most
+``max_result_bytes`` plus one read of ``_RECV_BYTES``.
 """
 
 from __future__ import annotations
 
-import ssl
+import errno
+import ipaddress
+import os
+import select
+import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
+import h11
+import trio
 
 from invoker.config import Config
 from invoker.model import Action, Activation, RawJson, Status
@@ -34,7 +50,11 @@ MSG_LOGS_TRUNCATED = (
 MSG_LOGS_FAILED = "There was an issue while collecting your logs. Data might be missing."
 MSG_LOGS_CONCURRENT = "Logs are not collected for actions with concurrency > 1."
 
-_HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+
+MAX_HEAD_BYTES = 64 * 1024  # status line and headers of one answer (h11 refuses more)
+_RECV_BYTES = 64 * 1024  # one read; what a body may hold beyond max_result_bytes when cut
+# Any of these on an idle connection means the peer closed it or sent bytes nobody asked for.
+_PEER_ACTIVITY = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
 
 class ConnectionLost(Exception):
@@ -50,68 +70,289 @@ class RuntimeResponse:
 
 
 class RuntimeClient:
-    """Makes one keep-alive HTTP client per container (see ``RuntimeConnection``)."""
+    """Makes a :class:`RuntimeConnection` per container; holds no connection itself."""
 
     def __init__(self, max_result_bytes: int) -> None:
         self.max_result_bytes = max_result_bytes
-        # Built once: making an SSL context per client costs ~40 ms (we never use TLS).
-        self._ssl = ssl.create_default_context()
 
     def connect(self, base_url: str) -> RuntimeConnection:
-        return RuntimeConnection(base_url, self.max_result_bytes, self._ssl)
+        """``base_url`` is ``http://<IP address>:<port>``; anything else is a ValueError (a
+        container is reached by its address, never through name resolution). Opens nothing
+        yet: connections are made by the first request."""
+        url = urlsplit(base_url)
+        if url.scheme != "http" or url.hostname is None or url.port is None:
+            raise ValueError(f"not an http://<address>:<port> URL: {base_url!r}")
+        address = ipaddress.ip_address(url.hostname)
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        return RuntimeConnection(family, (str(address), url.port), url.netloc,
+                                 self.max_result_bytes)
 
     async def aclose(self) -> None:
-        pass
+        """Nothing to close: each RuntimeConnection is closed by its owner."""
 
 
 class RuntimeConnection:
-    """HTTP to one container. Its pooled keep-alive connections die with the container, so a
-    stale connection can never reach a later container that got the same address."""
+    """HTTP to one container over keep-alive connections, which die with the container, so a
+    stale connection can never reach a later container that got the same address.
 
-    def __init__(self, base_url: str, max_result_bytes: int, ssl_context: ssl.SSLContext):
+    A request takes the most recently used idle connection (a stack) or opens one, so a
+    container serving N requests at once has N connections, and idle ones are at most as many
+    as were ever in use at once (a connection is only opened when none is idle); the pool bounds
+    a container's concurrency. A connection goes back on the stack only after a complete answer
+    that h11 says may be followed by another request; any other outcome (error, truncated body,
+    ``Connection: close``, cancellation) closes it.
+    """
+
+    def __init__(self, family: socket.AddressFamily, address: tuple[str, int], netloc: str,
+                 max_result_bytes: int) -> None:
         self.max_result_bytes = max_result_bytes
-        self._client = httpx.AsyncClient(
-            base_url=base_url,
-            timeout=httpx.Timeout(None),
-            limits=httpx.Limits(
-                max_connections=None, max_keepalive_connections=64, keepalive_expiry=60.0
-            ),
-            trust_env=False,  # never send container traffic through a proxy from the environment
-            verify=ssl_context,
-        )
+        self._family = family
+        self._address = address
+        self._host = netloc.encode("ascii")
+        self._idle: list[_Http] = []
+        self._busy: set[_Http] = set()
+        self._closed = False
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        """Closes every connection, idle or in use (a request using one ends in ConnectionLost);
+        later requests are refused with ConnectionLost. Does not block."""
+        self._closed = True
+        for conn in (*self._idle, *self._busy):
+            conn.close()
+        self._idle.clear()
+        self._busy.clear()
 
     async def probe(self, timeout_s: float) -> bool:
-        """True once anything answers HTTP on the action port (any status)."""
-        try:
-            resp = await self._client.get("/", timeout=timeout_s, headers=_HEADERS)
-        except httpx.HTTPError:
+        """True once anything answers HTTP on the action port (any status). Uses a connection
+        of its own, closed afterwards. Blocks at most ``timeout_s``."""
+        if self._closed:
             return False
-        await resp.aclose()
-        return True
+        with trio.move_on_after(timeout_s):
+            try:
+                conn = _Http(self._family)
+            except ConnectionLost:
+                return False
+            try:
+                await conn.connect(self._address)
+                return await conn.answers_http(self._host)
+            except ConnectionLost:
+                return False
+            finally:
+                conn.close()
+        return False
 
     async def post(self, path: str, payload: dict[str, Any]) -> RuntimeResponse:
-        """POST JSON; reads the answer streaming and stops past ``max_result_bytes``."""
-        content = encode_body(payload)
-        limit = self.max_result_bytes
+        """POST JSON and read the answer, stopping past ``max_result_bytes`` (then the answer
+        is ``truncated``). Blocks until the runtime answers: the caller's cancel scope bounds
+        it, and cancellation closes the connection used. Raises ConnectionLost when the
+        runtime cannot be reached or does not give a complete HTTP/1.1 answer."""
+        body = encode_body(payload)
+        if self._closed:
+            raise ConnectionLost("the connection to this runtime was closed")
+        await trio.lowlevel.checkpoint_if_cancelled()  # nothing is sent once the time is up
+        conn = self._reusable_idle()
+        fresh = conn is None
+        if conn is None:
+            conn = _Http(self._family)
+        self._busy.add(conn)
+        reusable = False
         try:
-            async with self._client.stream("POST", path, content=content,
-                                           headers=_HEADERS) as resp:
-                announced = resp.headers.get("content-length")
-                if announced is not None and announced.isdigit() and int(announced) > limit:
-                    # Leaving the block unread closes this connection; the container stays usable.
-                    return RuntimeResponse(resp.status_code, b"", True, int(announced))
-                buf = bytearray()
-                async for chunk in resp.aiter_raw():
-                    buf += chunk
-                    if len(buf) > limit:
-                        total = int(announced) if announced and announced.isdigit() else len(buf)
-                        return RuntimeResponse(resp.status_code, b"", True, total)
-                return RuntimeResponse(resp.status_code, bytes(buf), False, len(buf))
-        except httpx.TransportError as exc:
-            raise ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
+            if fresh:
+                await conn.connect(self._address)
+            resp, reusable = await conn.exchange(
+                conn.request(path.encode("ascii"), self._host, body), self.max_result_bytes)
+        finally:
+            self._busy.discard(conn)
+            if reusable and not self._closed:
+                self._idle.append(conn)
+            else:
+                conn.close()
+        return resp
+
+    def _reusable_idle(self) -> _Http | None:
+        """The most recently used idle connection the peer has not closed (one poll(2) each,
+        no waiting); idle connections the peer closed or wrote to are closed."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.peer_active():
+                return conn
+            conn.close()
+        return None
+
+
+class _Http:
+    """One HTTP/1.1 client connection: a non-blocking TCP socket with TCP_NODELAY and its h11
+    state. Used by one task at a time. Every failure is raised as ConnectionLost."""
+
+    __slots__ = ("_sock", "_poll", "_h11")
+
+    def __init__(self, family: socket.AddressFamily) -> None:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConnectionLost(f"cannot open a socket: {exc}") from exc
+        try:
+            sock.setblocking(False)
+            # Without it, Nagle's algorithm meets the peer's delayed ACK: ~40 ms per request.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._poll = select.poll()
+            self._poll.register(sock, _PEER_ACTIVITY)
+        except OSError as exc:
+            sock.close()
+            raise ConnectionLost(f"cannot set up a socket: {exc}") from exc
+        self._sock = sock
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+
+    def close(self) -> None:
+        """Idempotent; a task waiting on this socket gets ClosedResourceError (-> lost)."""
+        if self._sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+
+    def peer_active(self) -> bool:
+        """True when the peer closed this idle connection or sent bytes nobody asked for."""
+        return bool(self._poll.poll(0))
+
+    async def connect(self, address: tuple[str, int]) -> None:
+        """Blocks until connected (loopback and bridge: well under a millisecond)."""
+        try:
+            err = self._sock.connect_ex(address)
+            if err == errno.EINPROGRESS:
+                await trio.lowlevel.wait_writable(self._sock)
+                err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except (OSError, trio.ClosedResourceError) as exc:
+            raise ConnectionLost(f"cannot connect to {address[0]}:{address[1]}: {exc!r}") from exc
+        if err:
+            raise ConnectionLost(
+                f"cannot connect to {address[0]}:{address[1]}: {os.strerror(err)}")
+
+    def request(self, path: bytes, host: bytes, body: bytes) -> bytes:
+        """The whole POST (head and body) as one buffer, to be written in one send."""
+        h = self._h11
+        head = h.send(h11.Request(method=b"POST", target=path, headers=[
+            (b"Host", host),
+            (b"Content-Type", b"application/json"),
+            (b"Accept-Encoding", b"identity"),  # the body is passed on as it comes
+            (b"Content-Length", b"%d" % len(body)),
+        ]))
+        assert head is not None
+        return b"".join((head, h.send(h11.Data(data=body)) or b"",
+                         h.send(h11.EndOfMessage()) or b""))
+
+    async def answers_http(self, host: bytes) -> bool:
+        """Sends ``GET /``; True when a status line with valid headers comes back."""
+        h = self._h11
+        get = h.send(h11.Request(method=b"GET", target=b"/", headers=[(b"Host", host)]))
+        assert get is not None
+        try:
+            await self._send_all(get + (h.send(h11.EndOfMessage()) or b""))
+            event = await self._next_event()
+        except _FAILURES as exc:
+            raise _lost(exc) from exc
+        return isinstance(event, h11.Response | h11.InformationalResponse)
+
+    async def exchange(self, request: bytes, limit: int) -> tuple[RuntimeResponse, bool]:
+        """Sends ``request`` and reads the answer; returns it and whether this connection may
+        carry another request. Blocks until the peer answers (or fails)."""
+        try:
+            await self._send_all(request)
+            # The runtime needs a while to answer: wait at once rather than try a read first.
+            await trio.lowlevel.wait_readable(self._sock)
+            head = await self._next_event()
+            if not isinstance(head, h11.Response):
+                raise ConnectionLost(_unexpected(head))
+            announced = _content_length(head.headers)
+            if announced is not None and announced > limit:
+                return RuntimeResponse(head.status_code, b"", True, announced), False
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                event = await self._next_event()
+                if isinstance(event, h11.Data):
+                    chunks.append(event.data)
+                    size += len(event.data)
+                    if size > limit:  # chunked; a Content-Length is never exceeded (h11)
+                        return RuntimeResponse(head.status_code, b"".join(chunks), True,
+                                               size), False
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    raise ConnectionLost(_unexpected(event))
+            resp = RuntimeResponse(head.status_code, b"".join(chunks), False, size)
+        except _FAILURES as exc:
+            raise _lost(exc) from exc
+        return resp, self._next_cycle()
+
+    def _next_cycle(self) -> bool:
+        """Readies h11 for the next request if the connection may carry one: both sides done
+        (no ``Connection: close``, no HTTP/1.0) and nothing received beyond the answer."""
+        h = self._h11
+        if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+            return False
+        extra, closed = h.trailing_data
+        if extra or closed:
+            return False
+        h.start_next_cycle()
+        return True
+
+    async def _send_all(self, data: bytes) -> None:
+        """One send unless the socket buffer is full; then waits until the peer reads."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self._sock.send(view):]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self._sock)
+
+    async def _next_event(self) -> h11.Event | type[h11.PAUSED]:
+        """The next h11 event, reading ``_RECV_BYTES`` at most at a time."""
+        h = self._h11
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                if h.trailing_data[1]:  # h11 refuses an answer cut short by the peer's EOF
+                    raise ConnectionLost("the runtime closed the connection before a complete"
+                                         f" answer ({exc})") from exc
+                raise
+            if event is not h11.NEED_DATA:
+                return event
+            if h.trailing_data[1]:  # never read past EOF
+                raise ConnectionLost("the runtime closed the connection before a complete answer")
+            while True:
+                try:
+                    data = self._sock.recv(_RECV_BYTES)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self._sock)
+            h.receive_data(data)
+
+
+_FAILURES = (OSError, trio.ClosedResourceError, h11.ProtocolError)
+
+
+def _lost(exc: BaseException) -> ConnectionLost:
+    if isinstance(exc, trio.ClosedResourceError):
+        return ConnectionLost("the connection was closed while in use")
+    if isinstance(exc, h11.ProtocolError):
+        return ConnectionLost(f"the runtime's answer is not valid HTTP/1.1: {exc}")
+    return ConnectionLost(f"connection to the runtime failed: {exc!r}")
+
+
+def _unexpected(event: h11.Event | type[h11.PAUSED]) -> str:
+    if isinstance(event, h11.InformationalResponse):
+        return f"the runtime sent an unrequested {event.status_code} informational answer"
+    if isinstance(event, h11.ConnectionClosed):
+        return "the runtime closed the connection without answering"
+    return f"unexpected HTTP event from the runtime: {event!r}"[:200]
+
+
+def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    """The announced body length (h11 has checked it is a single decimal number)."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)
+    return None
 
 
 # ------------------------------------------------------------------ protocol bodies
