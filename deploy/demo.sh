@@ -15,8 +15,10 @@ export INVOKER_STORE_URL="sqlite:///$STATE/records.sqlite3"
 export INVOKER_FEED_TOPIC="demo-$tag-activations" INVOKER_COMPLETIONS_TOPIC="demo-$tag-completions"
 export INVOKER_DEAD_LETTER_TOPIC="demo-$tag-dead-letters" INVOKER_GROUP_ID="demo-$tag"
 export INVOKER_INVOKER_ID=demo-invoker INVOKER_METRICS_PORT=$PORT
-export INVOKER_PREWARM='{"python:3": 2}' INVOKER_PREWARM_MEMORY_MB=128
-# 16 containers of 128 MB: enough for each of the five demo actions to keep warm containers.
+# 16 containers of 128 MB: enough for each of the five demo actions to keep warm containers;
+# five prewarmed ones, so that each action's first activation needs only /init.
+PREWARM=5
+export INVOKER_PREWARM="{\"python:3\": $PREWARM}" INVOKER_PREWARM_MEMORY_MB=128
 export INVOKER_DEFAULT_MEMORY_MB=128 INVOKER_USER_MEMORY_MB=2048
 
 "$PY" -m invoker.cli run >"$STATE/daemon.log" 2>&1 &
@@ -32,6 +34,13 @@ done
 # the loop only ends early on an answer: otherwise the daemon is alive but never became healthy
 [[ -n "$up" ]] || fail "daemon (pid $daemon) did not answer http://127.0.0.1:$PORT/healthz within ~30s"
 echo "daemon up (pid $daemon, metrics http://127.0.0.1:$PORT/metrics, log $STATE/daemon.log)" >&2
+# The load starts on a warm pool: wait (bounded) for the prewarmed containers.
+for _ in $(seq 1 150); do
+  ready=$(curl -sf "http://127.0.0.1:$PORT/metrics" | awk '$1 == "invoker_prewarmed_containers" {print int($2)}')
+  [[ "${ready:-0}" -ge $PREWARM ]] && break
+  sleep 0.2
+done
+echo "containers ready: ${ready:-0} of $PREWARM prewarmed" >&2
 echo "worst-case buffer: $(grep -o '"worst_case_buffered_records": [0-9]*, "worst_case_buffered_bytes": [0-9]*' "$STATE/daemon.log" | head -1)" >&2
 
 status=0

@@ -11,6 +11,7 @@ stdout/stderr distinction) and keeps at most ``limit_bytes`` of log text in memo
 from __future__ import annotations
 
 import contextlib
+import posixpath
 import re
 import socket
 import struct
@@ -97,6 +98,12 @@ class ContainerSpec:
         for path in self.exec_tmpfs:
             mounts[path] = f"rw,exec,nosuid,nodev,size={self.tmpfs_mb}m{owner},mode=0700"
         return mounts
+
+
+@dataclass(frozen=True, slots=True)
+class StartedContainer:
+    base_url: str  # of its action port
+    log_path: str  # its json-file log on the engine's host ("" if the engine does not say)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,27 +231,34 @@ class DockerBackend:
         except _DOCKER_FAILURES as exc:
             raise _wrap(exc) from exc
 
-    async def start(self, container_id: str, network: str | None) -> str:
-        """Start the container and return the base URL of its action port: the port published
-        on 127.0.0.1 when it has one (ContainerSpec.publish), else its address on ``network``."""
+    async def start(self, container_id: str, network: str | None) -> StartedContainer:
+        """Start the container; return the base URL of its action port (the port published
+        on 127.0.0.1 when it has one (ContainerSpec.publish), else its address on ``network``)
+        and the path of its json-file log."""
         api = self._api
 
-        def _start() -> str:
+        def _start() -> StartedContainer:
             api.start(container_id)
             info = api.inspect_container(container_id)
+            log_path = info.get("LogPath") or ""
             settings = info.get("NetworkSettings") or {}
             bindings = (settings.get("Ports") or {}).get(f"{ACTION_PORT}/tcp") or []
             for b in bindings:
                 if b.get("HostPort"):
-                    return f"http://127.0.0.1:{b['HostPort']}"
+                    return StartedContainer(f"http://127.0.0.1:{b['HostPort']}", log_path)
             net = (settings.get("Networks") or {}).get(network or "bridge") or {}
             ip = net.get("IPAddress")
             if not ip:
                 raise DockerError(f"container {container_id[:12]} has no published port and "
                                   f"no address on network {network}")
-            return f"http://{ip}:{ACTION_PORT}"
+            return StartedContainer(f"http://{ip}:{ACTION_PORT}", log_path)
 
         return await self._call(_start)
+
+    async def containers_dir(self) -> str:
+        """Where the engine keeps its containers' files (json-file logs among them)."""
+        info = await self._call(self._api.info)
+        return posixpath.join(info.get("DockerRootDir") or "/var/lib/docker", "containers")
 
     async def remove(self, container_id: str) -> None:
         """Kill and remove; returns once Docker says the container is gone (already gone is

@@ -14,8 +14,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 # Per-stage timings of one activation (see STAGES): finer at the low end, where warm work is.
 _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                   0.5, 1, 2.5, 5, 10, 30)
-# Where an activation's time goes, in order: waiting for a container slot (from the message's
-# hand-over), /init (cold and prewarm starts), /run, reading its logs, waiting for room in the
+# Where an activation's time goes, in order: waiting for a container slot, making its container
+# ready (cold: create, start and /init; prewarm: /init), /run, reading its logs, waiting for room in the
 # record channel, the store write of its batch, publishing its batch's completions, and from
 # the record being stored to its offset being committed.
 STAGES = ("queue_wait", "init", "run", "log_read", "enqueue_wait", "store_write",
@@ -93,6 +93,10 @@ class Metrics:
             ["kind"], registry=r,
         )
         self.containers = Gauge("invoker_containers", "Action containers alive", registry=r)
+        self.stem_cells = Gauge(
+            "invoker_prewarmed_containers",
+            "Prewarmed containers ready and not given to an action yet", registry=r,
+        )
         self.memory_used_mb = Gauge(
             "invoker_pool_memory_used_mb", "Memory reserved by action containers", registry=r
         )

@@ -41,9 +41,8 @@ an engine breaks this, as it always did.
 
 from __future__ import annotations
 
-import collections
-import itertools
 import math
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -55,6 +54,21 @@ from typing import Any
 import structlog
 import trio
 
+from invoker.containers.logs import ContainerLog
+from invoker.containers.scheduler import (
+    ASSIGNED,
+    DESTROYED,
+    INITIALIZING,
+    NEW,
+    READY,
+    REMOVING,
+    RETIRING,
+    STARTING,
+    STEM,
+    ContainerRecord,
+    Scheduler,
+    Waiter,
+)
 from invoker.docker_backend import (
     LABEL_ACTION,
     LABEL_HOST,
@@ -83,7 +97,6 @@ from invoker.runtime_client import (
     MSG_TIMEOUT,
     ConnectionLost,
     RuntimeClient,
-    RuntimeConnection,
     init_body,
     interpret_init,
     interpret_run,
@@ -160,51 +173,22 @@ class RuntimeSettings:
     env: Mapping[str, str]  # extra environment variables of the container
 
 
-# Container phases
-_NEW = "new"  # memory reserved for a container the first invoke will create
-_STARTING = "starting"  # stem cell being created
-_STEM = "stem"  # started stem cell, not given to any action
-_ASSIGNED = "assigned"  # stem cell given to an action, not initialized yet
-_INITIALIZING = "initializing"
-_READY = "ready"
-_RETIRING = "retiring"  # never leased again; removed once no activation uses it
-_REMOVING = "removing"
-_REMOVED = "removed"
-_DESTROYED = (_RETIRING, _REMOVING, _REMOVED)
-
-
-@dataclass(eq=False)
-class _Container:
-    seq: int
-    name: str
-    image: str
-    kind: str
-    memory_mb: int
-    pool_key: PoolKey | None  # None: an unassigned stem cell
-    labels: dict[str, str]  # besides the ones every container has (see _spec)
-    concurrency: int = 1
-    phase: str = _NEW
-    docker_id: str | None = None
-    base_url: str | None = None
-    conn: RuntimeConnection | None = None
-    active: int = 0
-    last_used: float = 0.0
-    init_done: trio.Event = field(default_factory=trio.Event)
-    init_failure: InvocationResult | None = None
-    action_label: str = ""
-    destroy_reason: str = ""
-
-    @property
-    def idle(self) -> bool:
-        return self.active == 0 and self.phase in (_READY, _ASSIGNED, _STEM)
-
-
-@dataclass(eq=False)
-class _Waiter:
-    action: Action
-    key: PoolKey
-    event: trio.Event = field(default_factory=trio.Event)
-    container: _Container | None = None
+async def _say_how_logs_are_read(backend: DockerBackend) -> None:
+    """Log at start whether activation logs come from the engine's json-file logs (one file
+    read per activation) or, when those cannot be read, through the Docker API (a request per
+    activation)."""
+    try:
+        directory = await backend.containers_dir()
+    except DockerError as exc:
+        logger.warning("engine info unavailable; container logs are read from their log files "
+                       "where possible", error=str(exc))
+        return
+    if os.access(directory, os.R_OK | os.X_OK):
+        logger.info("container logs read from their json-file logs", directory=directory)
+    else:
+        logger.warning("container logs read through the Docker API (slower): the engine's "
+                       "containers directory cannot be read here; mount it read-only at the same "
+                       "path to read their log files", directory=directory)
 
 
 def _sanitize(name: str, max_len: int = 40) -> str:
@@ -227,10 +211,12 @@ class Lease:
     running in it, not for this one's record to be delivered.
     """
 
-    def __init__(self, pool: ContainerPool, action: Action, container: _Container | None):
+    def __init__(self, pool: ContainerPool, action: Action, container: ContainerRecord | None,
+                 granted: float = 0.0):
         self._pool = pool
         self.action = action
         self._container = container
+        self._granted = granted  # trio clock
         self._holds_slot = container is not None
 
     @property
@@ -241,7 +227,7 @@ class Lease:
         if self._holds_slot:
             self._holds_slot = False
             assert self._container is not None
-            self._pool._release(self._container)
+            self._pool._release(self._container, self._granted)
 
     async def invoke(self, activation: Activation) -> InvocationResult:
         pool = self._pool
@@ -251,7 +237,7 @@ class Lease:
                 result = _result_without_run(MSG_ABNORMAL)  # destroyed by an earlier invoke
             else:
                 result = await pool._invoke(c, activation)
-                if c is not None and c.phase in _DESTROYED:
+                if c is not None and c.phase in DESTROYED:
                     self._give_back()
         except trio.Cancelled:
             raise
@@ -281,14 +267,21 @@ class ContainerPool:
         self._metrics = metrics
         self._backend = backend
         self._client = client
-        self._containers: list[_Container] = []
-        self._waiters: collections.deque[_Waiter] = collections.deque()
-        self._seq = itertools.count(1)
+        self._owner = ProcessOwner.current()  # labels every container (see _labels_for)
+        self._scheduler = Scheduler(
+            config.user_memory_mb, self._evict,
+            name_for=lambda seq, label: f"{config.invoker_id}-{seq}-{_sanitize(label)}",
+            labels_for=self._labels_for)
         self._docker_ids: set[str] = set()  # created by this pool and not yet removed
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._changed = trio.Event()  # set (and replaced) on every state change; for tests
-        self._owner = ProcessOwner.current()  # labels every container (see _new_record)
+        self._stages = metrics.stage
+        records = self._scheduler.records
+        metrics.containers.set_function(lambda: sum(1 for c in records if c.docker_id))
+        metrics.stem_cells.set_function(lambda: sum(1 for c in records if c.phase == STEM))
+        metrics.memory_used_mb.set_function(lambda: self._scheduler.used_memory_mb)
+        self._warned_log_files = False  # a container's log file could not be opened
         # When closing must be done (trio clock): the daemon sets its shutdown deadline here.
         self.close_deadline = math.inf
 
@@ -297,6 +290,7 @@ class ContainerPool:
     @asynccontextmanager
     async def open(cls, config: PoolConfig, metrics: Metrics) -> AsyncIterator[ContainerPool]:
         backend = await DockerBackend.connect(threads=config.docker_threads)
+        await _say_how_logs_are_read(backend)
         client = RuntimeClient(config.max_result_bytes)
         async with cls._open_with(config, metrics, backend, client,
                                   manage_networks=True) as pool:
@@ -399,192 +393,123 @@ class ContainerPool:
         async with trio.open_nursery() as nursery:
             for cid in ids:
                 nursery.start_soon(rm, cid)
-            for c in self._containers:
+            for c in self._scheduler.records:
                 nursery.start_soon(self._close_conn, c)
-        for c in self._containers:
-            c.phase = _REMOVED
+        for c in list(self._scheduler.records):
+            self._scheduler.forget(c)
             c.init_done.set()
-        self._containers.clear()
         self._update_gauges()
         logger.debug("pool closed", removed=len(ids))
 
     # ---------------------------------------------------------------- accounting
     @property
     def used_memory_mb(self) -> int:
-        return sum(c.memory_mb for c in self._containers)
+        return self._scheduler.used_memory_mb
 
     @property
     def free_memory_mb(self) -> int:
-        return self.config.user_memory_mb - self.used_memory_mb
+        return self._scheduler.free_memory_mb
 
     def snapshot(self) -> list[dict[str, Any]]:
         """What the pool holds, for tests and debugging."""
         return [
             {"name": c.name, "phase": c.phase, "memory_mb": c.memory_mb, "active": c.active,
              "pool_key": c.pool_key, "kind": c.kind, "docker_id": c.docker_id}
-            for c in self._containers
+            for c in self._scheduler.records
         ]
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return len(self._scheduler.waiters)
 
     def _update_gauges(self) -> None:
-        self._metrics.containers.set(sum(1 for c in self._containers if c.docker_id))
-        self._metrics.memory_used_mb.set(self.used_memory_mb)
+        """Wake whoever waits for a change (the gauges are computed when scraped)."""
         self._changed.set()
         self._changed = trio.Event()
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
 
-    def _new_record(self, image: str, kind: str, memory_mb: int, label: str,
-                    pool_key: PoolKey | None, phase: str) -> _Container:
-        seq = next(self._seq)
+    def _labels_for(self, pool_key: PoolKey | None) -> dict[str, str]:
         labels = self._owner.labels()
         if pool_key is not None:  # for operators: whose code it runs
             labels[LABEL_NAMESPACE] = pool_key.namespace
-        c = _Container(
-            seq=seq,
-            name=f"{self.config.invoker_id}-{seq}-{_sanitize(label)}",
-            image=image,
-            kind=kind,
-            memory_mb=memory_mb,
-            pool_key=pool_key,
-            labels=labels,
-            phase=phase,
-            last_used=trio.current_time(),
-            action_label=label,
-        )
-        self._containers.append(c)
-        return c
+        return labels
 
-    def _drop(self, c: _Container) -> None:
-        if c in self._containers:
-            self._containers.remove(c)
-        c.phase = _REMOVED
+    def _drop(self, c: ContainerRecord) -> None:
+        """``c`` is gone (or was never created): its memory is free for waiters."""
+        self._scheduler.forget(c)
         c.init_done.set()
-        self._process_queue()  # updates the gauges
+        self._changed_state()
+
+    def _changed_state(self) -> None:
+        """Memory or containers changed: serve whom that lets in, update the gauges."""
+        if not self._closed:
+            self._scheduler.assign()
+        self._update_gauges()
 
     # -------------------------------------------------------------------- leases
     @asynccontextmanager
     async def lease(self, action: Action, namespace: str) -> AsyncIterator[Lease]:
         """A slot in a container that serves only ``action`` run for ``namespace``.
 
-        Waits, in arrival order, until memory or a warm slot is free (cancel to give up).
+        Waits until a slot is free (see :mod:`invoker.containers.scheduler` for who is served
+        first; cancel to give up). The wait is observed as the ``queue_wait`` stage.
         """
         if self._closed:
             raise RuntimeError("the container pool is closed")
         if action.limits.memory_mb > self.config.user_memory_mb:
             yield Lease(self, action, None)
             return
-        waiter = _Waiter(action, action.pool_key(namespace))
-        self._waiters.append(waiter)
-        self._process_queue()
-        try:
-            await waiter.event.wait()
-        except BaseException:
-            if waiter.container is not None:
-                self._release(waiter.container)
-            elif waiter in self._waiters:
-                self._waiters.remove(waiter)
-                self._process_queue()
-            raise
+        waiter = Waiter(action, action.pool_key(namespace))
+        began = trio.current_time()
+        if not self._scheduler.arrive(waiter):
+            self._update_gauges()
+            try:
+                await waiter.event.wait()
+            except BaseException:
+                if waiter.container is not None:
+                    self._release(waiter.container, began)
+                else:
+                    self._scheduler.leave(waiter)
+                    self._update_gauges()
+                raise
+        granted = trio.current_time()
+        self._stages["queue_wait"].observe(granted - began)
         container = waiter.container
         assert container is not None
-        lease = Lease(self, action, container)
+        lease = Lease(self, action, container, granted)
         try:
             yield lease
         finally:
             lease._give_back()
 
-    def _release(self, c: _Container) -> None:
+    def _release(self, c: ContainerRecord, granted: float) -> None:
         c.active -= 1
-        c.last_used = trio.current_time()
-        if c.active == 0 and c.phase == _NEW:
+        if c.phase == READY:
+            c.held(trio.current_time() - granted)
+        if c.active == 0 and c.phase == NEW:
             self._drop(c)  # reserved but never invoked: give the memory back
             return
-        if c.active == 0 and c.phase == _RETIRING:
+        if c.active == 0 and c.phase == RETIRING:
             self._start_removal(c)  # destroyed while in use: the last user has left
-        self._process_queue()  # updates the gauges
-
-    def _process_queue(self) -> None:
-        while self._waiters and not self._closed:
-            head = self._waiters[0]
-            c = self._try_grant(head.action, head.key)
-            if c is None:
-                break
-            self._waiters.popleft()
-            c.active += 1
-            head.container = c
-            head.event.set()
+        if not self._closed:
+            self._scheduler.release(c)
         self._update_gauges()
 
-    def _try_grant(self, action: Action, key: PoolKey) -> _Container | None:
-        need = action.limits.memory_mb
-        # 1. a warm container with this key and a free slot (pack: fullest first, then MRU)
-        warm = [
-            c for c in self._containers
-            if c.pool_key == key
-            and c.phase in (_NEW, _ASSIGNED, _INITIALIZING, _READY)
-            and c.active < c.concurrency
-        ]
-        if warm:
-            return max(warm, key=lambda c: (c.active, c.phase == _READY, c.last_used))
-        # 2. a prewarmed stem cell of the action's kind with enough memory (smallest first)
-        if not action.blackbox:
-            stems = [
-                c for c in self._containers
-                if c.phase == _STEM and c.kind == action.kind and c.image == action.image
-                and c.memory_mb >= need
-            ]
-            if stems:
-                c = min(stems, key=lambda c: (c.memory_mb, c.seq))
-                c.phase = _ASSIGNED
-                c.pool_key = key
-                c.concurrency = key.concurrency
-                c.action_label = action.name
-                logger.debug("stem cell assigned", container=c.name, action=action.name)
-                return c
-        # 3. memory for a new container
-        free = self.free_memory_mb
-        if free >= need:
-            kind = "blackbox" if action.blackbox else action.kind
-            c = self._new_record(action.image, kind, need, action.name, key, _NEW)
-            c.concurrency = key.concurrency
-            return c
-        # 4. evict least recently used idle containers, if that makes enough room
-        being_freed = sum(c.memory_mb for c in self._containers if c.phase == _REMOVING)
-        missing = need - free - being_freed
-        if missing <= 0:
-            return None  # removals under way will make room
-        candidates = sorted(
-            (c for c in self._containers if c.idle),
-            key=lambda c: (c.phase == _STEM, c.last_used),
-        )
-        if sum(c.memory_mb for c in candidates) < missing:
-            return None  # wait for busy containers to become idle
-        victims = []
-        for c in candidates:
-            if missing <= 0:
-                break
-            victims.append(c)
-            missing -= c.memory_mb
-        for c in victims:
-            logger.debug("evicting idle container", container=c.name, for_action=action.name)
-            self._destroy(c, reason="evicted")
-        return None
-
     # ----------------------------------------------------------- removal, reaper
-    def _destroy(self, c: _Container, reason: str) -> None:
+    def _evict(self, c: ContainerRecord) -> None:
+        self._destroy(c, reason="evicted")
+
+    def _destroy(self, c: ContainerRecord, reason: str) -> None:
         """Never lease ``c`` again; remove it once no activation uses it (at once when idle).
 
         Activations holding a slot in it keep running undisturbed (see Lease); its memory
         counts until Docker confirms the removal.
         """
-        if c.phase in _DESTROYED:
+        if c.phase in DESTROYED:
             return
-        c.phase = _RETIRING
+        c.phase = RETIRING
         c.destroy_reason = reason
         if c.active == 0:
             self._start_removal(c)
@@ -592,11 +517,11 @@ class ContainerPool:
             logger.debug("container retiring", container=c.name, reason=reason, active=c.active)
         self._update_gauges()
 
-    def _start_removal(self, c: _Container) -> None:
+    def _start_removal(self, c: ContainerRecord) -> None:
         if c.docker_id is None:
             self._drop(c)
             return
-        c.phase = _REMOVING
+        c.phase = REMOVING
         try:
             assert self._nursery is not None
             self._nursery.start_soon(self._remove_task, c)
@@ -604,7 +529,7 @@ class ContainerPool:
             # The pool is closing: _remove_all removes every container it created.
             self._drop(c)
 
-    async def _remove_task(self, c: _Container) -> None:
+    async def _remove_task(self, c: ContainerRecord) -> None:
         """Remove c's container, retrying with capped backoff until Docker confirms it is gone.
 
         Until then it may still run, so its memory stays counted. One such task per container;
@@ -630,7 +555,11 @@ class ContainerPool:
         self._drop(c)
 
     @staticmethod
-    async def _close_conn(c: _Container) -> None:
+    async def _close_conn(c: ContainerRecord) -> None:
+        """Close c's connection and its log file."""
+        log, c.log = c.log, None
+        if log is not None:
+            log.close()
         conn, c.conn = c.conn, None
         if conn is not None:
             with trio.CancelScope(shield=True):
@@ -642,8 +571,8 @@ class ContainerPool:
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
-            for c in list(self._containers):
-                if c.idle and c.phase != _STEM and now - c.last_used >= cfg.idle_timeout_s:
+            for c in list(self._scheduler.records):
+                if c.idle and c.phase != STEM and now - c.last_used >= cfg.idle_timeout_s:
                     logger.debug("removing idle container", container=c.name,
                                  idle_s=round(now - c.last_used, 1))
                     self._destroy(c, reason="idle")
@@ -659,18 +588,20 @@ class ContainerPool:
                 logger.warning("no image for prewarm kind", kind=kind)
                 continue
             have = sum(
-                1 for c in self._containers
-                if c.pool_key is None and c.kind == kind and c.phase in (_STARTING, _STEM)
+                1 for c in self._scheduler.records
+                if c.pool_key is None and c.kind == kind and c.phase in (STARTING, STEM)
             )
-            while (have < wanted and not self._waiters
+            while (have < wanted and not self._scheduler.waiters
                    and self.free_memory_mb >= cfg.prewarm_memory_mb):
-                c = self._new_record(image, kind, cfg.prewarm_memory_mb, f"prewarm-{kind}",
-                                     None, _STARTING)
+                c = self._scheduler.new_record(image=image, kind=kind,
+                                               memory_mb=cfg.prewarm_memory_mb,
+                                               label=f"prewarm-{kind}", pool_key=None,
+                                               phase=STARTING)
                 self._nursery.start_soon(self._start_stem, c)
                 have += 1
         self._update_gauges()
 
-    async def _start_stem(self, c: _Container) -> None:
+    async def _start_stem(self, c: ContainerRecord) -> None:
         try:
             await self._create_and_start(c)
             deadline = trio.current_time() + self.config.init_timeout_s
@@ -682,14 +613,14 @@ class ContainerPool:
             log("prewarm container failed", container=c.name, error=str(exc))
             self._destroy(c, reason="prewarm failed")
             return
-        if c.phase == _STARTING:
-            c.phase = _STEM
+        if c.phase == STARTING:
+            c.phase = STEM
             c.last_used = trio.current_time()
             logger.debug("stem cell ready", container=c.name, kind=c.kind)
-        self._process_queue()  # updates the gauges
+        self._changed_state()
 
     # ---------------------------------------------------------------- containers
-    def _spec(self, c: _Container, network: str | None, publish: bool) -> ContainerSpec:
+    def _spec(self, c: ContainerRecord, network: str | None, publish: bool) -> ContainerSpec:
         cfg = self.config
         runtime = cfg.runtime(c.kind)
         return ContainerSpec(
@@ -716,7 +647,7 @@ class ContainerPool:
             env=runtime.env,
         )
 
-    async def _create_and_start(self, c: _Container) -> None:
+    async def _create_and_start(self, c: ContainerRecord) -> None:
         """Create c's network (see invoker.networks) and container, start it and learn its
         address. Raises DockerError."""
         t0 = trio.current_time()
@@ -741,13 +672,28 @@ class ContainerPool:
             network_s += trio.current_time() - t1
         if self._closed:
             raise DockerError("the container pool is closed")
-        c.base_url = await self._backend.start(cid, network)
+        started = await self._backend.start(cid, network)
+        c.base_url = started.base_url
         c.conn = self._client.connect(c.base_url)
+        c.log = self._open_log(c, started.log_path)
         logger.debug("container started", container=c.name, id=cid[:12], url=c.base_url,
                      seconds=round(trio.current_time() - t0, 3),
                      network_seconds=round(network_s, 3))
 
-    async def _wait_ready(self, c: _Container, deadline: float) -> str | None:
+    def _open_log(self, c: ContainerRecord, path: str) -> ContainerLog | None:
+        """c's json-file log, or None: its logs are then read through the Docker API."""
+        if not path:
+            return None
+        try:
+            return ContainerLog.open(path)
+        except OSError as exc:
+            log = logger.debug if self._warned_log_files else logger.warning
+            self._warned_log_files = True
+            log("container log file unreadable; its logs are read through the Docker API",
+                container=c.name, path=path, error=str(exc))
+            return None
+
+    async def _wait_ready(self, c: ContainerRecord, deadline: float) -> str | None:
         """None once the runtime answers HTTP; else "timeout" / "oom" / "exited"."""
         assert c.conn is not None and c.docker_id
         delay = 0.005
@@ -766,7 +712,7 @@ class ContainerPool:
             await trio.sleep(delay)
             delay = min(delay * 1.5, _PROBE_INTERVAL_MAX_S)
 
-    async def _crash_message(self, c: _Container) -> str:
+    async def _crash_message(self, c: ContainerRecord) -> str:
         """After a lost connection: OOM-killed or otherwise dead."""
         if c.docker_id is None:
             return MSG_ABNORMAL
@@ -776,17 +722,28 @@ class ContainerPool:
             return MSG_ABNORMAL
         return MSG_OOM if st.oom_killed else MSG_ABNORMAL
 
-    async def _grab_logs(self, c: _Container, since_ns: int, limit: int,
+    async def _grab_logs(self, c: ContainerRecord, since_ns: int, limit: int,
                          wait: bool) -> CollectedLogs | None:
+        """What c logged since the last activation (its log file) or since ``since_ns`` (the
+        Docker API); None if that could not be read."""
         if c.docker_id is None:
             return None
+        timeout_s = LOG_COLLECT_TIMEOUT_S if wait else LOG_GRAB_TIMEOUT_S
+        if c.log is not None:
+            try:
+                return await c.log.collect(limit_bytes=limit, wait_sentinels=wait,
+                                           timeout_s=timeout_s)
+            except (OSError, RuntimeError) as exc:
+                logger.warning("reading the container's log file failed", container=c.name,
+                               error=str(exc))
+                return None
         try:
             return await self._backend.collect_logs(
                 c.docker_id,
                 since_ns=since_ns,
                 limit_bytes=limit,
                 wait_sentinels=wait,
-                timeout_s=LOG_COLLECT_TIMEOUT_S if wait else LOG_GRAB_TIMEOUT_S,
+                timeout_s=timeout_s,
             )
         except DockerError as exc:
             logger.warning("reading logs failed", container=c.name, error=str(exc))
@@ -804,7 +761,7 @@ class ContainerPool:
         return lines
 
     # ------------------------------------------------------------------- invoke
-    async def _invoke(self, c: _Container | None, activation: Activation) -> InvocationResult:
+    async def _invoke(self, c: ContainerRecord | None, activation: Activation) -> InvocationResult:
         action = activation.action
         limits = action.limits
         if c is None:
@@ -815,27 +772,27 @@ class ContainerPool:
         start_kind = "warm"
         init_time_ms: int | None = None
         logs_since_ns: int | None = None
-        if c.phase in (_NEW, _ASSIGNED):
-            start_kind = "cold" if c.phase == _NEW else "prewarm"
+        if c.phase in (NEW, ASSIGNED):
+            start_kind = "cold" if c.phase == NEW else "prewarm"
             logs_since_ns = time.time_ns()
             failure, init_time_ms = await self._initialize(c, action, start_kind)
             if failure is not None:
                 return failure
-        elif c.phase == _INITIALIZING:
+        elif c.phase == INITIALIZING:
             await c.init_done.wait()
         if c.init_failure is not None:
             f = c.init_failure
             return InvocationResult(status=f.status, result=dict(f.result), start_ms=f.start_ms,
                                     end_ms=f.end_ms, logs=[], start_kind=f.start_kind)
         # A container destroyed after this activation got its slot still serves it (_destroy).
-        if c.phase not in (_READY, _RETIRING) or c.conn is None:
+        if c.phase not in (READY, RETIRING) or c.conn is None:
             return _result_without_run(MSG_ABNORMAL)
         return await self._run(c, activation, start_kind, init_time_ms, logs_since_ns)
 
-    async def _initialize(self, c: _Container, action: Action,
+    async def _initialize(self, c: ContainerRecord, action: Action,
                           start_kind: str) -> tuple[InvocationResult | None, int | None]:
         """Create (cold) and /init the container. Returns (failure or None, init_time_ms)."""
-        c.phase = _INITIALIZING
+        c.phase = INITIALIZING
         limits = action.limits
         started_ns = time.time_ns()
         start_ms = started_ns // 1_000_000
@@ -874,8 +831,14 @@ class ContainerPool:
                                    self._format_logs(logs, limits.logs_kb * 1024, False))
                 if failure is not None:
                     return failure, None
-            elif c.memory_mb > limits.memory_mb:
-                await self._shrink(c, limits.memory_mb)
+            else:  # a stem cell: what it logged before belongs to no activation
+                if c.log is not None:
+                    try:
+                        c.log.skip_to_end()
+                    except OSError:
+                        pass  # then collect fails too, and says so
+                if c.memory_mb > limits.memory_mb:
+                    await self._shrink(c, limits.memory_mb)
 
             assert c.conn is not None
             t0 = trio.current_time()
@@ -904,7 +867,11 @@ class ContainerPool:
                 failure.logs = self._format_logs(logs, limits.logs_kb * 1024, False)
                 return failure, init_time_ms
             destroy = False
-            c.phase = _READY
+            c.phase = READY
+            made_s = trio.current_time() - c.serving_since
+            self._stages["init"].observe(made_s)
+            if start_kind == "cold":
+                self._scheduler.cold_started(made_s)
             logger.debug("container initialized", container=c.name, action=action.name,
                          start_kind=start_kind, init_ms=init_time_ms)
             return None, init_time_ms
@@ -918,7 +885,7 @@ class ContainerPool:
                 self._destroy(c, reason="init failed")
             c.init_done.set()
 
-    async def _shrink(self, c: _Container, memory_mb: int) -> None:
+    async def _shrink(self, c: ContainerRecord, memory_mb: int) -> None:
         """A stem cell larger than the action needs gets the action's exact memory limit."""
         assert c.docker_id is not None
         try:
@@ -927,9 +894,9 @@ class ContainerPool:
             logger.debug("could not lower the memory limit", container=c.name, error=str(exc))
             return
         c.memory_mb = memory_mb
-        self._process_queue()  # updates the gauges
+        self._changed_state()
 
-    async def _run(self, c: _Container, activation: Activation, start_kind: str,
+    async def _run(self, c: ContainerRecord, activation: Activation, start_kind: str,
                    init_time_ms: int | None, logs_since_ns: int | None) -> InvocationResult:
         limits = activation.action.limits
         log_limit = limits.logs_kb * 1024
@@ -939,6 +906,7 @@ class ContainerPool:
         body = run_body(activation, start_ms + limits.timeout_ms)
         lost: ConnectionLost | None = None
         resp = None
+        run_began = trio.current_time()
         try:
             with trio.move_on_after(limits.timeout_ms / 1000) as scope:
                 try:
@@ -951,6 +919,7 @@ class ContainerPool:
             self._destroy(c, reason="cancelled during /run")
             raise
         end_ms = now_ms()
+        self._stages["run"].observe(trio.current_time() - run_began)
         since_ns = logs_since_ns or run_start_ns
         concurrent = c.concurrency > 1
 
@@ -978,7 +947,9 @@ class ContainerPool:
         if concurrent:
             logs = [MSG_LOGS_CONCURRENT]
         else:
+            logs_began = trio.current_time()
             collected = await self._grab_logs(c, since_ns, log_limit, True)
+            self._stages["log_read"].observe(trio.current_time() - logs_began)
             logs = self._format_logs(collected, log_limit, True)
             if collected is None or not (collected.complete or collected.truncated):
                 # The runtime did not finish its logs: later activations could see stale lines.

@@ -200,8 +200,8 @@ async def test_hello_world_cold_then_warm(dclient, invoker_id) -> None:
         metrics = pool._metrics
         assert metrics.container_starts.labels(kind="cold")._value.get() == 1
         assert metrics.container_starts.labels(kind="warm")._value.get() == 2
-        assert metrics.containers._value.get() == 1
-        assert metrics.memory_used_mb._value.get() == 128
+        assert metrics.containers.collect()[0].samples[0].value == 1
+        assert metrics.memory_used_mb.collect()[0].samples[0].value == 128
         assert [c.name for c in labelled(dclient, invoker_id)] == [name1]
 
 
@@ -487,8 +487,8 @@ async def test_idle_containers_reaped(dclient, invoker_id) -> None:
         assert r.status == Status.SUCCESS
         await wait_until(pool, lambda: pool.snapshot() == [])
         assert not exists(dclient, name)
-        assert pool._metrics.containers._value.get() == 0
-        assert pool._metrics.memory_used_mb._value.get() == 0
+        assert pool._metrics.containers.collect()[0].samples[0].value == 0
+        assert pool._metrics.memory_used_mb.collect()[0].samples[0].value == 0
 
 
 async def test_hardening(dclient, invoker_id) -> None:

@@ -20,6 +20,7 @@ from invoker.docker_backend import (
     DockerError,
     LabelledContainer,
     LogLine,
+    StartedContainer,
     since_param,
 )
 from invoker.metrics import Metrics
@@ -133,9 +134,9 @@ class FakeBackend:
         self.created.append(spec)
         return f"id{self.n}"
 
-    async def start(self, cid: str, network: str | None) -> str:
+    async def start(self, cid: str, network: str | None) -> StartedContainer:
         await trio.lowlevel.checkpoint()
-        return f"http://fake/{cid}"
+        return StartedContainer(f"http://fake/{cid}", log_path="")  # logs: collect_logs
 
     async def remove(self, cid: str) -> None:
         await trio.sleep(0.01)
@@ -204,6 +205,11 @@ def open_pool(backend: FakeBackend, **kw: Any):
     return ContainerPool._open_with(cfg, Metrics(), backend, FakeClient())
 
 
+def gauge(g: Any) -> float:
+    """A gauge's value as scraped (pool gauges are computed then)."""
+    return g.collect()[0].samples[0].value
+
+
 async def wait_until(pool: ContainerPool, cond) -> None:
     with trio.fail_after(5):
         while not cond():
@@ -223,8 +229,8 @@ async def test_cold_then_warm_and_metrics() -> None:
         assert (r1.status, r1.start_kind, r2.start_kind) == (Status.SUCCESS, "cold", "warm")
         assert r1.init_time_ms is not None and r2.init_time_ms is None
         assert r1.result == r2.result == {"url": "http://fake/id1"}
-        assert pool._metrics.containers._value.get() == 1
-        assert pool._metrics.memory_used_mb._value.get() == 128
+        assert gauge(pool._metrics.containers) == 1
+        assert gauge(pool._metrics.memory_used_mb) == 128
         assert pool._metrics.container_starts.labels(kind="cold")._value.get() == 1
         assert pool._metrics.container_starts.labels(kind="warm")._value.get() == 1
     assert backend.removed == ["id1"]
