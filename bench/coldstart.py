@@ -15,10 +15,10 @@ import trio
 
 from bench.figures import Results
 from bench.infra import remove_containers
+from invoker.containers.pool import ContainerPool, PoolConfig
 from invoker.loadgen import percentile
 from invoker.metrics import Metrics
 from invoker.model import Action, Activation, Limits
-from invoker.pool import ContainerPool, PoolConfig
 
 NOOP = "def main(params):\n    return {}\n"
 

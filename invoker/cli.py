@@ -89,7 +89,8 @@ async def _run_until_signalled(service: FeedService) -> None:
 def _exit_at_once(status: int) -> NoReturn:
     """End the process without unwinding: threads blocked on Kafka, the store or Docker are
     not waited for. Nothing more is committed (what was not runs again after a restart); action
-    containers left are removed by the next start (see invoker.pool) or ``compose.sh down``."""
+    containers left are removed by the next start (see invoker.containers.pool) or
+    ``compose.sh down``."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(status)

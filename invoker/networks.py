@@ -50,7 +50,7 @@ from typing import Any
 import structlog
 import trio
 
-from invoker.docker_backend import LABEL_ID, LABEL_MANAGED, DockerError, SubnetTaken
+from invoker.containers.engine import LABEL_ID, LABEL_MANAGED, DockerError, SubnetTaken
 from invoker.ops import refuse_peers_from
 from invoker.ownership import ProcessOwner
 

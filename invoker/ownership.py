@@ -13,7 +13,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from invoker.docker_backend import LABEL_HOST, LABEL_PID, LABEL_PID_NAMESPACE, LABEL_PID_START
+from invoker.containers.engine import LABEL_HOST, LABEL_PID, LABEL_PID_NAMESPACE, LABEL_PID_START
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ import io
 import json
 import re
 import time
+from collections import deque
 
 import pytest
 from prometheus_client import generate_latest
@@ -17,17 +18,22 @@ from invoker.cli import main as cli_main
 from invoker.config import Config
 from invoker.loadgen import (
     ACTIONS,
+    MAX_COPIES,
     LoadSpec,
+    MessageEncoder,
     Report,
     TokenBucket,
     activation_message,
     combine_metrics,
+    message_encoders,
     parse_action_spec,
     parse_metrics,
     percentile,
     progress_line,
     spec_from_args,
 )
+from invoker.loadgen.collect import CompletionMatcher
+from invoker.loadgen.produce import Sending, activation_ids, settle
 from invoker.messages import decode_activation
 from invoker.metrics import Metrics
 from invoker.model import Activation
@@ -383,3 +389,128 @@ def test_cli_usage_errors_exit_2(argv: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         cli_main(["loadgen", *argv])
     assert exc.value.code == 2
+
+
+# --- encoded messages, copies, ids -----------------------------------------------------------
+
+def compact(message: dict) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+@pytest.mark.parametrize("options", [{}, {"blocking": True}, {"limits": {}},
+                                     {"limits": {"timeout": 1000, "memory": 128}},
+                                     {"copy": 3}])
+def test_encoder_bytes_are_those_of_the_message(spec: str, options: dict) -> None:
+    activation_id = "0123456789abcdef" * 2
+    expected = activation_message(spec, "ns-x", activation_id=activation_id, **options)
+    expected["submittedAt"] = 1_700_000_000_123
+    encoded = MessageEncoder(spec, "ns-x", **options).encode(activation_id.encode(),
+                                                             1_700_000_000_123)
+    assert encoded == compact(expected)
+    activation = decode(json.loads(encoded))
+    assert activation.activation_id == activation_id
+    assert activation.submitted_at_ms == 1_700_000_000_123
+
+
+def test_copies_are_distinct_actions_used_round_robin() -> None:
+    encoders = message_encoders(["noop", "sleep:5", "noop"], "ns", copies=3)
+    names = [encoders[i % len(encoders)].action_name for i in range(18)]
+    assert names[:9] == ["loadgen-noop-1", "loadgen-sleep-5-1", "loadgen-noop-1",
+                         "loadgen-noop-2", "loadgen-sleep-5-2", "loadgen-noop-2",
+                         "loadgen-noop-3", "loadgen-sleep-5-3", "loadgen-noop-3"]
+    assert names[9:] == names[:9]
+    assert len(set(names)) == 6
+    messages = [json.loads(e.encode(b"ab" * 16, 0)) for e in encoders]
+    codes = {m["action"]["name"]: m["action"]["code"] for m in messages}
+    assert codes["loadgen-noop-1"] == codes["loadgen-noop-3"] == parse_action_spec("noop").code
+    assert codes["loadgen-sleep-5-2"] == parse_action_spec("sleep:5").code
+    for message in messages:
+        decode(message)
+
+
+def test_one_copy_keeps_the_plain_names() -> None:
+    encoders = message_encoders(["noop", "echo"], "ns")
+    assert [e.action_name for e in encoders] == ["loadgen-noop", "loadgen-echo"]
+    assert activation_message("noop", "ns")["action"]["name"] == "loadgen-noop"
+
+
+@pytest.mark.parametrize("copies", [0, -1, MAX_COPIES + 1, 2.0, True, "2"])
+def test_invalid_copies_are_rejected(copies) -> None:
+    spec = LoadSpec(copies=copies)
+    with pytest.raises(ValueError):
+        spec.validate()
+    with pytest.raises(ValueError):
+        loadgen.run_load(spec)  # rejected before any network I/O
+    with pytest.raises(ValueError):
+        activation_message("noop", "ns", copy=copies)
+
+
+def test_cli_copies() -> None:
+    assert spec_from_args(parse(["--copies", "40"]), environ={}).copies == 40
+    assert spec_from_args(parse([]), environ={}).copies == 1
+
+
+@pytest.mark.parametrize("argv", [["--copies", "0"], ["--copies", "x"],
+                                  ["--copies", str(MAX_COPIES + 1)]])
+def test_cli_bad_copies_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["loadgen", *argv])
+    assert exc.value.code == 2
+
+
+def test_activation_ids_are_unique_valid_ids() -> None:
+    ids = activation_ids(chunk=7)
+    drawn = [next(ids) for _ in range(5000)]
+    assert len(set(drawn)) == 5000
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in drawn)
+
+
+# --- acknowledgements and completions --------------------------------------------------------
+
+def test_settle_reads_acknowledgements_in_send_order() -> None:
+    from kafka.errors import KafkaTimeoutError
+    from kafka.future import Future
+
+    futures = {name: Future() for name in "abcd"}
+    unsettled = deque(futures.items())
+    sending = Sending()
+    futures["a"].success(None)
+    futures["c"].success(None)
+    settle(unsettled, sending, only_leading=True)
+    assert sending.acked == {"a"} and [i for i, _ in unsettled] == ["b", "c", "d"]
+    futures["b"].failure(KafkaTimeoutError("expired"))
+    settle(unsettled, sending, only_leading=True)
+    assert sending.acked == {"a", "c"} and set(sending.failed) == {"b"}
+    assert "KafkaTimeoutError" in sending.failed["b"] and [i for i, _ in unsettled] == ["d"]
+    settle(unsettled, sending, only_leading=False)  # after the flush: "d" never acknowledged
+    assert not unsettled and sending.acked == {"a", "c"} and set(sending.failed) == {"b"}
+
+
+def completion_bytes(activation_id: str, namespace: str, **extra) -> bytes:
+    """A completion as the daemon encodes it (invoker.records.completion_message)."""
+    from invoker.records import completion_message
+    from invoker.safejson import dumps
+
+    record = {"activationId": activation_id, "namespace": namespace,
+              "response": {"status": "success", "statusCode": 0, "result": {"x": 1}}}
+    return dumps({**completion_message(record, "invoker0", blocking=True), **extra})
+
+
+def test_completion_matcher() -> None:
+    ours, other = "a" * 32, "b" * 32
+    match = CompletionMatcher("ns", {ours: 0.0}).activation_id
+    assert match(ours.encode(), completion_bytes(ours, "ns")) == ours
+    assert match(None, completion_bytes(ours, "ns")) == ours  # unkeyed: decoded
+    assert match(other.encode(), completion_bytes(other, "ns")) is None
+    assert match(None, completion_bytes(other, "ns")) is None
+    assert match(ours.encode(), completion_bytes(ours, "ns2")) is None  # another namespace
+    assert match(None, completion_bytes(ours, "ns2")) is None
+    # keyed by our id but encoded otherwise: decoded, and judged by its members
+    spaced = json.dumps({"namespace": "ns", "activationId": ours}).encode()
+    assert match(ours.encode(), spaced) == ours
+    assert match(ours.encode(), json.dumps({"activationId": other}).encode()) is None
+    for junk in [b"", b"not json", b"[1]", b'{"activationId": 7}', None]:
+        assert match(ours.encode(), junk) is None
+        assert match(None, junk) is None
+    assert match(b"\xff" * 32, completion_bytes(ours, "ns")) is None

@@ -26,11 +26,11 @@ import docker.errors
 import pytest
 import trio
 
+from invoker.containers.pool import ContainerPool, PoolConfig
 from invoker.metrics import Metrics
 from invoker.model import Action, Activation, InvocationResult, Limits, Status
 from invoker.networks import LABEL_NETWORK
 from invoker.ownership import ProcessOwner
-from invoker.pool import ContainerPool, PoolConfig
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ import pytest
 import trio
 import trio.lowlevel
 
-from invoker import pool as pool_module
-from invoker.docker_backend import (
+from invoker.containers import pool as pool_module
+from invoker.containers.engine import (
     CollectedLogs,
     ContainerState,
     DockerError,
@@ -23,11 +23,8 @@ from invoker.docker_backend import (
     StartedContainer,
     since_param,
 )
-from invoker.metrics import Metrics
-from invoker.model import Action, Activation, Limits, RawJson, Status
-from invoker.ownership import ProcessOwner
-from invoker.pool import ContainerPool, PoolConfig
-from invoker.runtime_client import (
+from invoker.containers.pool import ContainerPool, PoolConfig
+from invoker.containers.runtime import (
     MSG_ABNORMAL,
     RuntimeResponse,
     encode_body,
@@ -36,6 +33,9 @@ from invoker.runtime_client import (
     interpret_run,
     run_body,
 )
+from invoker.metrics import Metrics
+from invoker.model import Action, Activation, Limits, RawJson, Status
+from invoker.ownership import ProcessOwner
 
 IMAGE = "invoker-action-python:latest"
 NAMESPACE = "guest"

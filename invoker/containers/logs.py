@@ -34,7 +34,7 @@ from operator import attrgetter
 
 import trio
 
-from invoker.docker_backend import SENTINEL, CollectedLogs, LogLine
+from invoker.containers.engine import SENTINEL, CollectedLogs, LogLine
 
 CHUNK_BYTES = 64 * 1024
 # Docker splits output at 16 KiB, so a longer entry is not Docker's: it is skipped, never buffered.

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 import trio
 
+from invoker.containers.engine import LABEL_ID, SENTINEL
 from invoker.containers.logs import ContainerLog
-from invoker.docker_backend import LABEL_ID, SENTINEL
 
 pytestmark = pytest.mark.integration
 

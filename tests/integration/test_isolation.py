@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
+from invoker.containers.pool import PoolConfig
 from invoker.loadgen import activation_message, produce_messages, read_completions
 from invoker.networks import LABEL_NETWORK
-from invoker.pool import PoolConfig
 from tests.support.daemon import KAFKA, Daemon, Topics, settings_env, stored_records
 
 NS = "isolation"

@@ -11,8 +11,8 @@ import pytest
 import trio
 import trio.testing
 
+from invoker.containers.engine import SENTINEL
 from invoker.containers.logs import CHUNK_BYTES, MAX_ENTRY_BYTES, ContainerLog
-from invoker.docker_backend import SENTINEL
 
 END = SENTINEL.decode()
 

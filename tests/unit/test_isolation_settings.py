@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from invoker.config import Config, load_config
+from invoker.containers.engine import ContainerSpec, DockerBackend, DockerError, SubnetTaken
 from invoker.daemon import pool_config
-from invoker.docker_backend import ContainerSpec, DockerBackend, DockerError, SubnetTaken
 from invoker.networks import LABEL_NETWORK, RELEASE_ATTEMPTS, SUBNET_ATTEMPTS, ActionNetworks
 from invoker.ops import peer_refused, refuse_peers_from
 from invoker.ownership import ProcessOwner

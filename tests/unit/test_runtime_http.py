@@ -1,4 +1,4 @@
-"""The runtime client's HTTP/1.1 (invoker.runtime_client) against real local servers.
+"""The runtime client's HTTP/1.1 (invoker.containers.runtime) against real local servers.
 
 Each test starts trio TCP servers on 127.0.0.1 scripted for it: a well-behaved keep-alive h11
 server, and servers that close, lie, stall or answer garbage. The client under test is the real
@@ -16,7 +16,7 @@ import h11
 import pytest
 import trio
 
-from invoker.runtime_client import (
+from invoker.containers.runtime import (
     MAX_HEAD_BYTES,
     ConnectionLost,
     RuntimeClient,

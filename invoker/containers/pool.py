@@ -54,22 +54,7 @@ from typing import Any
 import structlog
 import trio
 
-from invoker.containers.logs import ContainerLog
-from invoker.containers.scheduler import (
-    ASSIGNED,
-    DESTROYED,
-    INITIALIZING,
-    NEW,
-    READY,
-    REMOVING,
-    RETIRING,
-    STARTING,
-    STEM,
-    ContainerRecord,
-    Scheduler,
-    Waiter,
-)
-from invoker.docker_backend import (
+from invoker.containers.engine import (
     LABEL_ACTION,
     LABEL_HOST,
     LABEL_ID,
@@ -83,11 +68,8 @@ from invoker.docker_backend import (
     ImageNotFound,
     LabelledContainer,
 )
-from invoker.metrics import Metrics
-from invoker.model import Action, Activation, InvocationResult, PoolKey, Status, now_ms
-from invoker.networks import LABEL_NETWORK, ActionNetworks
-from invoker.ownership import ProcessOwner
-from invoker.runtime_client import (
+from invoker.containers.logs import ContainerLog
+from invoker.containers.runtime import (
     MSG_ABNORMAL,
     MSG_INIT_TIMEOUT,
     MSG_LOGS_CONCURRENT,
@@ -102,6 +84,24 @@ from invoker.runtime_client import (
     interpret_run,
     run_body,
 )
+from invoker.containers.scheduler import (
+    ASSIGNED,
+    DESTROYED,
+    INITIALIZING,
+    NEW,
+    READY,
+    REMOVING,
+    RETIRING,
+    STARTING,
+    STEM,
+    ContainerRecord,
+    Scheduler,
+    Waiter,
+)
+from invoker.metrics import Metrics
+from invoker.model import Action, Activation, InvocationResult, PoolKey, Status, now_ms
+from invoker.networks import LABEL_NETWORK, ActionNetworks
+from invoker.ownership import ProcessOwner
 
 logger = structlog.get_logger(__name__)
 
