@@ -16,9 +16,16 @@ what the store says. A failed read is retried like a failed write (and counted a
 ``store_write_failures``). While the read returns, a batch holds both the re-runs and the
 stored records (at most twice ``batch_size`` records per write slot); then only the stored.
 
+Latency: a record that finds the batcher idle (no write in flight, nothing else waiting) is
+written at once. Only while a write is in flight does the next batch linger, up to
+``linger_s``, to fill up; it is written as soon as no write is in flight any more (or it is
+full). Under load the writes thus carry what accumulated during the previous one.
+
 What may block: :meth:`Batcher.run` waits on the channel, on the store, and on the in-flight
 write limit. While ``max_writes_in_flight`` writes are outstanding it stops receiving, so the
-record channel fills up; that is the signal the feed pauses on.
+record channel fills up; that is the signal the feed pauses on. A write holds its slot until
+``on_stored`` (and ``on_refused``) returned: what they wait for (the completion stage's bound)
+counts as the write's.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ log = structlog.get_logger(__name__)
 class PendingRecord:
     """A finished activation's record on its way to the store."""
 
+    # An EncodedRecord as the invoker and the recorder make them (the stores write its bytes);
+    # a plain dict once replaced by the record read back from the store (already stored)
     record: dict[str, Any]
     token: OffsetToken | None  # the feed message whose offset waits for this record
     blocking: bool
@@ -88,6 +97,8 @@ class Batcher:
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._write_slots = trio.Semaphore(settings.max_writes_in_flight)
+        self._writes_in_flight = 0
+        self._linger: trio.CancelScope | None = None  # of the batch lingering, if one is
         # Every batch the store has not taken yet, for /healthz (see invoker.stuck).
         self.stuck = stuck or StuckWatch()
 
@@ -100,11 +111,13 @@ class Batcher:
                 if not batch:
                     self._write_slots.release()
                     break
+                self._writes_in_flight += 1
                 writes.start_soon(self._write, batch)
 
     async def _collect(self, records: trio.MemoryReceiveChannel[PendingRecord]
                        ) -> list[PendingRecord]:
-        """One batch: wait for a first record, take what is waiting, then linger to fill up."""
+        """One batch: wait for a first record, take what is waiting, then, while a write is in
+        flight, linger to fill up (see the module docstring)."""
         try:
             batch = [await records.receive()]
         except trio.EndOfChannel:
@@ -115,14 +128,16 @@ class Batcher:
                 batch.append(records.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
-        if len(batch) == size:
+        if len(batch) == size or not self._writes_in_flight:
             return batch
-        with trio.move_on_after(self._settings.linger_s):
-            while len(batch) < self._settings.batch_size:
+        # Cancelled early by the last write in flight ending (_write).
+        with trio.move_on_after(self._settings.linger_s) as self._linger:
+            while len(batch) < size:
                 try:
                     batch.append(await records.receive())
                 except trio.EndOfChannel:
                     break
+        self._linger = None
         return batch
 
     async def _write(self, batch: list[PendingRecord]) -> None:
@@ -150,6 +165,9 @@ class Batcher:
                 await trio.sleep(delay)
         finally:
             self.stuck.end(token)
+            self._writes_in_flight -= 1
+            if not self._writes_in_flight and self._linger is not None:
+                self._linger.cancel()  # the store is idle: write what lingers now
             self._write_slots.release()
 
     async def _attempt(self, token: int, left: _Left) -> _Attempt:
@@ -220,7 +238,9 @@ class Batcher:
             self.stuck.failed(token, str(exc))
             log.warning("store write failed; will retry", error=str(exc), records=len(batch))
             return None
-        self._metrics.store_write_seconds.observe(time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        self._metrics.store_write_seconds.observe(elapsed)
+        self._metrics.stage["store_write"].observe(elapsed)  # once per batch, not per record
         self._metrics.store_batch_size.observe(len(batch))
         return results
 
@@ -259,9 +279,11 @@ class _Attempt:
 
 def _same_activation(stored: Mapping[str, Any], record: Mapping[str, Any]) -> bool:
     """Whether ``stored`` is an activation record of ``record``'s activation, complete enough
-    for a completion message (status, code and result)."""
+    for a completion message (a status text, an integer code and a result)."""
     response = stored.get("response")
     return (stored.get("activationId") == record.get("activationId")
             and stored.get("namespace") == record.get("namespace")
             and isinstance(response, dict)
-            and all(key in response for key in ("status", "statusCode", "result")))
+            and isinstance(response.get("status"), str)
+            and type(response.get("statusCode")) is int
+            and "result" in response)

@@ -65,7 +65,7 @@ class Config:
     store_timeout_s: float = 30.0
     # Bounds of the pipeline
     read_ahead: int = 64  # messages handed from the consumer thread, not yet dispatched
-    max_poll_records: int = 16  # messages taken per poll(); they wait in the thread if trio is full
+    max_poll_records: int = 64  # messages taken per poll(); they wait in the thread if trio is full
     fetch_max_bytes: int = 4 * 1024 * 1024  # the consumer's own fetch buffer
     max_message_bytes: int = 1024 * 1024  # largest activation message accepted
     max_json_depth: int = 64  # nesting depth of params and results (deeper: refused)
@@ -76,8 +76,13 @@ class Config:
     record_channel_size: int = 256
     record_channel_low_watermark: int = 128  # the feed resumes at or below this depth
     batch_size: int = 100
-    linger_ms: int = 20
+    linger_ms: int = 20  # only while a write is in flight: an idle store gets a record at once
     max_writes_in_flight: int = 2
+    # Batches of completions (each at most batch_size) published and not yet acknowledged; the
+    # store's writes do not wait for them unless this many are
+    max_publishes_in_flight: int = 4
+    # The feed commits the offsets it may at most this often (and always on revocation and close)
+    commit_interval_ms: int = 200
     backoff_initial_ms: int = 100
     backoff_max_ms: int = 5000
     # Containers
@@ -133,9 +138,12 @@ class Config:
         problems = []
         for name in ("read_ahead", "max_poll_records", "max_activations", "record_channel_size",
                      "batch_size", "max_writes_in_flight", "user_memory_mb",
-                     "overflow_max_in_flight", "max_uncommitted_offsets", "max_json_depth"):
+                     "overflow_max_in_flight", "max_uncommitted_offsets", "max_json_depth",
+                     "max_publishes_in_flight"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if self.commit_interval_ms < 0:
+            problems.append("commit_interval_ms must not be negative")
         if not 0 <= self.record_channel_low_watermark < self.record_channel_size:
             problems.append("record_channel_low_watermark must be in [0, record_channel_size)")
         if problem := self.default_limits_problem():
@@ -217,18 +225,23 @@ class Config:
 
         Messages count from the moment the consumer returns them (waiting in the consumer thread,
         in the read-ahead channel, in execution slots) until their record leaves the last bulk
-        write; the consumer's fetch buffer is added in bytes. A message waits whole before it
-        is decoded, so a waiting one may be as large as its topic allows (assumed at most
-        ``kafka_max_message_bytes``, as on the topics the daemon creates); one that runs has
-        passed the ``max_message_bytes`` check, and keeps its params encoded.
+        write, and then as a completion until Kafka acknowledged it; the consumer's fetch
+        buffer is added in bytes. A message waits whole before it is decoded, so a waiting one
+        may be as large as its topic allows (assumed at most ``kafka_max_message_bytes``, as
+        on the topics the daemon creates); one that runs has passed the ``max_message_bytes``
+        check, and keeps its params encoded. A record counts twice ``max_record_bytes``: it
+        carries its encoding (made once, when built) besides its objects. A completion is at
+        most a record's size (its result and a few fields).
         """
         waiting = self.max_poll_records + self.read_ahead  # messages only
         running = self.max_activations  # a message and, at the end, its record
         writing = self.record_channel_size + self.max_writes_in_flight * self.batch_size
+        publishing = self.max_publishes_in_flight * self.batch_size  # completions
         size = (waiting * max(self.max_message_bytes, self.kafka_max_message_bytes)
-                + running * (self.max_message_bytes + self.max_record_bytes)
-                + writing * self.max_record_bytes + self.fetch_max_bytes)
-        return waiting + running + writing, size
+                + running * (self.max_message_bytes + 2 * self.max_record_bytes)
+                + writing * 2 * self.max_record_bytes + publishing * self.max_record_bytes
+                + self.fetch_max_bytes)
+        return waiting + running + writing + publishing, size
 
     @property
     def overflow_brokers(self) -> str:

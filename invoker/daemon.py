@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
+from functools import partial
 from typing import Any
 
 import structlog
@@ -24,6 +25,7 @@ from prometheus_client import Gauge
 
 from invoker.batcher import PendingRecord
 from invoker.config import Config
+from invoker.containers.pool import ContainerPool, PoolConfig
 from invoker.feed import FeedMessage
 from invoker.kafka_io import Publisher, Unpublishable
 from invoker.lastresort import HandOff, dead_letter_unexpected
@@ -31,9 +33,8 @@ from invoker.messages import InvalidMessage, Rejection, decode_activation
 from invoker.metrics import Metrics
 from invoker.model import Activation, now_ms
 from invoker.offsets import OffsetToken
-from invoker.pool import ContainerPool, PoolConfig
 from invoker.records import build_record, build_rejection_record
-from invoker.service import FeedService
+from invoker.service import FeedService, in_thread
 from overflow.envelope import OverflowedRecord
 from overflow.sender import OverflowSender
 from store import Store
@@ -101,10 +102,10 @@ class Invoker(FeedService):
             self._pool = await stack.enter_async_context(
                 ContainerPool.open(pool_config(cfg), self.metrics))
             if cfg.overflow_enabled:
-                publisher = Publisher(cfg.overflow_brokers, cfg.invoker_id + "-overflow",
-                                      max_message_bytes=cfg.kafka_max_message_bytes,
-                                      stuck=self.stuck)
-                stack.callback(publisher.close)
+                publisher = await in_thread(partial(
+                    Publisher, cfg.overflow_brokers, cfg.invoker_id + "-overflow",
+                    max_message_bytes=cfg.kafka_max_message_bytes, stuck=self.stuck))
+                stack.push_async_callback(in_thread, publisher.close)
                 self._overflow = OverflowSender(publisher, cfg.overflow_topic,
                                                 cfg.overflow_max_in_flight, self.metrics)
             # The service runs in a task of its own so that this task, which opened the pool,

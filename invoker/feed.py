@@ -3,14 +3,24 @@
 kafka-python's consumer is not thread-safe, so every consumer call (poll, pause, resume, commit,
 close) happens on the feed thread. The trio side talks to it only through:
 
-- a :class:`FeedGate` whose methods the thread calls with ``trio.from_thread.run_sync`` (they run
-  on the trio thread and never block);
+- the inbox: the thread appends what it polled (at most ``max_poll_records`` messages are ever
+  in it) and asks trio, without waiting, to run the *pump* (``TrioToken.run_sync_soon``, one
+  pending call at most). The pump, on the trio thread, offers the inbox to the
+  :class:`FeedGate`, removes what the gate took and notes whether the gate is saturated. So the
+  thread never waits for trio to schedule a hand-off; it waits only when the inbox is full
+  (trio has not taken the last polls yet), and then at most ``POLL_TIMEOUT_MS`` per turn;
+- other :class:`FeedGate` methods, which the thread calls with ``trio.from_thread.run_sync``
+  (they run on the trio thread and never block) when a wait does not matter: while paused
+  (to decide whether to resume) and on rebalances;
 - :meth:`Feed.request_commit`, which records the offset to commit under a lock (one entry per
-  partition, so it is bounded) for the thread to commit on its next turn.
+  partition, so it is bounded) for the thread to commit at most every ``commit_interval_s``,
+  and always on revocation and close. A commit is synchronous (up to ``COMMIT_TIMEOUT_MS``), so
+  the interval keeps it off most turns.
 
-When the gate cannot take a message the thread pauses every assigned partition and keeps polling
-(so the consumer stays in its group), holding at most ``max_poll_records`` messages, and resumes
-when the gate says the pipeline drained below its low watermarks.
+When the pump finds the pipeline saturated (the gate could not take every message, or says it
+is full), the thread pauses every assigned partition and keeps polling (so the consumer stays
+in its group), holding at most ``max_poll_records`` messages, and resumes when its inbox is
+empty and the gate says the pipeline drained below its low watermarks.
 """
 
 from __future__ import annotations
@@ -48,10 +58,12 @@ class FeedMessage:
 
 
 class FeedGate(Protocol):
-    """The trio side of the feed. Every method runs on the trio thread and must not block."""
+    """The trio side of the feed. Every method runs on the trio thread and must not block (nor
+    raise: the pump runs as a trio system callback)."""
 
     def offer(self, messages: Sequence[FeedMessage]) -> tuple[int, bool]:
-        """Take a prefix of ``messages``; return (how many were taken, whether to pause)."""
+        """Take a prefix of ``messages``; return (how many were taken, whether to pause).
+        Called by the pump with the inbox locked."""
 
     def saturated(self) -> bool:
         """Whether the pipeline is full (with hysteresis: until it drained below its low
@@ -73,6 +85,7 @@ class FeedSettings:
     max_poll_records: int
     fetch_max_bytes: int
     max_message_bytes: int
+    commit_interval_s: float = 0.2
     session_timeout_ms: int = 10_000
     max_poll_interval_ms: int = 300_000
 
@@ -84,14 +97,20 @@ class Feed:
         self._metrics = metrics
         self._token: trio.lowlevel.TrioToken | None = None
         self._commit_lock = threading.Lock()
-        self._commits: dict[TopicPartition, int] = {}
+        # partition -> (offset to commit, when the oldest request it includes was made)
+        self._commits: dict[TopicPartition, tuple[int, float]] = {}
+        self._next_commit = 0.0  # time.monotonic() from which the thread commits again
         self._stop_fetching = threading.Event()
         self._close = threading.Event()
         self._paused = False
         self._paused_since = 0.0
         self._epoch = 0
         self._epochs: dict[TopicPartition, int] = {}
-        self._pending: deque[FeedMessage] = deque()
+        # Polled, not yet taken by the gate: at most max_poll_records. The lock is held for
+        # list operations only (and by the pump while the gate takes messages).
+        self._inbox_changed = threading.Condition()
+        self._inbox: deque[FeedMessage] = deque()
+        self._saturated = False  # what the gate said at the pump's last hand-off
         self.ready = trio.Event()
 
     # --- trio side -----------------------------------------------------------------------
@@ -125,15 +144,38 @@ class Feed:
         """Seconds the consumer has been paused so far (0.0 while it is not). Never blocks."""
         return time.monotonic() - self._paused_since if self._paused else 0.0
 
-    def request_commit(self, partition: TopicPartition, offset: int) -> None:
-        """Ask the thread to commit ``offset`` (the next offset to read). Never blocks."""
+    def request_commit(self, partition: TopicPartition, offset: int,
+                       requested_at: float | None = None) -> None:
+        """Ask the thread to commit ``offset`` (the next offset to read). Never blocks.
+        ``requested_at`` (time.monotonic()) is for a request made earlier, and retried."""
+        at = time.monotonic() if requested_at is None else requested_at
         with self._commit_lock:
-            if offset > self._commits.get(partition, -1):
-                self._commits[partition] = offset
+            current = self._commits.get(partition)
+            if current is None:
+                self._commits[partition] = (offset, at)
+            elif offset > current[0]:
+                self._commits[partition] = (offset, min(current[1], at))
 
     def stop_fetching(self) -> None:
         """Hand over nothing more; messages not yet handed over are left to be redelivered."""
         self._stop_fetching.set()
+
+    def _pump(self) -> None:
+        """Offer the inbox to the gate (on the trio thread, scheduled by the feed thread with
+        ``run_sync_soon``). Blocks only while the thread holds the inbox lock for a list
+        operation."""
+        with self._inbox_changed:
+            if self._stop_fetching.is_set():
+                return
+            if self._inbox:
+                taken, self._saturated = self._gate.offer(self._inbox)
+                for _ in range(taken):
+                    self._inbox.popleft()
+            else:
+                # Nothing to hand over (e.g. the broker is unreachable): still pause when the
+                # pipeline is full, so fetching does not restart before it drained.
+                self._saturated = self._gate.saturated()
+            self._inbox_changed.notify()  # a thread waiting for room may go on (or pause)
 
     def close(self) -> None:
         """Commit what was requested, leave the group and end the thread."""
@@ -193,36 +235,48 @@ class Feed:
             time.sleep(0.2)
 
     def _turn(self, consumer: KafkaConsumer) -> None:
-        self._commit_requested(consumer)
+        now = time.monotonic()
+        if now >= self._next_commit:
+            self._commit_requested(consumer)
+            self._next_commit = now + self._settings.commit_interval_s
+        limit = self._settings.max_poll_records
         if self._stop_fetching.is_set():
-            self._pending.clear()
+            with self._inbox_changed:
+                self._inbox.clear()
             if not self._paused:
                 self._pause(consumer, "stopping")
-        elif self._paused and not self._pending and not self._call(self._gate.saturated):
-            self._resume(consumer)
-        # Never hold more than max_poll_records in this thread (while paused, poll returns none).
-        room = max(self._settings.max_poll_records - len(self._pending), 1)
-        # While paused, poll only briefly: it returns nothing, and resuming waits for it.
-        timeout_ms = PAUSED_POLL_TIMEOUT_MS if self._paused else POLL_TIMEOUT_MS
-        polled = consumer.poll(timeout_ms=timeout_ms, max_records=room)
-        now = time.time()
-        for partition, records in polled.items():
-            epoch = self._epoch_of(partition)
-            for record in records:
-                self._pending.append(FeedMessage(partition, epoch, record.offset,
-                                                 record.value or b"", now))
-        if self._stop_fetching.is_set():
-            return
-        if self._pending:
-            taken, want_pause = self._call(self._gate.offer, list(self._pending))
-            for _ in range(taken):
-                self._pending.popleft()
-        else:
-            # Nothing to hand over (e.g. the broker is unreachable): still pause when the
-            # pipeline is full, so fetching does not restart before it drained.
-            want_pause = not self._paused and self._call(self._gate.saturated)
-        if (self._pending or want_pause) and not self._paused:
+        elif self._paused:
+            if not self._held() and not self._call(self._gate.saturated):
+                with self._inbox_changed:
+                    self._saturated = False  # the pump's last word is older than this one
+                self._resume(consumer)
+        elif self._saturated:
             self._pause(consumer, "pipeline saturated")
+        elif self._held() >= limit:
+            # The pump has not run since the last poll: wait for it rather than poll into no
+            # room (it either takes messages or says the pipeline is saturated).
+            with self._inbox_changed:
+                self._inbox_changed.wait_for(
+                    lambda: len(self._inbox) < limit or self._saturated, POLL_TIMEOUT_MS / 1000)
+        room = limit - self._held()
+        if room > 0 or self._paused:
+            # While paused, poll only briefly: it returns nothing, and resuming waits for it.
+            timeout_ms = PAUSED_POLL_TIMEOUT_MS if self._paused else POLL_TIMEOUT_MS
+            polled = consumer.poll(timeout_ms=timeout_ms, max_records=max(room, 1))
+            if polled:
+                now_s = time.time()
+                messages = [FeedMessage(partition, self._epoch_of(partition), record.offset,
+                                        record.value or b"", now_s)
+                            for partition, records in polled.items() for record in records]
+                with self._inbox_changed:
+                    self._inbox.extend(messages)
+        if not self._stop_fetching.is_set():
+            assert self._token is not None
+            self._token.run_sync_soon(self._pump, idempotent=True)
+
+    def _held(self) -> int:
+        with self._inbox_changed:
+            return len(self._inbox)
 
     def _epoch_of(self, partition: TopicPartition) -> int:
         return self._epochs.get(partition, 0)
@@ -236,7 +290,7 @@ class Feed:
         self._paused = True
         self._metrics.paused.set(1)
         self._metrics.pauses.inc()
-        log.info("feed paused", reason=reason, held=len(self._pending))
+        log.info("feed paused", reason=reason, held=self._held())
 
     def _resume(self, consumer: KafkaConsumer) -> None:
         consumer.resume(*consumer.assignment())
@@ -254,7 +308,9 @@ class Feed:
     def _commit_requested(self, consumer: KafkaConsumer,
                           only: Iterable[TopicPartition] | None = None) -> None:
         """Commit the requested offsets, waiting at most COMMIT_TIMEOUT_MS so the thread keeps
-        polling; offsets of partitions still owned are retried on the next turn."""
+        polling; offsets of partitions still owned are retried on the next commit. Each
+        committed partition's wait since its oldest request counts in the ``commit_lag``
+        stage."""
         with self._commit_lock:
             if only is None:
                 todo, self._commits = self._commits, {}
@@ -262,23 +318,31 @@ class Feed:
                 todo = {tp: self._commits.pop(tp) for tp in only if tp in self._commits}
         if not todo:
             return
-        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in todo.items()}
+        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, (offset, _) in todo.items()}
         try:
             consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
         except KafkaError as exc:
             retry = {} if only is not None else {
-                tp: offset for tp, offset in todo.items() if tp in consumer.assignment()}
-            for tp, offset in retry.items():
-                self.request_commit(tp, offset)
+                tp: request for tp, request in todo.items() if tp in consumer.assignment()}
+            for tp, (offset, requested_at) in retry.items():
+                self.request_commit(tp, offset, requested_at)
             # Offsets not retried belong to partitions this consumer lost: their new owner
             # re-reads from the last commit and the store's idempotency absorbs the repeats.
             log.warning("commit failed", error=str(exc), retrying=len(retry),
                         dropped=len(todo) - len(retry))
+            return
+        committed = time.monotonic()
+        lag = self._metrics.stage["commit_lag"]
+        for _, requested_at in todo.values():
+            lag.observe(committed - requested_at)
 
     def _on_revoked(self, consumer: KafkaConsumer, revoked: Sequence[TopicPartition]) -> None:
         self._commit_requested(consumer, only=revoked)
         gone = set(revoked)
-        self._pending = deque(m for m in self._pending if m.partition not in gone)
+        with self._inbox_changed:
+            kept = [m for m in self._inbox if m.partition not in gone]
+            self._inbox.clear()
+            self._inbox.extend(kept)
         for tp in revoked:
             self._epochs.pop(tp, None)
         self._call(self._gate.revoked, list(revoked))

@@ -1,9 +1,9 @@
 """Producing to Kafka from trio, and making sure the daemon's topics exist.
 
 kafka-python's producer is thread-safe but ``send`` can block (metadata) and acks arrive on
-futures, so every call runs on a worker thread. kafka-python has no ``buffer_memory`` bound of
-its own: what it buffers is bounded by its callers, each of which waits for the acks of one
-bounded batch before sending more.
+futures, so every call runs on a worker thread; so do making and closing a producer (both
+talk to the brokers). kafka-python has no ``buffer_memory`` bound of its own: what it buffers
+is bounded by its callers, each of which has a bounded number of bounded batches awaiting acks.
 
 **Only what can succeed is retried.** Every message is size-checked before it is sent, against
 the smaller of the producer's ``max_request_size`` and its topic's ``max.message.bytes``
@@ -168,13 +168,17 @@ class Publisher:
 
     def __init__(self, bootstrap: str, client_id: str, *,
                  max_message_bytes: int = Config.kafka_max_message_bytes,
-                 ack_timeout_s: float = 30.0, stuck: StuckWatch | None = None) -> None:
+                 ack_timeout_s: float = 30.0, linger_ms: int = 2,
+                 stuck: StuckWatch | None = None) -> None:
+        """Blocks on the brokers (the producer's first metadata): call it on a worker thread.
+        ``linger_ms`` 0 sends at once when idle; under load the producer still batches what
+        accumulates while its requests are in flight."""
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap.split(","),
             client_id=client_id,
             acks="all",
             enable_idempotence=True,
-            linger_ms=2,
+            linger_ms=linger_ms,
             max_request_size=max_message_bytes,
             # A missing topic is waited for (and reported stuck), not created by the brokers
             # with their defaults (such as a smaller max.message.bytes than ensure_topics sets).
@@ -288,6 +292,7 @@ class Publisher:
         return Refusal(index, message, f"too large: {_error_text(error)}", limit)
 
     def close(self) -> None:
+        """Blocks up to 5 s for what is still unsent: call it on a worker thread."""
         self._producer.close(timeout=5)
         self._limits.close()
 

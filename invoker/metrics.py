@@ -15,9 +15,9 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                   0.5, 1, 2.5, 5, 10, 30)
 # Where an activation's time goes, in order: waiting for a container slot, making its container
-# ready (cold: create, start and /init; prewarm: /init), /run, reading its logs, waiting for room in the
-# record channel, the store write of its batch, publishing its batch's completions, and from
-# the record being stored to its offset being committed.
+# ready (cold: create, start and /init; prewarm: /init), /run, reading its logs, waiting for
+# room in the record channel, the store write of its batch, publishing its batch's
+# completions, and from the record being stored to its offset being committed.
 STAGES = ("queue_wait", "init", "run", "log_read", "enqueue_wait", "store_write",
           "completion_publish", "commit_lag")
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
@@ -110,7 +110,10 @@ class Metrics:
             "invoker_worst_case_buffered_bytes", "Bound on bytes of records buffered", registry=r
         )
         stage_seconds = Histogram(
-            "invoker_stage_seconds", "Time an activation spends in each stage (see STAGES)",
+            "invoker_stage_seconds",
+            "Time an activation spends in each stage (see STAGES); store_write and "
+            "completion_publish are observed once per batch, commit_lag once per committed "
+            "partition offset (from committable to committed)",
             ["stage"], buckets=_STAGE_BUCKETS, registry=r,
         )
         # One child per stage, resolved once: labels() costs more than observe() itself.

@@ -1,22 +1,36 @@
-"""Building OpenWhisk activation records and completion messages (pure functions)."""
+"""Building OpenWhisk activation records and completion messages (pure functions).
+
+Each record is encoded once, when it is built: it is an :class:`store.EncodedRecord`, whose
+compact UTF-8 JSON is what its size is checked against (``max_record_bytes``), what the stores
+write, what the overflow topic carries and where a completion takes its result from. Encoding
+is CPU time on the caller's thread (the trio thread): about the record's size in JSON, which
+the pool's caps on results and logs keep near ``max_record_bytes`` (a rejection's error text is
+bounded by the message it quotes); only a record over the cap is encoded again, smaller.
+"""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from typing import Any
 
-from invoker.config import RECORD_OVERHEAD_BYTES
 from invoker.messages import Rejection
 from invoker.model import Activation, InvocationResult, Status
-from store import doc_id_for
+from store import EncodedRecord, doc_id_for, encode_json
 
 LOGS_DROPPED_MARKER = "Logs were dropped because the record exceeded its size limit."
 _ID_MEMBER = b',"_id":'
+# A built record's response up to its result, by status: the same bytes encode_json makes.
+_RESPONSE_HEAD = {status: b'"response":{"status":"%s","statusCode":%d,"success":%s,"result":' % (
+    status.label.encode(), int(status), b"true" if status is Status.SUCCESS else b"false")
+    for status in Status}
 
 
 def build_record(activation: Activation, outcome: InvocationResult, invoker_id: str,
-                 max_record_bytes: int) -> dict[str, Any]:
-    """The stored activation record for an activation that reached the container pool."""
+                 max_record_bytes: int) -> EncodedRecord:
+    """The stored activation record for an activation that reached the container pool.
+
+    Raises UnencodableRecord if it holds what JSON or UTF-8 cannot (the pool's results and
+    logs never do)."""
     action = activation.action
     annotations: list[dict[str, Any]] = [
         {"key": "path", "value": f"{activation.namespace}/{action.name}"},
@@ -30,14 +44,13 @@ def build_record(activation: Activation, outcome: InvocationResult, invoker_id: 
         annotations.append({"key": "initTime", "value": outcome.init_time_ms})
     if action.blackbox:
         annotations.append({"key": "image", "value": action.image})
-    record = _record(activation.activation_id, activation.namespace, action.name, action.version,
-                     outcome.start_ms, outcome.end_ms, outcome.status, outcome.result,
-                     outcome.logs, annotations)
-    return _within(record, max_record_bytes)
+    return _record(activation.activation_id, activation.namespace, action.name, action.version,
+                   outcome.start_ms, outcome.end_ms, outcome.status, outcome.result,
+                   outcome.logs, annotations, max_record_bytes)
 
 
 def build_rejection_record(rejection: Rejection, invoker_id: str, now_ms: int,
-                           max_record_bytes: int) -> dict[str, Any]:
+                           max_record_bytes: int) -> EncodedRecord:
     """The record of an activation that could not be run at all (bad limits, unknown kind,
     blackbox image not allowed). Capped like any record, so hostile input cannot grow it."""
     wait = now_ms - rejection.submitted_at_ms if rejection.submitted_at_ms else 0
@@ -47,16 +60,16 @@ def build_rejection_record(rejection: Rejection, invoker_id: str, now_ms: int,
         {"key": "waitTime", "value": max(wait, 0)},
         {"key": "invoker", "value": invoker_id},
     ]
-    record = _record(rejection.activation_id, rejection.namespace, rejection.name,
-                     rejection.version, now_ms, now_ms, rejection.status,
-                     {"error": rejection.message}, [], annotations)
-    return _within(record, max_record_bytes)
+    return _record(rejection.activation_id, rejection.namespace, rejection.name,
+                   rejection.version, now_ms, now_ms, rejection.status,
+                   {"error": rejection.message}, [], annotations, max_record_bytes)
 
 
 def _record(activation_id: str, namespace: str, name: str, version: str, start_ms: int,
             end_ms: int, status: Status, result: dict[str, Any], logs: list[str],
-            annotations: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+            annotations: list[dict[str, Any]], max_record_bytes: int) -> EncodedRecord:
+    result_json = encode_json(result)  # its length is the record's response.size
+    head: dict[str, Any] = {
         "activationId": activation_id,
         "namespace": namespace,
         "name": name,
@@ -66,55 +79,77 @@ def _record(activation_id: str, namespace: str, name: str, version: str, start_m
         "start": start_ms,
         "end": end_ms,
         "duration": max(end_ms - start_ms, 0),
-        "response": {
-            "status": status.label,
-            "statusCode": int(status),
-            "success": status is Status.SUCCESS,
-            "result": result,
-            "size": len(_encode(result)),
-        },
-        "logs": logs,
-        "annotations": annotations,
     }
+    response = {"status": status.label, "statusCode": int(status),
+                "success": status is Status.SUCCESS, "result": result, "size": len(result_json)}
+    tail = {"logs": logs, "annotations": annotations}
+    # The members are encoded in three parts around the result (what encode() does for any
+    # record, with fewer and smaller encoder calls for this one layout).
+    start = b"".join((encode_json(head)[:-1], b",", _RESPONSE_HEAD[status]))
+    data = b"".join((start, result_json, b',"size":%d},' % len(result_json),
+                     memoryview(encode_json(tail))[1:]))
+    record = EncodedRecord({**head, "response": response, **tail}, data,
+                           slice(len(start), len(start) + len(result_json)))
+    return _within(record, result_json, max_record_bytes)
 
 
-def _within(record: dict[str, Any], max_bytes: int) -> dict[str, Any]:
-    """``record`` kept under ``max_bytes`` as stored (see :func:`enforce_size`).
+def _within(record: EncodedRecord, result_json: bytes, max_bytes: int) -> EncodedRecord:
+    """``record`` kept under ``max_bytes`` as the stores write it (:func:`stored_size`): logs
+    are dropped first, then the result, each time encoded again.
 
-    Encoding the whole record to measure it is the costly part; it is skipped when the result's
-    size, the worst JSON escaping of the logs (6 bytes per character: ``\u001f``; no character
-    takes more in UTF-8) and ``RECORD_OVERHEAD_BYTES`` for the rest (ids, names and kind are
-    bounded by :mod:`invoker.messages`) stay under the cap.
-    """
-    logs_worst = sum(6 * len(line) + 4 for line in record["logs"])
-    if record["response"]["size"] + logs_worst + RECORD_OVERHEAD_BYTES <= max_bytes:
-        return record
-    return enforce_size(record, max_bytes)
-
-
-def enforce_size(record: dict[str, Any], max_bytes: int) -> dict[str, Any]:
-    """Keep a record under ``max_bytes`` as the stores write it (:func:`stored_size`), dropping
-    logs first, then the result.
-
-    The pool already caps results and logs, so this only fires if the limits are configured
-    inconsistently or an error text is huge; it is what makes the daemon's worst-case byte bound
-    hold regardless.
+    The pool already caps results and logs, so only a record of limits configured
+    inconsistently, or with a huge error text, is over; this is what makes the daemon's
+    worst-case byte bound hold regardless.
     """
     if stored_size(record) <= max_bytes:
         return record
-    record = {**record, "logs": [LOGS_DROPPED_MARKER]}
-    if stored_size(record) <= max_bytes:
-        return record
+    without_logs = {**record, "logs": [LOGS_DROPPED_MARKER]}
+    encoded = encode(without_logs, result_json)
+    if stored_size(encoded) <= max_bytes:
+        return encoded
     response = dict(record["response"])
     response["result"] = {"error": "The action produced a response that exceeded the allowed "
                                    f"record size of {max_bytes} bytes."}
     if response["statusCode"] == Status.SUCCESS:
         response.update(status=Status.APPLICATION_ERROR.label,
                         statusCode=int(Status.APPLICATION_ERROR), success=False)
-    return {**record, "response": response}
+    return encode({**without_logs, "response": response})
 
 
-def completion_message(record: dict[str, Any], invoker_id: str, blocking: bool) -> dict[str, Any]:
+def encode(record: Mapping[str, Any], result_json: bytes | None = None) -> EncodedRecord:
+    """``record`` with its compact UTF-8 JSON (byte for byte :func:`store.encode_json`'s),
+    knowing where ``response.result`` lies in it. ``result_json`` is that result already
+    encoded, if it is. Raises UnencodableRecord.
+
+    The JSON is assembled from the members before ``response``, the response's members around
+    ``result``, the result, and the members after: each encoded once, none twice.
+    """
+    response = record.get("response")
+    if not isinstance(response, dict) or "result" not in response:
+        return EncodedRecord(record, encode_json(record), None)
+    if result_json is None:
+        result_json = encode_json(response["result"])
+    outer_before, outer_after = _members_around(record, "response")
+    inner_before, inner_after = _members_around(response, "result")
+    head = b"".join((b"{", outer_before, b'"response":{', inner_before, b'"result":'))
+    tail = b"".join((inner_after, b"}", outer_after, b"}"))
+    start = len(head)
+    return EncodedRecord(record, head + result_json + tail,
+                         slice(start, start + len(result_json)))
+
+
+def _members_around(obj: Mapping[str, Any], key: str) -> tuple[bytes, bytes]:
+    """The JSON members of ``obj`` before ``key`` (with a trailing comma if any) and after it
+    (with a leading comma if any)."""
+    keys = list(obj)
+    at = keys.index(key)
+    before = encode_json({k: obj[k] for k in keys[:at]})[1:-1]
+    after = encode_json({k: obj[k] for k in keys[at + 1:]})[1:-1]
+    return (before + b"," if before else b""), (b"," + after if after else b"")
+
+
+def completion_message(record: Mapping[str, Any], invoker_id: str,
+                       blocking: bool) -> dict[str, Any]:
     """What goes to the completions topic once ``record`` is durably stored."""
     response = record["response"]
     message = {
@@ -129,16 +164,25 @@ def completion_message(record: dict[str, Any], invoker_id: str, blocking: bool) 
     return message
 
 
-def stored_size(record: dict[str, Any]) -> int:
-    """An upper bound of the bytes a store writes for ``record``: its compact UTF-8 JSON
-    (``ensure_ascii=False``, as :func:`store.encode_record` makes it) plus the ``"_id"`` member
+def completion_value(summary: dict[str, Any], record: Mapping[str, Any] | None = None) -> bytes:
+    """A completion message as compact UTF-8 JSON: ``summary`` (:func:`completion_message`
+    without the result, perhaps with ``resultOmitted``) and, when ``record`` is given (a
+    blocking activation), its result, last. The result of an EncodedRecord is spliced from its
+    bytes rather than encoded again.
+
+    Raises ValueError for what JSON or UTF-8 cannot hold (a record read back from the store may).
+    """
+    if record is None:
+        return encode_json(summary)
+    if isinstance(record, EncodedRecord) and record.result is not None:
+        head = encode_json(summary)
+        return b"".join((memoryview(head)[:-1], b',"result":',
+                         memoryview(record.data)[record.result], b"}"))
+    return encode_json({**summary, "result": record["response"]["result"]})
+
+
+def stored_size(record: EncodedRecord) -> int:
+    """The bytes a store writes for ``record``, at most: its JSON plus the ``"_id"`` member
     the CouchDB store adds."""
     doc_id = doc_id_for(record["namespace"], record["activationId"])
-    return len(_encode(record)) + len(_ID_MEMBER) + len(_encode(doc_id))
-
-
-def _encode(value: Any) -> bytes:
-    """As the stores and Kafka encode, but never raising for a value they would refuse (a lone
-    surrogate counts 3 bytes, NaN 3): measuring must not fail where storing fails alone."""
-    return json.dumps(value, ensure_ascii=False,
-                      separators=(",", ":")).encode("utf-8", "surrogatepass")
+    return len(record.data) + len(_ID_MEMBER) + len(encode_json(doc_id))

@@ -6,19 +6,17 @@ Subclasses decide what happens to a message between the feed and the record chan
 (:meth:`FeedService.dispatch`).
 
 Offsets: every message taken from the feed is registered with the offset tracker; it is
-completed when its record is stored and its completion acknowledged, when it was dead-lettered,
-or when the subclass says so (e.g. after an overflow write was acknowledged). Only then can
-its offset be committed.
+completed when its record is stored and its completion acknowledged (by the completion stage,
+:mod:`invoker.completions`), when it was dead-lettered, or when the subclass says so (e.g.
+after an overflow write was acknowledged). Only then can its offset be committed; the feed
+commits what may be every ``commit_interval_ms``.
 
-Kafka's refusals never wedge a partition. A completion too large for the completions topic is
-published without its result, with ``resultOmitted`` saying why (the stored record has the
-result); a dead letter too large for the dead-letter topic carries the first bytes of its
-payload and the header ``dlq.truncated: <original size>``. A completion or dead letter that
-Kafka can never take for another reason (see :mod:`invoker.kafka_io`) is logged in one line
-and its offset completes all the same: the record is stored, and losing a completion notice
-is better than stopping the partition. Failures that may pass are retried for as long as it
-takes, and ``/healthz`` fails once a publish (or a store write) has been unfinished for
-``health_stuck_s``.
+Kafka's refusals never wedge a partition (completions: see :mod:`invoker.completions`). A dead
+letter too large for the dead-letter topic carries the first bytes of its payload and the
+header ``dlq.truncated: <original size>``; one that Kafka can never take for another reason
+(see :mod:`invoker.kafka_io`) is logged in one line and its offset completes all the same.
+Failures that may pass are retried for as long as it takes, and ``/healthz`` fails once a
+publish (or a store write) has been unfinished for ``health_stuck_s``.
 """
 
 from __future__ import annotations
@@ -28,7 +26,9 @@ import math
 import random
 import resource
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import structlog
@@ -36,12 +36,12 @@ import trio
 from kafka.structs import TopicPartition
 
 from invoker.batcher import Batcher, BatcherSettings, PendingRecord, backoff_delay
+from invoker.completions import CompletionStage
 from invoker.config import Config
 from invoker.feed import Feed, FeedMessage, FeedSettings
 from invoker.kafka_io import (
     OutgoingMessage,
     Publisher,
-    Refusal,
     Unpublishable,
     ensure_topics,
     header_text,
@@ -50,17 +50,22 @@ from invoker.kafka_io import (
 from invoker.metrics import Metrics
 from invoker.offsets import OffsetToken, OffsetTracker
 from invoker.ops import serve_ops
-from invoker.records import completion_message
-from invoker.safejson import dumps
 from invoker.stuck import StuckWatch
 from invoker.watermark import Hysteresis
-from store import Store, StoreUnavailable, open_store
+from store import Store, StoreUnavailable, UnencodableRecord, encode_record, open_store
 
 log = structlog.get_logger(__name__)
 
 # Of the shutdown deadline, what in-flight work leaves for the last writes, their completions
 # and removing containers (at most a quarter of the grace period).
 _SHUTDOWN_RESERVE_S = 5.0
+
+
+async def in_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a worker thread, shielded from cancellation: for making and closing Kafka
+    clients, which block on the brokers (closing must happen even while shutting down)."""
+    with trio.CancelScope(shield=True):
+        return await trio.to_thread.run_sync(fn)
 
 
 class _Gate:
@@ -149,7 +154,8 @@ class FeedService:
             FeedSettings(bootstrap=self._feed_bootstrap, topic=topic, group_id=group_id,
                          client_id=client_id, max_poll_records=config.max_poll_records,
                          fetch_max_bytes=config.fetch_max_bytes,
-                         max_message_bytes=config.max_message_bytes),
+                         max_message_bytes=config.max_message_bytes,
+                         commit_interval_s=config.commit_interval_ms / 1000),
             _Gate(self, pause_on_record_channel), self.metrics)
         self.publisher: Publisher | None = None
         self.ops_port: int | None = None
@@ -233,9 +239,10 @@ class FeedService:
             log.info(f"{self.role} stopped before it started")
             task_status.started()
             return
-        self.publisher = Publisher(cfg.kafka_bootstrap, self.client_id,
-                                   max_message_bytes=cfg.kafka_max_message_bytes,
-                                   stuck=self.stuck)
+        # Completions and dead letters: linger_ms=0, so an idle daemon sends each at once.
+        self.publisher = await in_thread(partial(
+            Publisher, cfg.kafka_bootstrap, self.client_id,
+            max_message_bytes=cfg.kafka_max_message_bytes, linger_ms=0, stuck=self.stuck))
         try:
             async with trio.open_nursery() as services:
                 self.ops_port = await services.start(
@@ -249,7 +256,7 @@ class FeedService:
                 services.cancel_scope.cancel()
         finally:
             self.work_finished.set()
-            self.publisher.close()
+            await in_thread(self.publisher.close)
             await self.store.aclose()
             log.info(f"{self.role} stopped")
 
@@ -280,14 +287,24 @@ class FeedService:
         """
         cfg = self.config
         assert self.publisher is not None
+        completions = CompletionStage(self.publisher, cfg.completions_topic, self.client_id,
+                                      cfg.max_publishes_in_flight, self.complete, self.metrics)
         batcher = Batcher(self.store, BatcherSettings(
             batch_size=cfg.batch_size, linger_s=cfg.linger_ms / 1000,
             max_writes_in_flight=cfg.max_writes_in_flight,
             backoff_initial_s=cfg.backoff_initial_ms / 1000,
-            backoff_max_s=cfg.backoff_max_ms / 1000), self._on_stored, self._on_refused,
+            backoff_max_s=cfg.backoff_max_ms / 1000), completions.submit, self._on_refused,
             self.metrics, stuck=self.stuck)
+
+        async def write() -> None:
+            try:
+                await batcher.run(self._record_rx)
+            finally:
+                completions.close()
+
         async with trio.open_nursery() as writing:
-            writing.start_soon(batcher.run, self._record_rx)
+            writing.start_soon(completions.run)
+            writing.start_soon(write)
             async with self.record_tx:
                 async with trio.open_nursery() as work:
                     work.start_soon(self._dispatch_until_stopped, work)
@@ -332,19 +349,21 @@ class FeedService:
 
     async def enqueue(self, pending: PendingRecord, timeout_s: float | None = None) -> bool:
         """Put a record into the bounded record channel. Blocks while the channel is full, at
-        most ``timeout_s`` if given (0: not at all); False if it did not get in."""
+        most ``timeout_s`` if given (0: not at all); False if it did not get in. How long it
+        waited counts in the ``enqueue_wait`` stage when it got in."""
+        started = time.perf_counter()
         if timeout_s is None:
             await self.record_tx.send(pending)
-            return True
-        try:
-            self.record_tx.send_nowait(pending)
-            return True
-        except trio.WouldBlock:
-            pass
-        with trio.move_on_after(timeout_s):
-            await self.record_tx.send(pending)
-            return True
-        return False
+        else:
+            try:
+                self.record_tx.send_nowait(pending)
+            except trio.WouldBlock:
+                with trio.move_on_after(timeout_s) as waited:
+                    await self.record_tx.send(pending)
+                if waited.cancelled_caught:
+                    return False
+        self.metrics.stage["enqueue_wait"].observe(time.perf_counter() - started)
+        return True
 
     def complete(self, token: OffsetToken) -> None:
         """This message's work is durable: let its offset commit once all before it are."""
@@ -364,59 +383,11 @@ class FeedService:
 
     # --- internals -----------------------------------------------------------------------
 
-    async def _on_stored(self, stored: Sequence[PendingRecord]) -> None:
-        """Records are durable: publish their completions, then let their offsets commit.
-
-        Blocks until Kafka acknowledged them (retrying while it fails); a completion too large
-        goes without its result, one Kafka never takes is logged (see the module docstring).
-        """
-        assert self.publisher is not None
-        topic = self.config.completions_topic
-
-        def completion(pending: PendingRecord, omitted: str = "") -> OutgoingMessage:
-            message = completion_message(pending.record, pending.invoker_id or self.client_id,
-                                         pending.blocking)
-            if omitted:
-                message.pop("result", None)
-                message["resultOmitted"] = omitted
-            try:
-                value = dumps(message)
-            except ValueError as exc:  # NaN or a lone surrogate (a record read back may hold)
-                message.pop("result", None)
-                message["resultOmitted"] = f"not encodable as UTF-8 JSON: {exc}"[:200]
-                value = dumps(message)
-            return OutgoingMessage(topic, value, key=pending.record["activationId"].encode())
-
-        def skipped(pending: PendingRecord, refusal: Refusal) -> None:
-            self.metrics.kafka_refused.labels(instead="dropped").inc()
-            log.error("completion cannot be published; its offset completes without it",
-                      activation_id=pending.record["activationId"], reason=refusal.reason)
-
-        try:
-            await self.publisher.publish_until_acked([completion(p) for p in stored])
-        except Unpublishable as exc:
-            for refusal in exc.refused:
-                pending = stored[refusal.index]
-                if refusal.too_large and pending.blocking:  # only blocking ones carry a result
-                    omitted = (f"too large for the completions topic "
-                               f"({len(refusal.message.value)} bytes > {refusal.room})")
-                    try:
-                        await self.publisher.publish_until_acked([completion(pending, omitted)])
-                    except Unpublishable as again:
-                        skipped(pending, again.refused[0])
-                    else:
-                        self.metrics.kafka_refused.labels(instead="result_omitted").inc()
-                else:
-                    skipped(pending, refusal)
-        for pending in stored:
-            if pending.token is not None:
-                self.complete(pending.token)
-
     async def _on_refused(self, pending: PendingRecord, reason: str) -> None:
         """The store will never take this record: park it rather than stall its partition."""
         try:
-            value = dumps(pending.record)
-        except ValueError:  # a lone surrogate has no UTF-8 form: escape all non-ASCII instead
+            value = encode_record(pending.record)
+        except UnencodableRecord:  # a lone surrogate has no UTF-8 form: escape non-ASCII instead
             value = json.dumps(pending.record, separators=(",", ":")).encode()
         await self._publish_dead_letter(value, f"store refused the record: {reason}",
                                         (("dlq.kind", b"record"),))

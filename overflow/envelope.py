@@ -18,7 +18,8 @@ from typing import Any
 
 from invoker.messages import valid_activation_id, valid_name
 from invoker.model import Status
-from invoker.safejson import JsonRejected, dumps, loads, quote
+from invoker.safejson import JsonRejected, loads, quote
+from store import encode_json, encode_record
 
 VERSION = 1
 # Levels above a record's result: the envelope, the record, its response.
@@ -35,10 +36,12 @@ class OverflowedRecord:
 
 
 def encode(item: OverflowedRecord) -> bytes:
-    """Raises ValueError for a record JSON or UTF-8 cannot hold (see
-    :func:`invoker.safejson.dumps`)."""
-    return dumps({"v": VERSION, "record": item.record, "blocking": item.blocking,
-                  "invoker": item.invoker_id})
+    """The envelope as compact UTF-8 JSON, with the record's bytes spliced in (an
+    :class:`~store.EncodedRecord`'s are not encoded again). Raises ValueError for a record JSON
+    or UTF-8 cannot hold (see :func:`invoker.safejson.dumps`)."""
+    return b"".join((b'{"v":%d,"record":' % VERSION, encode_record(item.record),
+                     b',"blocking":', b"true" if item.blocking else b"false",
+                     b',"invoker":', encode_json(item.invoker_id), b"}"))
 
 
 def decode(raw: bytes, max_json_depth: int) -> OverflowedRecord:

@@ -20,6 +20,7 @@ from invoker.feed import FeedMessage
 from invoker.lastresort import HandOff, dead_letter_unexpected
 from invoker.metrics import Metrics
 from invoker.offsets import OffsetToken
+from invoker.records import encode
 from invoker.service import FeedService
 from overflow.envelope import decode
 from store import Store
@@ -65,6 +66,8 @@ class Recorder(FeedService):
             handoff.done = True
             self.complete(token)
             return
-        await self.enqueue(PendingRecord(item.record, token, item.blocking,
+        # Encoded once here: the store writes these bytes, the completion takes its result from
+        # them (what the envelope's decoder took is always encodable).
+        await self.enqueue(PendingRecord(encode(item.record), token, item.blocking,
                                          invoker_id=item.invoker_id))
         handoff.done = True

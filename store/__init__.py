@@ -6,6 +6,10 @@ OpenWhisk. Writing an id that is already stored never makes a second copy and ne
 the first one: the store answers ``ALREADY_STORED`` for it, so a batch can be retried after a
 ``StoreUnavailable`` without duplicating anything.
 
+A record built by the invoker is an :class:`EncodedRecord`: it carries its encoding, made once,
+which the stores write as it is (:func:`encode_record` returns it); any other mapping is encoded
+by the store.
+
 Backends: an embedded SQLite file (the default) and CouchDB over HTTP (Apache CouchDB 3 or
 pouchdb-server). All methods are called from trio.
 """
@@ -15,18 +19,19 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
-
-from invoker import safejson
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
+from typing import Any, NoReturn, Protocol, runtime_checkable
 
 __all__ = [
     "DEFAULT_SQLITE_PATH",
     "DocResult",
+    "EncodedRecord",
     "Outcome",
     "Store",
     "StoreUnavailable",
     "UnencodableRecord",
     "doc_id_for",
+    "encode_json",
     "encode_record",
     "mask_url",
     "open_store",
@@ -106,16 +111,61 @@ class UnencodableRecord(ValueError):
     """A record that cannot be written as JSON text: it fails alone, retrying cannot help."""
 
 
-def encode_record(doc: Mapping[str, Any]) -> bytes:
-    """``doc`` as every store writes it: compact UTF-8 JSON (:func:`invoker.safejson.dumps`,
-    the encoding Kafka messages use too). Raises UnencodableRecord for what JSON or UTF-8
-    cannot hold: a lone surrogate, NaN, a value of no JSON type, nesting deeper than the
-    interpreter recurses, an integer too long to print."""
+class EncodedRecord(dict[str, Any]):
+    """An activation record that carries its encoding: a read-only dict, and ``data``, its
+    compact UTF-8 JSON exactly as :func:`encode_json` makes it. Made once, when the record is
+    built; the stores write ``data``, the overflow topic carries it, and a completion takes the
+    result from it: ``result`` is the slice of ``data`` that holds ``response.result``'s JSON
+    (None when the record has none).
+
+    Read-only at the top level (which is what builders hand over whole; nested values are the
+    builder's and are not changed after): a change would leave ``data`` stale.
+    """
+
+    __slots__ = ("data", "result")
+
+    def __init__(self, record: Mapping[str, Any], data: bytes, result: slice | None) -> None:
+        super().__init__(record)
+        self.data = data
+        self.result = result
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("an EncodedRecord is read-only: its data would no longer match it")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only
+    __ior__ = _read_only  # type: ignore[assignment]
+
+
+def _not_json(value: Any) -> NoReturn:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# CPython's C encoder with json.dumps(ensure_ascii=False, allow_nan=False, separators=(",",
+# ":")) settings, made once: json.dumps makes one (and closures) on every call, which takes
+# about twice as long as encoding a small record's parts. No circular-reference markers: a
+# value that contains itself recurses until RecursionError (JSON input never does).
+_encode_chunks = c_make_encoder(None, _not_json, encode_basestring, None, ":", ",", False,
+                                False, False)
+
+
+def encode_json(value: Any) -> bytes:
+    """``value`` as every store writes records: compact UTF-8 JSON, the same bytes as
+    :func:`invoker.safejson.dumps` (the encoding Kafka messages use too). Raises
+    UnencodableRecord for what JSON or UTF-8 cannot hold: a lone surrogate, NaN, a value of no
+    JSON type, nesting deeper than the interpreter recurses, an integer too long to print."""
     try:
-        return safejson.dumps(doc)
+        return "".join(_encode_chunks(value, 0)).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         raise UnencodableRecord(f"record is not JSON: {type(exc).__name__}: "
                                 f"{str(exc)[:100]}") from None
+
+
+def encode_record(doc: Mapping[str, Any]) -> bytes:
+    """``doc`` as every store writes it: an EncodedRecord's ``data`` (encoded when it was
+    built), any other mapping encoded now (:func:`encode_json`; raises UnencodableRecord)."""
+    if isinstance(doc, EncodedRecord):
+        return doc.data
+    return encode_json(doc)
 
 
 def open_store(url: str | None, *, timeout_s: float = 30.0) -> Store:

@@ -8,8 +8,10 @@ itself is refused (``forbidden``, ``unauthorized``, ``bad_request``, ``too_large
 ``illegal_docid``, ``doc_validation``) and RETRY otherwise (e.g. ``unknown_error``, or a
 validation function that crashed).
 
-Each document is encoded on its own (:func:`store.encode_record`): one that cannot be is
-FAILED and the others are still sent in one ``_bulk_docs`` body.
+Each document is encoded on its own: one that cannot be is FAILED and the others are still
+sent in one ``_bulk_docs`` body. An :class:`~store.EncodedRecord` is not encoded again: its
+bytes go into the body with the ``_id`` member spliced in before the closing brace (the same
+bytes as encoding the record with ``_id`` added last).
 
 Every request has a total deadline of ``timeout_s`` (httpx's own timeouts are per socket
 operation, so a server that trickles bytes could otherwise hold a write for much longer).
@@ -27,10 +29,11 @@ import trio
 
 from store import (
     DocResult,
+    EncodedRecord,
     Outcome,
     StoreUnavailable,
     UnencodableRecord,
-    encode_record,
+    encode_json,
     fallback_doc_id,
     mask_url,
     record_doc_id,
@@ -166,10 +169,8 @@ class CouchStore:
                 # Same id twice in one batch: the first one wins, the second is a duplicate.
                 duplicates.append((i, first_index[doc_id]))
                 continue
-            body = {k: v for k, v in doc.items() if k not in ("_id", "_rev")}
-            body["_id"] = doc_id
             try:
-                encoded = encode_record(body)
+                encoded = _document(doc, doc_id)
             except UnencodableRecord as exc:
                 results[i] = DocResult(doc_id, Outcome.FAILED, str(exc))
                 continue
@@ -294,6 +295,16 @@ class CouchStore:
         if not isinstance(n, int):
             self._fail(what, "the database info has no doc_count")
         return n
+
+
+def _document(doc: Mapping[str, Any], doc_id: str) -> bytes:
+    """``doc`` as a CouchDB document with ``doc_id`` as its ``_id`` (a caller's ``_id`` and
+    ``_rev`` dropped), compact UTF-8 JSON. Raises UnencodableRecord."""
+    if isinstance(doc, EncodedRecord) and "_id" not in doc and "_rev" not in doc:
+        return b"".join((memoryview(doc.data)[:-1], b',"_id":', encode_json(doc_id), b"}"))
+    body = {k: v for k, v in doc.items() if k not in ("_id", "_rev")}
+    body["_id"] = doc_id
+    return encode_json(body)
 
 
 def _doc_problem(doc: Mapping[str, Any], doc_id: str | None) -> str | None:

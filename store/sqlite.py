@@ -5,9 +5,10 @@ The stdlib ``sqlite3`` module blocks, so every database call runs in a worker th
 thread calls are not abandoned on cancellation: a transaction that has started always commits
 or rolls back before the caller sees the Cancelled.
 
-Each record is encoded on its own (:func:`store.encode_record`) and inserted on its own in the
-batch's transaction: one that cannot be encoded, or that SQLite refuses (``string or blob too
-big``), is FAILED and the others are written.
+Each record is encoded on its own (:func:`store.encode_record`: an
+:class:`~store.EncodedRecord`'s bytes as they are) and inserted on its own in the batch's
+transaction: one that cannot be encoded, or that SQLite refuses (``string or blob too big``),
+is FAILED and the others are written.
 """
 
 from __future__ import annotations

@@ -21,7 +21,16 @@ import httpx
 import pytest
 import trio
 
-from store import DocResult, Outcome, Store, StoreUnavailable, open_store
+from invoker.records import encode
+from store import (
+    DocResult,
+    EncodedRecord,
+    Outcome,
+    Store,
+    StoreUnavailable,
+    encode_json,
+    open_store,
+)
 from store.couchdb import CouchStore
 from tests.support.faultproxy import FaultProxy
 from tests.support.records import record, rid
@@ -146,6 +155,25 @@ async def test_a_stale_rev_does_not_hide_a_new_record(store: Store) -> None:
     rec = record(activation_id="r", _rev="1-0123456789abcdef")
     assert (await store.write_batch([rec]))[0].outcome is Outcome.STORED
     assert await store.get("guest/r") == {k: v for k, v in rec.items() if k != "_rev"}
+
+
+async def test_an_encoded_record_is_sent_as_its_bytes_with_its_id_spliced_in(
+        store: Store, db_url: str) -> None:
+    rec = record(activation_id="enc")
+    # Bytes that differ from their dict: the store must send the bytes, not encode the dict.
+    other = record(activation_id="enc2")
+    marked = EncodedRecord(other, encode_json({**other, "marker": "bytes"}), None)
+    # A caller's _id/_rev (a hostile overflowed record may have them) are still dropped.
+    stale = encode(record(activation_id="enc3", _id="elsewhere", _rev="1-0123456789abcdef"))
+    results = await store.write_batch([encode(rec), marked, stale])
+    assert [r.outcome for r in results] == [Outcome.STORED] * 3
+    assert await store.get("guest/enc") == rec
+    assert await store.get("guest/enc2") == {**other, "marker": "bytes"}
+    assert await store.get("guest/enc3") == {
+        k: v for k, v in stale.items() if k not in ("_id", "_rev")}
+    async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
+        raw = (await client.get(f"{db_url}/{quote('guest/enc', safe='')}")).json()
+    assert raw["_id"] == "guest/enc" and raw["activationId"] == "enc"
 
 
 async def test_bad_records_fail_alone(store: Store) -> None:

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from store import DocResult, Outcome, Store, StoreUnavailable, open_store
+from invoker.records import encode
+from store import (
+    DocResult,
+    EncodedRecord,
+    Outcome,
+    Store,
+    StoreUnavailable,
+    encode_json,
+    open_store,
+)
 from store.sqlite import SqliteStore
 from tests.support.records import record, rid
 from tests.support.unencodable import unencodable_records
@@ -94,6 +103,22 @@ async def test_records_are_stored_as_utf8_text(store: Store) -> None:
     text = conn.execute("SELECT doc FROM activations WHERE doc_id = 'guest/utf8'").fetchone()[0]
     assert isinstance(text, str) and "héllo ☃" in text  # not \u escapes
     assert await store.get("guest/utf8") == rec
+
+
+async def test_an_encoded_record_is_written_as_its_bytes_not_encoded_again(store: Store) -> None:
+    rec = record(activation_id="enc")
+    encoded = encode(rec)
+    assert encoded.data == encode_json(rec)  # what the store wrote for the dict before
+    # Bytes that differ from their dict: the store must write the bytes, not encode the dict.
+    other = record(activation_id="enc2")
+    marked = EncodedRecord(other, encode_json({**other, "marker": "bytes"}), None)
+    results = await store.write_batch([encoded, marked])
+    assert [r.outcome for r in results] == [Outcome.STORED, Outcome.STORED]
+    conn = store._conn  # type: ignore[attr-defined]
+    text = conn.execute("SELECT doc FROM activations WHERE doc_id = 'guest/enc'").fetchone()[0]
+    assert text == encoded.data.decode()
+    assert await store.get("guest/enc") == rec
+    assert await store.get("guest/enc2") == {**other, "marker": "bytes"}
 
 
 async def test_a_record_sqlite_refuses_fails_alone(store: Store) -> None:

@@ -251,7 +251,7 @@ class Lease:
                 end_ms=now,
                 start_kind="none",
             )
-        pool._metrics.container_starts.labels(kind=result.start_kind).inc()
+        pool._starts[result.start_kind].inc()
         return result
 
 
@@ -277,6 +277,8 @@ class ContainerPool:
         self._closed = False
         self._changed = trio.Event()  # set (and replaced) on every state change; for tests
         self._stages = metrics.stage
+        self._starts = {kind: metrics.container_starts.labels(kind=kind)
+                        for kind in ("cold", "prewarm", "warm", "none")}
         records = self._scheduler.records
         metrics.containers.set_function(lambda: sum(1 for c in records if c.docker_id))
         metrics.stem_cells.set_function(lambda: sum(1 for c in records if c.phase == STEM))

@@ -291,3 +291,96 @@ async def test_a_batch_the_store_has_not_taken_is_reported_stuck_until_it_is(aut
         store.fail_first = 0
         tx.close()
     assert batcher.stuck.oldest() is None and len(store.docs) == 3
+
+
+async def test_a_record_finding_the_batcher_idle_is_written_at_once(autojump_clock):
+    store = ScriptedStore()
+    settings = BatcherSettings(batch_size=100, linger_s=10, max_writes_in_flight=2)
+    tx, rx = trio.open_memory_channel(10)
+    written_at = []
+
+    async def on_stored(batch):
+        written_at.append(trio.current_time())
+
+    async def on_refused(pending, reason):
+        raise AssertionError(reason)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(Batcher(store, settings, on_stored, on_refused, Metrics()).run, rx)
+        for i in range(3):
+            sent = trio.current_time()
+            await tx.send(rec(i))
+            await trio.testing.wait_all_tasks_blocked()
+            assert written_at[-1] == sent  # no linger: nothing was in flight
+            await trio.sleep(1)
+        tx.close()
+    assert store.calls == [1, 1, 1]
+
+
+async def test_while_a_write_is_in_flight_the_next_batch_lingers_until_it_ends(autojump_clock):
+    gate = trio.Event()
+    store = ScriptedStore(gate=gate)
+    settings = BatcherSettings(batch_size=100, linger_s=10, max_writes_in_flight=2)
+    tx, rx = trio.open_memory_channel(100)
+    stored = []
+
+    async def on_stored(batch):
+        stored.append(len(batch))
+
+    async def on_refused(pending, reason):
+        raise AssertionError(reason)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(Batcher(store, settings, on_stored, on_refused, Metrics()).run, rx)
+        await tx.send(rec(0))
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.calls == [1]  # written at once, and held in the store
+        for i in range(1, 6):
+            await tx.send(rec(i))
+            await trio.sleep(0.5)
+        # The second batch collects while the first is in flight (not yet written).
+        assert store.calls == [1] and rx.statistics().current_buffer_used == 0
+        released = trio.current_time()
+        gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        # The first write ended: the lingering batch is written then, not after linger_s.
+        assert store.calls == [1, 5] and stored == [1, 5]
+        assert trio.current_time() == released
+        tx.close()
+
+
+async def test_a_write_holds_its_slot_until_on_stored_returned(autojump_clock):
+    # on_stored is where the completion stage applies its bound: while it blocks, the write
+    # keeps its slot, so no more than max_writes_in_flight batches are held.
+    store = ScriptedStore()
+    settings = BatcherSettings(batch_size=2, linger_s=0, max_writes_in_flight=1)
+    tx, rx = trio.open_memory_channel(10)
+    for i in range(6):
+        tx.send_nowait(rec(i))
+    tx.close()
+    release = trio.Event()
+    handed = []
+
+    async def on_stored(batch):
+        handed.append(len(batch))
+        await release.wait()
+
+    async def on_refused(pending, reason):
+        raise AssertionError(reason)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(Batcher(store, settings, on_stored, on_refused, Metrics()).run, rx)
+        await trio.sleep(5)
+        assert store.calls == [2] and handed == [2] and rx.statistics().current_buffer_used == 4
+        release.set()
+    assert store.calls == [2, 2, 2]
+
+
+async def test_each_batch_write_is_timed_once_in_the_store_write_stage():
+    metrics = Metrics()
+    store = ScriptedStore()
+    await drain(store, [rec(i) for i in range(25)], BatcherSettings(batch_size=10),
+                metrics=metrics)
+    count = metrics.registry.get_sample_value(
+        "invoker_stage_seconds_count", {"stage": "store_write"})
+    assert count == len(store.calls) == 3

@@ -45,13 +45,16 @@ def test_invalid_bounds_are_refused():
 def test_worst_case_bound_adds_every_buffer():
     cfg = Config(max_poll_records=2, read_ahead=3, max_activations=4, record_channel_size=5,
                  record_channel_low_watermark=1, max_writes_in_flight=2, batch_size=6,
-                 max_message_bytes=100, max_result_bytes=1000, max_logs_kb=1, default_logs_kb=1,
-                 fetch_max_bytes=10_000, kafka_max_message_bytes=400)
+                 max_publishes_in_flight=3, max_message_bytes=100, max_result_bytes=1000,
+                 max_logs_kb=1, default_logs_kb=1, fetch_max_bytes=10_000,
+                 kafka_max_message_bytes=400)
     records, size = cfg.worst_case_buffered()
-    assert records == 2 + 3 + 4 + 5 + 2 * 6
-    # waiting messages may be as large as the topic takes (400), running ones max_message_bytes
-    assert size == (5 * 400 + 4 * (100 + cfg.max_record_bytes) + 17 * cfg.max_record_bytes
-                    + 10_000)
+    assert records == 2 + 3 + 4 + 5 + 2 * 6 + 3 * 6
+    # waiting messages may be as large as the topic takes (400), running ones max_message_bytes;
+    # a record holds its objects and its encoding, a completion awaiting its ack at most as much
+    # as a record's encoding
+    assert size == (5 * 400 + 4 * (100 + 2 * cfg.max_record_bytes)
+                    + 17 * 2 * cfg.max_record_bytes + 18 * cfg.max_record_bytes + 10_000)
 
 
 def test_mask_url():

@@ -9,9 +9,15 @@ from invoker.records import (
     build_record,
     build_rejection_record,
     completion_message,
+    completion_value,
+    encode,
     stored_size,
 )
-from store import doc_id_for, encode_record
+from invoker.safejson import dumps
+from overflow.envelope import OverflowedRecord
+from overflow.envelope import encode as encode_envelope
+from store import EncodedRecord, UnencodableRecord, doc_id_for, encode_json, encode_record
+from store.couchdb import _document
 
 LIMITS = Limits(timeout_ms=1000, memory_mb=128, logs_kb=10, concurrency=1)
 ACTION = Action(name="hello", version="0.0.2", kind="python:3", image="img", code="x",
@@ -110,3 +116,105 @@ def test_completion_carries_result_only_when_blocking():
     assert c == {"activationId": "a" * 32, "namespace": "guest", "status": "success",
                  "statusCode": 0, "invoker": "inv0", "result": {"ok": 1}}
     assert "result" not in completion_message(r, "inv0", blocking=False)
+
+
+# --- each record encoded once -------------------------------------------------------------
+
+def encoded_before(value) -> bytes:
+    """How the stores and Kafka encoded a record (or message) before records carried their
+    bytes: the whole value, at once."""
+    return dumps(value)
+
+
+BUILT = {
+    "plain": lambda: build_record(ACT, result(), "inv0", 1 << 20),
+    "cold, logs, non-ASCII": lambda: build_record(
+        ACT, result(res={"t": "\u6f22\U0001f600 \"q\" \\", "n": [1, 2.5, None]}, init=7,
+                    logs=["2026-01-01T00:00:00Z stdout: \u00e9\x01"]), "inv0", 1 << 20),
+    "empty result": lambda: build_record(ACT, result(res={}), "inv0", 1 << 20),
+    "logs dropped": lambda: build_record(ACT, result(logs=["x" * 1000] * 50), "inv0", 20_000),
+    "result replaced": lambda: build_record(ACT, result(res={"b": "y" * 50_000}), "inv0", 20_000),
+    "rejection": lambda: build_rejection_record(
+        Rejection("b" * 32, "ns", "act", "1.0", "cobol", Status.DEVELOPER_ERROR, "Unknown kind",
+                  submitted_at_ms=500), "inv0", now_ms=900, max_record_bytes=1 << 20),
+}
+
+
+@pytest.mark.parametrize("make", BUILT.values(), ids=BUILT.keys())
+def test_a_built_record_carries_the_bytes_the_stores_wrote_before(make):
+    record = make()
+    assert isinstance(record, EncodedRecord)
+    plain = dict(record)
+    assert record.data == encoded_before(plain) == encode_record(record)
+    assert json.loads(record.data[record.result]) == record["response"]["result"]
+    assert record["response"]["size"] == len(encoded_before(record["response"]["result"])) or (
+        "exceeded" in record["response"]["result"]["error"])
+    # CouchDB: the same bytes as the document with its _id added last
+    doc_id = doc_id_for(record["namespace"], record["activationId"])
+    assert _document(record, doc_id) == encoded_before({**plain, "_id": doc_id})
+    assert stored_size(record) == len(_document(record, doc_id))
+    # the overflow envelope and the completions: the same bytes as encoding them whole
+    for blocking in (True, False):
+        envelope = {"v": 1, "record": plain, "blocking": blocking, "invoker": "inv0"}
+        assert encode_envelope(OverflowedRecord(record, blocking, "inv0")) == encoded_before(
+            envelope)
+        summary = completion_message(record, "inv0", blocking=False)
+        assert completion_value(summary, record if blocking else None) == encoded_before(
+            completion_message(plain, "inv0", blocking))
+
+
+@pytest.mark.parametrize("record", [
+    {"activationId": "a", "namespace": "n"},  # no response
+    {"response": {"status": "x"}, "n": 1},  # no result
+    {"response": {"result": [1, {"a": "\u6f22"}]}},  # nothing around the result
+    {"a": 1, "response": {"result": None, "size": 4}},
+    {"response": {"x": True, "result": "s"}, "z": []},
+    {1: "int key", "response": {"result": {}}, "tail": {"deep": [[[]]]}},
+])
+def test_encoding_any_record_gives_the_bytes_of_encoding_it_whole(record):
+    encoded = encode(record)
+    assert encoded.data == encoded_before(record) and encoded == record
+    if encoded.result is not None:
+        assert json.loads(encoded.data[encoded.result]) == record["response"]["result"]
+
+
+def test_a_record_read_back_from_the_store_still_makes_its_completion():
+    read_back = json.loads(build_record(ACT, result(), "inv0", 1 << 20).data)
+    summary = completion_message(read_back, "inv0", blocking=False)
+    assert json.loads(completion_value(summary, read_back))["result"] == {"ok": 1}
+    with pytest.raises(ValueError):  # what the completion stage catches (resultOmitted)
+        completion_value(summary, {**read_back, "response": {"result": {"x": float("nan")}}})
+
+
+def test_an_encoded_record_is_read_only():
+    record = build_record(ACT, result(), "inv0", 1 << 20)
+    for change in (lambda: record.__setitem__("logs", []), lambda: record.pop("logs"),
+                   lambda: record.update(logs=[]), lambda: record.setdefault("x", 1),
+                   lambda: record.clear(), lambda: record.popitem(),
+                   lambda: record.__delitem__("logs")):
+        with pytest.raises(TypeError, match="read-only"):
+            change()
+    assert record.data == encoded_before(dict(record))
+
+
+def test_a_record_no_encoder_can_write_is_refused_when_built():
+    with pytest.raises(UnencodableRecord, match="record is not JSON"):
+        build_record(ACT, result(logs=["a\ud800b"]), "inv0", 1 << 20)
+    with pytest.raises(UnencodableRecord):
+        build_record(ACT, result(res={"x": float("nan")}), "inv0", 1 << 20)
+
+
+@pytest.mark.parametrize("value", [
+    {"a": [1, 2.5, -0.0, 1e300, None, True, False], "é\u6f22": "\U0001f600\x01\"\\/"},
+    "text", 10**4000, [], {}, {3: "int key"}, [[[[{"deep": [[]]}]]]],
+])
+def test_the_store_encoding_is_byte_for_byte_safejson_dumps(value):
+    assert encode_json(value) == dumps(value)
+
+
+def test_what_safejson_dumps_refuses_the_store_encoding_refuses_too():
+    circular: list = []
+    circular.append(circular)
+    for value in (float("nan"), float("inf"), "a\ud800", {1, 2}, b"raw", 10**5000, circular):
+        with pytest.raises(UnencodableRecord, match="record is not JSON"):
+            encode_json(value)
