@@ -69,6 +69,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=None, help="keep the raw profile here")
+    parser.add_argument("--cpu", action="store_true",
+                        help="sample only threads on a CPU (no --idle): where the CPU goes")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="invoker-profile-"))
     store_url = f"sqlite:///{work}/records.sqlite3"
@@ -76,7 +78,8 @@ def main() -> int:
     raw = args.out or work / "profile.txt"
     try:
         run_load(_spec(topics, store_url, count=100, completion_timeout_s=60))
-        spy = subprocess.Popen([PY_SPY, "record", "--idle", "--threads", "-f", "raw",
+        idle = [] if args.cpu else ["--idle"]
+        spy = subprocess.Popen([PY_SPY, "record", *idle, "--threads", "-f", "raw",
                                 "-r", "200", "-o", str(raw), "--pid",
                                 str(daemon.process.pid)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -16,6 +16,13 @@ One run:
 5. reads every produced id back from the store (``get_many``), counts the store again, reads
    the daemons' ``/metrics`` and returns a :class:`Report`.
 
+The daemons' ``/metrics`` are read at the start and at the end (before the completions
+consumer of step 2 is made, and in step 5): every replica behind each metrics URL, as its host
+resolves each time, so a scaled run reports each daemon and the combined figures
+(:mod:`~invoker.loadgen.daemon_metrics`). With ``plot``, they are also sampled every 0.5 s
+during steps 3-4 and the run is drawn over time (:mod:`~invoker.loadgen.sampler`,
+:mod:`~invoker.loadgen.plot`).
+
 All activations of a run use one namespace (``loadgen-<random hex>`` unless given) so the
 checks only ever look at this run's records. Every wait is bounded by a timeout.
 
@@ -38,9 +45,9 @@ defaults (60 s, 10 KB) would not do; otherwise the message carries no limits at 
 
 Modules: :mod:`~invoker.loadgen.actions` (templates, specs, messages), ``spec`` (LoadSpec),
 ``clients`` (Kafka settings), ``produce``, ``collect`` (completions), ``check`` (the store:
-lost and duplicates), ``daemon_metrics``, ``report`` (Report, percentiles, progress), ``run``
-(:func:`run_load`) and ``cli`` (``invoker loadgen``). This package re-exports what other code
-uses.
+lost and duplicates), ``daemon_metrics``, ``sampler`` and ``plot`` (``--plot``), ``report``
+(Report, percentiles, progress), ``run`` (:func:`run_load`) and ``cli`` (``invoker loadgen``).
+This package re-exports what other code uses.
 """
 
 from invoker.loadgen.actions import (
@@ -62,13 +69,14 @@ from invoker.loadgen.cli import add_parser, spec_from_args
 from invoker.loadgen.collect import read_completions
 from invoker.loadgen.daemon_metrics import combine_metrics, parse_metrics
 from invoker.loadgen.produce import TokenBucket, produce_messages
-from invoker.loadgen.report import Report, percentile, progress_line
+from invoker.loadgen.report import DaemonFigures, Report, percentile, progress_line
 from invoker.loadgen.run import run_load
 from invoker.loadgen.spec import LoadgenError, LoadSpec
 
 __all__ = [
     "ACTIONS", "ACTION_VERSION", "KIND", "MAX_COPIES", "STORE_CHUNK", "STORE_TIMEOUT_S",
-    "ActionTemplate", "LoadSpec", "LoadgenError", "MessageEncoder", "ParsedAction", "Report",
+    "ActionTemplate", "DaemonFigures", "LoadSpec", "LoadgenError", "MessageEncoder",
+    "ParsedAction", "Report",
     "TokenBucket", "action_spec_help", "activation_message", "add_parser", "check_namespace",
     "combine_metrics", "message_encoders", "parse_action_spec", "parse_metrics", "percentile",
     "produce_messages", "progress_line", "read_completions", "run_load", "spec_from_args",

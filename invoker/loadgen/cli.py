@@ -54,7 +54,13 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--namespace", help="namespace of the activations (default: "
                         "loadgen-<random hex>, unique per run)")
     parser.add_argument("--metrics-url", dest="metrics_urls", action="append", default=[],
-                        metavar="URL", help="a daemon's /metrics URL, repeatable")
+                        metavar="URL", help="a daemon's /metrics URL, repeatable; a host name "
+                        "resolving to several addresses (a compose service with replicas) "
+                        "stands for one daemon per address, resolved at the start and the end")
+    parser.add_argument("--plot", metavar="FILE",
+                        help="write FILE.png and a self-contained FILE.html with the run over "
+                             "time, the daemons sampled every 0.5 s (needs matplotlib: pip "
+                             "install 'invoker[plot]')")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                         help="how long to wait for completions after producing (default 120)")
     parser.add_argument("--blocking", action="store_true",
@@ -96,6 +102,7 @@ def spec_from_args(args: argparse.Namespace,
         force_progress=bool(args.progress),
         blocking=bool(args.blocking),
         copies=args.copies,
+        plot=args.plot,
     )
     if args.namespace:
         spec.namespace = args.namespace

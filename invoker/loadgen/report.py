@@ -1,4 +1,5 @@
-"""The run's outcome (:class:`Report`), percentiles, and the progress bar."""
+"""The run's outcome (:class:`Report`, one :class:`DaemonFigures` per daemon read),
+percentiles, and the progress bar."""
 
 from __future__ import annotations
 
@@ -30,6 +31,55 @@ def percentile(values: Sequence[float], p: float) -> float | None:
 
 
 @dataclass
+class DaemonFigures:
+    """One daemon read at the end of a run (see :mod:`invoker.loadgen.daemon_metrics`).
+
+    ``address`` is the ``host:port`` read, ``source`` the metrics URL it was resolved from;
+    ``id`` and ``role`` are what its /healthz said (None if it said nothing). The figures are
+    the daemon's totals since it started, except ``activations_in_run`` (end minus start;
+    None when it was not read at the start). A daemon that did not answer at the end has
+    ``answered`` False and ``error`` says why.
+    """
+
+    address: str
+    source: str
+    id: str | None = None
+    role: str | None = None
+    resolved_at_start: bool = True
+    resolved_at_end: bool = True
+    answered: bool = False
+    error: str | None = None
+    activations_in_run: int | None = None
+    activations_total: int = 0
+    peak_rss_bytes: int = 0
+    pauses: int = 0
+    paused_seconds: float = 0.0
+    overflowed: int = 0
+
+    def describe(self) -> str:
+        """One line: who it is, then its figures or why there are none."""
+        who = self.id or "(no id)"
+        if self.role:
+            who += f" ({self.role})"
+        changes = []
+        if not self.resolved_at_start:
+            changes.append("came up during the run")
+        if not self.resolved_at_end:
+            changes.append("gone at the end")
+        if changes:
+            who += " [" + ", ".join(changes) + "]"
+        if not self.answered:
+            return f"{who}: NOT ANSWERING ({self.error})"
+        if self.activations_in_run is None:
+            activations = f"{self.activations_total} activations (total; not read at start)"
+        else:
+            activations = f"{self.activations_in_run} activations in the run"
+        return (f"{who}: {activations}, peak RSS {self.peak_rss_bytes / 2**20:.1f} MiB, "
+                f"{self.pauses} pauses ({self.paused_seconds:.2f} s), "
+                f"{self.overflowed} overflowed")
+
+
+@dataclass
 class Report:
     namespace: str = ""
     produced: int = 0  # acknowledged by Kafka
@@ -54,7 +104,9 @@ class Report:
     store_count_before: int | None = None
     store_count_after: int | None = None
     store_checked: bool = False
-    metrics_read: int = 0  # metrics URLs read successfully
+    metrics_read: int = 0  # daemons whose /metrics were read at the end
+    daemons: list[DaemonFigures] = field(default_factory=list)  # every daemon tried at the end
+    plot_files: list[str] = field(default_factory=list)  # written by --plot
     errors: list[str] = field(default_factory=list)
     # produce → first completion per completed activation id, in ms; not part of
     # format()/to_dict()/to_json() (it is per activation), for benchmarks (bench/)
@@ -83,6 +135,7 @@ class Report:
         doc = asdict(self)
         doc.pop("latencies_ms", None)
         doc["repeated_completions"] = self.repeated_completions
+        doc["daemon_activations_in_run"] = self.daemon_activations_in_run
         doc["missing_completions"] = self.missing_completions
         doc["ok"] = self.ok
         return doc
@@ -90,7 +143,18 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    @property
+    def daemon_activations_in_run(self) -> int:
+        """Activations the answering daemons ran during the run (those read at both ends)."""
+        return sum(d.activations_in_run or 0 for d in self.daemons)
+
     def format(self) -> str:
+        rows = self.rows()
+        width = max(len(label) for label, _ in rows)
+        return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
+
+    def rows(self) -> list[tuple[str, str]]:
+        """The report as (label, value) lines, as :meth:`format` prints them."""
         def ms(value: float | None) -> str:
             return "n/a" if value is None else f"{value:.1f}"
 
@@ -123,12 +187,17 @@ class Report:
             ("daemon peak RSS", rss),
             ("daemon pauses", pauses),
             ("overflowed", overflowed),
-            ("wall time", f"{self.wall_s:.2f} s"),
         ]
+        if self.daemons:
+            rows.append(("daemons", f"{self.metrics_read} of {len(self.daemons)} answered, "
+                                    f"{self.daemon_activations_in_run} activations in the run"))
+            rows += [(f"daemon {d.address}", d.describe()) for d in self.daemons]
+        rows.append(("wall time", f"{self.wall_s:.2f} s"))
+        if self.plot_files:
+            rows.append(("plot", ", ".join(self.plot_files)))
         rows += [("error", e) for e in self.errors]
         rows.append(("result", "OK" if self.ok else "FAILED"))
-        width = max(len(label) for label, _ in rows)
-        return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
+        return rows
 
 
 class Progress:

@@ -9,9 +9,10 @@ from invoker.loadgen.actions import message_encoders
 from invoker.loadgen.check import check_store, count_store
 from invoker.loadgen.clients import ensure_topics
 from invoker.loadgen.collect import CompletionCollector
-from invoker.loadgen.daemon_metrics import read_daemon_metrics
+from invoker.loadgen.daemon_metrics import DaemonWatch
 from invoker.loadgen.produce import Sending, produce_run
 from invoker.loadgen.report import Progress, Report, percentile, progress_line
+from invoker.loadgen.sampler import MetricsSampler, run_series
 from invoker.loadgen.spec import LoadgenError, LoadSpec
 
 
@@ -19,10 +20,17 @@ def run_load(spec: LoadSpec) -> Report:
     """Run one load test (blocking; safe to call from a worker thread). See the module doc.
 
     Raises ValueError for an invalid spec or store URL and LoadgenError when Kafka or the store
-    is unusable before anything was produced; later failures end up in ``Report.errors``.
+    is unusable before anything was produced, or a plot was asked for and cannot be made (no
+    matplotlib, no writable directory); later failures end up in ``Report.errors``.
     """
     spec.validate()
     from kafka.errors import KafkaError
+
+    if spec.plot is not None:
+        from invoker.loadgen import plot
+
+        plot.require_matplotlib()
+        plot.check_target(spec.plot)
 
     wall_start = time.monotonic()
     report = Report(namespace=spec.namespace)
@@ -38,6 +46,8 @@ def run_load(spec: LoadSpec) -> Report:
     except KafkaError as exc:
         raise LoadgenError(f"cannot reach Kafka at {spec.bootstrap}: {exc!r}") from exc
 
+    daemons = DaemonWatch(spec.metrics_urls)
+    daemons.read_start(report)  # their activations so far; who they are
     # Encoded before the clock starts: each message then only gets its id and time spliced in.
     encoders = message_encoders(spec.actions, spec.namespace, copies=spec.copies,
                                 blocking=spec.blocking, limits=spec.limits)
@@ -48,8 +58,12 @@ def run_load(spec: LoadSpec) -> Report:
     except KafkaError as exc:
         raise LoadgenError(f"cannot read {spec.completions_topic!r}: {exc!r}") from exc
     progress = _progress(spec, sending, collector)
+    t0 = time.monotonic()
+    sampler = MetricsSampler(daemons.start_endpoints, t0) if spec.plot is not None else None
     produced: set[str] = set()
     try:
+        if sampler is not None:
+            sampler.start()
         produce_run(spec, encoders, sending)
         report.errors.extend(sending.errors)
         produced = sending.produced()
@@ -63,14 +77,46 @@ def run_load(spec: LoadSpec) -> Report:
             report.errors.append(collector.error)
     finally:
         collector.close()
+        if sampler is not None:
+            sampler.stop()
         if progress is not None:
             progress.close()
 
     _count_completions(report, collector, sending, produced)
     check_store(spec.store_url, spec.namespace, sending.sent_at, produced, report)
-    read_daemon_metrics(spec.metrics_urls, report)
+    daemons.read_end(report)
     report.wall_s = time.monotonic() - wall_start
+    if sampler is not None:
+        _plot(spec, report, daemons, sampler, t0, sending, collector, produced)
     return report
+
+
+def _plot(spec: LoadSpec, report: Report, daemons: DaemonWatch, sampler: MetricsSampler,
+          t0: float, sending: Sending, collector: CompletionCollector, produced: set[str]
+          ) -> None:
+    """Write the run's plot files; a failure goes to ``report.errors``."""
+    from invoker.loadgen import plot
+
+    assert spec.plot is not None
+    if sampler.error is not None:
+        report.errors.append(sampler.error)
+    for series in sampler.series:
+        series.label = daemons.name(series.endpoint)
+        if series.failed or not series.samples:
+            report.errors.append(f"metrics {series.endpoint.address}: {len(series.samples)} "
+                                 f"samples taken, {series.failed} missed (last: "
+                                 f"{series.last_error})")
+    with collector.cond:
+        first_seen = {i: t for i, t in collector.first_seen.items() if i in produced}
+    run = run_series(t0, (sending.sent_at[i] for i in produced),
+                     ((t, report.latencies_ms[i]) for i, t in first_seen.items()))
+    try:
+        paths = plot.write_plot(spec.plot, run, sampler.series, report.rows(),
+                                f"invoker loadgen {spec.namespace}")
+    except Exception as exc:  # the run's figures stand without their picture
+        report.errors.append(f"plot failed: {type(exc).__name__}: {exc}")
+        return
+    report.plot_files = [str(path) for path in paths]
 
 
 class _RunProgress(Progress):

@@ -6,6 +6,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from invoker.loadgen.actions import check_copies, check_namespace, parse_action_spec
+from invoker.loadgen.daemon_metrics import check_metrics_url
 
 
 class LoadgenError(RuntimeError):
@@ -27,6 +28,9 @@ class LoadSpec:
     possible. ``completion_timeout_s`` counts from the end of producing. ``progress``: draw a
     progress bar on stderr when stderr is a terminal; ``force_progress`` also when it is not.
     ``store_url`` None: the daemon default (SQLite ``./invoker-records.sqlite3``).
+    ``metrics_urls``: each daemon's /metrics; a URL whose host resolves to several addresses
+    stands for that many daemons (:mod:`invoker.loadgen.daemon_metrics`). ``plot``: write
+    ``<plot>.png`` and ``<plot>.html`` with the run over time (:mod:`invoker.loadgen.plot`).
     """
 
     bootstrap: str = "127.0.0.1:9092"
@@ -46,6 +50,7 @@ class LoadSpec:
     topic_partitions: int = 4  # only used when loadgen has to create a missing topic
     limits: dict | None = None  # passed to activation_message for every message
     copies: int = 1  # distinct actions per spec, at most actions.MAX_COPIES
+    plot: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError for anything that makes the spec unusable."""
@@ -68,3 +73,5 @@ class LoadSpec:
             raise ValueError("completion_timeout_s must be >= 0")
         if not self.bootstrap:
             raise ValueError("bootstrap servers are required")
+        for url in self.metrics_urls:
+            check_metrics_url(url)
