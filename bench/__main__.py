@@ -15,10 +15,11 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import coldstart, e2e, memory, overflow
+from bench import coldstart, e2e, memory, overflow, roundrobin, storebound
 from bench.figures import Results, fmt_value
 from bench.infra import wait_services
 from invoker.cli import configure_logging
+from invoker.metrics import STAGES
 
 SERVICES_WAIT_S = 90.0
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -27,15 +28,25 @@ RESULTS_PATH = Path(__file__).resolve().parent / "results" / "latest.json"
 def scenarios(quick: bool, work: Path) -> dict[str, Callable[[Results], None]]:
     e2e_params = e2e.E2EParams.quick() if quick else e2e.E2EParams()
     cold_params = coldstart.ColdParams.quick() if quick else coldstart.ColdParams()
+    rr_params = roundrobin.RoundRobinParams.quick() if quick else roundrobin.RoundRobinParams()
     mem_params = memory.MemoryParams.quick() if quick else memory.MemoryParams()
     ovf_params = overflow.OverflowParams.quick() if quick else overflow.OverflowParams()
+    long_params = memory.LongParams.quick() if quick else memory.LongParams()
+    sb_params = storebound.StoreBoundParams.quick() if quick else storebound.StoreBoundParams()
     return {
         "e2e-sqlite": lambda r: e2e.run(r, "sqlite", e2e_params, work),
         "e2e-couchdb": lambda r: e2e.run(r, "couchdb", e2e_params, work),
+        "roundrobin": lambda r: roundrobin.run(r, rr_params, work),
         "coldstart": lambda r: coldstart.run(r, cold_params),
         "memory": lambda r: memory.run(r, mem_params, work),
         "overflow": lambda r: overflow.run(r, ovf_params, work),
+        "storebound": lambda r: storebound.run(r, sb_params, work),
+        # on request only (--only memory-long): 11 minutes
+        "memory-long": lambda r: memory.run_long(r, long_params, work),
     }
+
+
+ON_REQUEST = {"memory-long"}  # not in the default set
 
 
 def summary(results: Results) -> list[str]:
@@ -50,7 +61,18 @@ def summary(results: Results) -> list[str]:
                                          f"couchdb {v('store.couchdb.bulk_insert_rate')}"),
         ("invoker / store", f"sqlite {v('ratio.sqlite.invoker_over_store')}   "
                             f"couchdb {v('ratio.couchdb.invoker_over_store')}"),
-        ("added latency p50/p99, ms", f"sqlite {v('e2e.sqlite.added_latency_p50')} / "
+        ("daemon CPU per activation, ms", f"sqlite {v('e2e.sqlite.cpu_per_activation')}   "
+                                          f"couchdb {v('e2e.couchdb.cpu_per_activation')}"),
+        *[(f"  stage {stage} p50, ms", f"sqlite {v(f'e2e.sqlite.stage.{stage}')}   couchdb "
+                                        f"{v(f'e2e.couchdb.stage.{stage}')}")
+          for stage in STAGES],
+        ("round robin, 5x actions, act/s", v("roundrobin.throughput")),
+        ("store-bound: invoker / store", f"{v('ratio.storebound.invoker_over_store')}   "
+                                         f"({v('storebound.invoker.throughput')} activations/s"
+                                         f", store {v('storebound.store.bulk_insert_rate')} "
+                                         "records/s, invoker unthrottled "
+                                         f"{v('storebound.invoker.unthrottled_throughput')})"),
+        ("added latency at half max p50/p99, ms", f"sqlite {v('e2e.sqlite.added_latency_p50')} / "
                                       f"{v('e2e.sqlite.added_latency_p99')}   couchdb "
                                       f"{v('e2e.couchdb.added_latency_p50')} / "
                                       f"{v('e2e.couchdb.added_latency_p99')}"),
@@ -72,6 +94,11 @@ def summary(results: Results) -> list[str]:
         ("slow store: activations/s", f"overflow off {v('overflow.off.throughput')}   on "
                                       f"{v('overflow.on.throughput')}   "
                                       f"({v('ratio.overflow.on_over_off_throughput')} x)"),
+        ("long slow store: RSS, MiB", f"first min {v('memory_long.rss_first_minute')}   last "
+                                      f"min {v('memory_long.rss_last_minute')}   peak "
+                                      f"{v('memory_long.peak_rss')}"),
+        ("  RSS slope, MiB/min", f"{v('memory_long.rss_slope')}   second half "
+                                 f"{v('memory_long.rss_slope_second_half')}"),
         ("overflow drain, records/s", f"1 recorder {v('overflow.drain.1_recorder')}   2 "
                                       f"recorders {v('overflow.drain.2_recorders')}   "
                                       f"({v('ratio.overflow.2_over_1_recorders')} x)"),
@@ -87,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
     parser.add_argument("--only", metavar="NAME[,NAME]",
                         help="run only these scenarios: e2e-sqlite, e2e-couchdb, coldstart, "
-                             "memory, overflow")
+                             "memory, overflow, storebound; on request only: memory-long")
     parser.add_argument("--output", type=Path, default=RESULTS_PATH,
                         help=f"JSON results file (default {RESULTS_PATH})")
     parser.add_argument("--attempts", type=int, default=2, metavar="N",
@@ -101,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--attempts must be at least 1")
     work = Path(tempfile.mkdtemp(prefix="invoker-bench-"))
     available = scenarios(args.quick, work)
-    chosen = list(available)
+    chosen = [name for name in available if name not in ON_REQUEST]
     if args.only:
         chosen = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = [n for n in chosen if n not in available]

@@ -4,9 +4,10 @@ One daemon subprocess (default bounds, info logging) on fresh topics and a fresh
 
 1. a warm-up run so the no-op action's containers exist;
 2. the throughput run: ``count`` no-op activations as fast as possible (``throughput_per_s``);
-   its per-activation latencies give the *saturated* invoker-added latency;
-3. a paced run well below the throughput, whose latencies give the invoker-added latency
-   without queueing;
+   its per-activation latencies give the *saturated* invoker-added latency, and the daemon's
+   ``invoker_stage_seconds`` histogram (sampled before and after) the per-stage p50/p99;
+3. a paced run at half the measured throughput, whose latencies give the invoker-added
+   latency at half of max load;
 4. the daemon is stopped, then the store's own bulk-insert rate is measured on the same
    database with copies of a real record of the run, in batches of the daemon's batch size.
 """
@@ -29,6 +30,7 @@ from bench.infra import (
     stop_daemon,
     store_rate,
 )
+from bench.stages import stage_figures
 from invoker.config import Config
 from invoker.loadgen import LoadSpec, Report, percentile, run_load
 from tests.support.daemon import Topics, load_spec, stored_records
@@ -38,17 +40,16 @@ ACTION = "noop"
 
 @dataclass(frozen=True)
 class E2EParams:
-    warmup: int = 100
-    count: int = 1500
-    paced_rate: float = 25.0
-    paced_count: int = 250
+    warmup: int = 300
+    count: int = 10_000
+    paced_s: float = 10.0  # how long the paced run lasts (at half the measured throughput)
     store_records: int = 5000
     store_time_limit_s: float = 20.0
     completion_timeout_s: float = 90.0
 
     @classmethod
     def quick(cls) -> E2EParams:
-        return cls(warmup=40, count=300, paced_rate=25.0, paced_count=75, store_records=1000,
+        return cls(warmup=100, count=2000, paced_s=4.0, store_records=1000,
                    store_time_limit_s=8.0, completion_timeout_s=60.0)
 
 
@@ -96,11 +97,13 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
         if warm.completed == 0:
             raise RuntimeError(f"the warm-up run completed nothing; see {daemon.log_path}")
 
-        cpu_before = _cpu_seconds(daemon)
+        before = metric_samples(daemon) or {}
         report = run_load(_spec(topics, store_url, count=params.count,
                                 completion_timeout_s=params.completion_timeout_s,
                                 daemons=[daemon]))
-        cpu_after = _cpu_seconds(daemon)
+        after = metric_samples(daemon) or {}
+        cpu_before = before.get("process_cpu_seconds_total")
+        cpu_after = after.get("process_cpu_seconds_total")
         for problem in load_problems(report, "throughput run"):
             results.error(scenario, problem)
         cpu = ""
@@ -113,11 +116,20 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
                     f"lost {report.lost}, duplicates {report.duplicate_records}{cpu}; feed "
                     f"paused {report.daemon_pauses} times, {report.daemon_paused_seconds:.1f} s "
                     f"in all")
+        if cpu_before is not None and cpu_after is not None and report.completed:
+            results.add(f"{prefix}.cpu_per_activation",
+                        (cpu_after - cpu_before) * 1000 / report.completed, "ms",
+                        "daemon CPU (all threads) over the throughput run / activations")
+        for stage, (p50, p99, n) in stage_figures(before, after).items():
+            results.add(f"{prefix}.stage.{stage}", p50, "ms p50",
+                        f"p99 {_fmt(p99)} ms; {n} observations")
         records = _records(store_url, report)
         saturated = _added_latencies(report, records)
 
-        paced = run_load(_spec(topics, store_url, count=params.paced_count,
-                               rate=params.paced_rate,
+        paced_rate = max(report.throughput_per_s / 2, 1.0)
+        paced = run_load(_spec(topics, store_url,
+                               count=max(int(paced_rate * params.paced_s), 50),
+                               rate=paced_rate,
                                completion_timeout_s=params.completion_timeout_s))
         for problem in load_problems(paced, "paced run"):
             results.error(scenario, problem)
@@ -138,7 +150,8 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
                     "one write at a time")
         results.ratio(f"ratio.{kind}.invoker_over_store", f"{prefix}.throughput",
                       f"store.{kind}.bulk_insert_rate")
-        note = (f"{len(added)} activations at {params.paced_rate:g}/s; action run time p50 "
+        note = (f"{len(added)} activations at {paced_rate:.0f}/s (half the throughput); "
+                f"action run time p50 "
                 f"{_fmt(percentile(durations, 50))} ms; produce -> /run start (waitTime) p50 "
                 f"{_fmt(percentile([w for w in waits if w is not None], 50))} ms")
         results.add(f"{prefix}.added_latency_p50", percentile(added, 50), "ms", note)
@@ -172,7 +185,3 @@ def _wait_time(record: dict) -> float | None:
             return annotation.get("value")
     return None
 
-
-def _cpu_seconds(daemon: Any) -> float | None:
-    samples = metric_samples(daemon)
-    return None if samples is None else samples.get("process_cpu_seconds_total")

@@ -59,14 +59,15 @@ def tag() -> str:
 
 
 def start_daemon(topics: Topics, store_url: str, log_dir: Path, name: str,
-                 timeout_s: float = 60.0, command: str = "run", **settings: Any) -> Daemon:
+                 timeout_s: float = 60.0, command: str = "run",
+                 env: dict[str, str] | None = None, **settings: Any) -> Daemon:
     """A started ``invoker run`` (or ``invoker recorder``: ``command="recorder"``) subprocess
-    (info logging unless ``log_level`` is given)."""
+    (info logging unless ``log_level`` is given); ``env``: more environment variables for it."""
     settings.setdefault("log_level", "info")
     prefix = "daemon" if command == "run" else command
     daemon = Daemon(topics, store_url, log_dir / f"{prefix}-{name}.log",
-                    invoker_id=f"bench{tag()[:8]}", settings=settings_env(settings),
-                    command=command)
+                    invoker_id=f"bench{tag()[:8]}",
+                    settings={**settings_env(settings), **(env or {})}, command=command)
     try:
         return daemon.start(timeout_s=timeout_s)
     except BaseException:
@@ -105,7 +106,7 @@ def wait_topic_metadata(topic: str, timeout_s: float = 15.0) -> None:
 
 
 def launch(errors: Callable[[str], None], store_url: str, log_dir: Path, name: str,
-           attempts: int = 2, assign_timeout_s: float = 30.0,
+           attempts: int = 2, assign_timeout_s: float = 30.0, env: dict[str, str] | None = None,
            **settings: Any) -> tuple[Daemon, Topics]:
     """Fresh topics and a started daemon that owns the feed's partitions.
 
@@ -118,7 +119,7 @@ def launch(errors: Callable[[str], None], store_url: str, log_dir: Path, name: s
         wait_topic_metadata(topics.feed)
         suffix = name if attempt == 1 else f"{name}-retry{attempt - 1}"
         try:
-            daemon = start_daemon(topics, store_url, log_dir, suffix, **settings)
+            daemon = start_daemon(topics, store_url, log_dir, suffix, env=env, **settings)
         except BaseException:
             delete_topics(topics)
             raise

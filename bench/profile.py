@@ -71,6 +71,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="keep the raw profile here")
     parser.add_argument("--cpu", action="store_true",
                         help="sample only threads on a CPU (no --idle): where the CPU goes")
+    parser.add_argument("--gil", action="store_true",
+                        help="sample only the thread holding the GIL: what keeps the others out")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="invoker-profile-"))
     store_url = f"sqlite:///{work}/records.sqlite3"
@@ -78,7 +80,7 @@ def main() -> int:
     raw = args.out or work / "profile.txt"
     try:
         run_load(_spec(topics, store_url, count=100, completion_timeout_s=60))
-        idle = [] if args.cpu else ["--idle"]
+        idle = ["--gil"] if args.gil else [] if args.cpu else ["--idle"]
         spy = subprocess.Popen([PY_SPY, "record", *idle, "--threads", "-f", "raw",
                                 "-r", "200", "-o", str(raw), "--pid",
                                 str(daemon.process.pid)],

@@ -5,9 +5,18 @@ In a trio test::
     async with FaultProxy("127.0.0.1", 5984) as proxy:
         url = f"http://127.0.0.1:{proxy.port}/db"
         proxy.latency = 0.3   # each chunk from client to server waits 0.3 s first
+        proxy.request_latency = 0.2  # the first chunk of each request waits 0.2 s (see below)
+        proxy.freeze = (5.0, 0.1)  # bytes pass only in the first 0.1 s of every 5 s
         proxy.down = True     # drop live connections; accept new ones and close them at once
         proxy.down = False    # back to normal
         proxy.connections     # how many client connections were accepted so far
+
+``request_latency`` delays a client's chunk when it starts a new burst: the first chunk on a
+connection, or the first after the server sent something. Over HTTP/1.1 without pipelining
+that is once per request whatever its size, unlike ``latency`` (once per chunk received).
+``freeze`` = (period_s, open_s) models a server that stalls (GC, compaction...): no byte is
+passed on, in either direction, outside the first ``open_s`` of each ``period_s`` (on trio's
+clock); a pump holds at most one received chunk (64 KiB) meanwhile.
 
 From a test that does not run trio, as a separate process::
 
@@ -15,7 +24,8 @@ From a test that does not run trio, as a separate process::
         --control-file PATH
 
 prints its bound port as the first line of stdout, then re-reads PATH (JSON such as
-``{"latency": 0.2, "down": false}``) every 100 ms; write it atomically (write a temporary file,
+``{"latency": 0.2, "down": false}``, optionally with ``"request_latency": s`` and
+``"freeze": [period_s, open_s]``) every 100 ms; write it atomically (write a temporary file,
 then rename). SIGTERM or SIGINT stops it. ``ProxyProcess`` runs it so and steers it.
 """
 
@@ -49,6 +59,8 @@ class FaultProxy:
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.latency: float = 0.0
+        self.request_latency: float = 0.0
+        self.freeze: tuple[float, float] | None = None  # (period_s, open_s)
         self.connections = 0  # client connections accepted (including ones closed while down)
         self._down = False
         self._live: set[trio.CancelScope] = set()  # one per proxied connection
@@ -143,10 +155,12 @@ class FaultProxy:
                     server = await trio.open_tcp_stream(self.target_host, self.target_port)
                 except OSError:
                     return  # target down: the client sees its connection closed
+                # Set by the server's pump, cleared by the client's: a new request is due
+                answered = [True]
                 async with server, trio.open_nursery() as nursery:
                     conn = nursery.cancel_scope
-                    nursery.start_soon(self._pump, client, server, True, conn)
-                    nursery.start_soon(self._pump, server, client, False, conn)
+                    nursery.start_soon(self._pump, client, server, True, conn, answered)
+                    nursery.start_soon(self._pump, server, client, False, conn, answered)
         finally:
             self._live.discard(scope)
             await trio.aclose_forcefully(client)
@@ -157,16 +171,32 @@ class FaultProxy:
         dst: trio.SocketStream,
         to_server: bool,
         conn: trio.CancelScope,
+        answered: list[bool],
     ) -> None:
         try:
             while data := await src.receive_some(_BUFSIZE):
-                if to_server and self.latency > 0:
-                    await trio.sleep(self.latency)
+                if to_server:
+                    delay = self.latency + (self.request_latency if answered[0] else 0.0)
+                    answered[0] = False
+                    if delay > 0:
+                        await trio.sleep(delay)
+                else:
+                    answered[0] = True
+                await self._until_unfrozen()
                 await dst.send_all(data)
             # EOF from src: pass the half-close on and let the other direction finish.
             await dst.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             conn.cancel()  # a reset on either side ends the whole connection
+
+    async def _until_unfrozen(self) -> None:
+        """Sleep until the current freeze period's open part, if the proxy freezes now."""
+        if self.freeze is None:
+            return
+        period, open_s = self.freeze
+        phase = trio.current_time() % period
+        if phase >= open_s:
+            await trio.sleep(period - phase)
 
 
 class ProxyProcess:
@@ -188,9 +218,11 @@ class ProxyProcess:
             raise RuntimeError(f"fault proxy did not start (said {line!r})")
         self.port = int(line)
 
-    def set(self, *, latency: float, down: bool) -> None:
+    def set(self, *, latency: float, down: bool, request_latency: float = 0.0,
+            freeze: tuple[float, float] | None = None) -> None:
         tmp = self.control.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"latency": latency, "down": down}))
+        tmp.write_text(json.dumps({"latency": latency, "down": down,
+                                   "request_latency": request_latency, "freeze": freeze}))
         tmp.rename(self.control)
 
     def close(self) -> None:
@@ -213,18 +245,31 @@ def _hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _parse_control(data: Any) -> tuple[float, bool, float, tuple[float, float] | None]:
+    """(latency, down, request_latency, freeze) from the control file's JSON; ValueError or
+    TypeError if it is not such an object."""
+    freeze = data.get("freeze")
+    if freeze is not None:
+        period, open_s = (float(x) for x in freeze)
+        if not 0 < open_s < period:
+            raise ValueError(f"freeze needs 0 < open_s < period_s, got {freeze}")
+        freeze = (period, open_s)
+    return (float(data.get("latency", 0) or 0), bool(data.get("down", False)),
+            float(data.get("request_latency", 0) or 0), freeze)
+
+
 async def _follow_control_file(proxy: FaultProxy, path: trio.Path) -> None:
-    seen: tuple[float, bool] | None = None
+    seen: tuple[float, bool, float, tuple[float, float] | None] | None = None
     while True:
         try:
-            data = json.loads(await path.read_text())
-            wanted = (float(data.get("latency", 0) or 0), bool(data.get("down", False)))
+            wanted = _parse_control(json.loads(await path.read_text()))
         except (OSError, ValueError, TypeError, AttributeError):
             wanted = None  # missing or half-written file: keep the current settings
         if wanted is not None and wanted != seen:
             seen = wanted
-            proxy.latency, proxy.down = wanted
-            print(f"faultproxy: latency={wanted[0]:g} down={wanted[1]}", file=sys.stderr)
+            proxy.latency, proxy.down, proxy.request_latency, proxy.freeze = wanted
+            print(f"faultproxy: latency={wanted[0]:g} down={wanted[1]} "
+                  f"request_latency={wanted[2]:g} freeze={wanted[3]}", file=sys.stderr)
         await trio.sleep(0.1)
 
 
@@ -247,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", type=_hostport, required=True, help="HOST:PORT to forward to")
     parser.add_argument("--listen", type=_hostport, default=("127.0.0.1", 0), help="HOST:PORT")
     parser.add_argument(
-        "--control-file", help='JSON {"latency": s, "down": bool}, read every 0.1 s'
+        "--control-file", help='JSON {"latency": s, "down": bool, "request_latency": s, '
+        '"freeze": [period_s, open_s]}, read every 0.1 s'
     )
     trio.run(_main, parser.parse_args(argv))
 
