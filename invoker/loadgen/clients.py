@@ -87,7 +87,8 @@ def new_consumer(bootstrap: str) -> Any:
     )
 
 
-def new_producer(bootstrap: str, *, batch_bytes: int = 16 * 1024) -> Any:
+def new_producer(bootstrap: str, *, batch_bytes: int = 16 * 1024,
+                 linger_ms: int = LINGER_MS) -> Any:
     """A producer that waits for every in-sync replica (``acks="all"``); its buffer is
     kafka-python's default 32 MiB, and ``send`` blocks up to KAFKA_TIMEOUT_S when it is full.
     """
@@ -97,7 +98,7 @@ def new_producer(bootstrap: str, *, batch_bytes: int = 16 * 1024) -> Any:
         bootstrap_servers=servers(bootstrap),
         client_id=CLIENT_ID,
         acks="all",
-        linger_ms=LINGER_MS,
+        linger_ms=linger_ms,
         batch_size=batch_bytes,
         max_block_ms=int(KAFKA_TIMEOUT_S * 1000),
         request_timeout_ms=int(KAFKA_TIMEOUT_S * 1000),
