@@ -356,6 +356,25 @@ async def test_prewarm_used_shrunk_and_replenished() -> None:
         assert backend.created[0].labels["org.invoker.kind"] == "python:3"
 
 
+async def test_stem_cells_are_started_one_at_a_time() -> None:
+    backend = FakeBackend()
+    gate = trio.Event()
+    create = backend.create
+
+    async def slow_create(spec: Any) -> str:
+        await gate.wait()
+        return await create(spec)
+
+    backend.create = slow_create  # type: ignore[method-assign]
+    async with open_pool(backend, prewarm={"python:3": 3}, prewarm_memory_mb=128,
+                         reaper_interval_s=0.01) as pool:
+        await trio.sleep(0.1)  # ten reaper turns
+        assert [c["phase"] for c in pool.snapshot()] == ["starting"]
+        gate.set()
+        await wait_until(pool, lambda: [c["phase"] for c in pool.snapshot()] == ["stem"] * 3)
+        assert backend.n == 3
+
+
 async def test_idle_reaper() -> None:
     backend = FakeBackend()
     async with open_pool(backend, idle_timeout_s=0.05, reaper_interval_s=0.01) as pool:

@@ -115,6 +115,9 @@ REMOVE_RETRY_MAX_S = 30.0
 # 0.5 s, then 1 s later.
 LEFTOVER_REMOVE_ATTEMPTS = 3
 LEFTOVER_RETRY_S = 0.5
+# Stem cells are started one at a time (the next when one is ready): refilling the prewarm
+# pool must not take the CPU from running actions in a burst of `docker run`s.
+PREWARM_STARTS_AT_ONCE = 1
 _PROBE_INTERVAL_MAX_S = 0.1
 _STATE_CHECK_EVERY_S = 0.25
 
@@ -593,7 +596,9 @@ class ContainerPool:
                 1 for c in self._scheduler.records
                 if c.pool_key is None and c.kind == kind and c.phase in (STARTING, STEM)
             )
-            while (have < wanted and not self._scheduler.waiters
+            starting = sum(1 for c in self._scheduler.records if c.phase == STARTING)
+            while (have < wanted and starting < PREWARM_STARTS_AT_ONCE
+                   and not self._scheduler.waiters
                    and self.free_memory_mb >= cfg.prewarm_memory_mb):
                 c = self._scheduler.new_record(image=image, kind=kind,
                                                memory_mb=cfg.prewarm_memory_mb,
@@ -601,6 +606,7 @@ class ContainerPool:
                                                phase=STARTING)
                 self._nursery.start_soon(self._start_stem, c)
                 have += 1
+                starting += 1
         self._update_gauges()
 
     async def _start_stem(self, c: ContainerRecord) -> None:
@@ -620,6 +626,7 @@ class ContainerPool:
             c.last_used = trio.current_time()
             logger.debug("stem cell ready", container=c.name, kind=c.kind)
         self._changed_state()
+        self._replenish_stems()  # the next one, if any is missing
 
     # ---------------------------------------------------------------- containers
     def _spec(self, c: ContainerRecord, network: str | None, publish: bool) -> ContainerSpec:
