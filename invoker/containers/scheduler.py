@@ -23,12 +23,16 @@ How a waiter is served, in arrival order:
 4. memory for a new container, if free;
 5. evicting idle containers, least recently used first (action containers before stem cells),
    when that makes enough room. Several waiters evict at once, so cold starts run
-   concurrently; memory being freed is promised to the earliest waiters first.
+   concurrently; memory being freed is promised to the earliest waiters first. An action
+   that already has containers (all busy) evicts only containers idle for
+   ``GROWTH_EVICTS_IDLE_S``; otherwise it waits for its own: under a mixed load that fills
+   memory, actions then keep their warm containers instead of evicting each other's.
 
-A waiter that needs memory nobody can free yet blocks later waiters from taking *memory* (so
-a busy tenant cannot starve another's cold start), but not from taking free slots in their own
-containers. A slot given back goes to the earliest waiter of its key that arrived before any
-waiter blocked on memory; otherwise the container turns idle, and may be evicted for them.
+A waiter whose action has no container and that needs memory nobody can free yet blocks later
+waiters from taking *memory* (so a busy tenant cannot starve another's cold start), but not
+from taking free slots in their own containers. A slot given back goes to the earliest waiter
+of its key that arrived before any waiter blocked on memory; otherwise the container turns
+idle, and may be evicted for them.
 """
 
 from __future__ import annotations
@@ -64,6 +68,10 @@ _BEING_STARTED = (NEW, ASSIGNED, INITIALIZING)
 DEFAULT_HOLD_S = 0.025
 DEFAULT_COLD_START_S = 0.5
 _SMOOTHING = 0.2  # weight of the newest sample in the moving averages
+# An action that has containers (all busy) grows only into free memory, or by evicting
+# containers nobody used for this long: evicting other actions' warm containers for it would
+# only make them start new ones in turn (the churn of a mixed load).
+GROWTH_EVICTS_IDLE_S = 10.0
 
 
 @dataclass(eq=False)
@@ -247,35 +255,42 @@ class Scheduler:
                 continue
             ahead = ahead_of_key[waiter.key]
             ahead_of_key[waiter.key] += 1
-            if self._worth_waiting(waiter.key, ahead, now, short_of_memory=free <= 0
-                                   or waiter.action.limits.memory_mb > free):
+            need = waiter.action.limits.memory_mb
+            if self._worth_waiting(waiter.key, ahead, now, short_of_memory=need > free):
                 waiter.wants_memory = False
                 continue
-            waiter.wants_memory = True
+            # Growing: its action has containers, all busy (or it would have waited).
+            grow = any(True for _ in self._of_key(waiter.key))
             if memory_blocked:
+                waiter.wants_memory = not grow
                 continue
-            need = waiter.action.limits.memory_mb
             if free >= need:
                 self.waiters.remove(waiter)
                 self._grant(waiter, self._reserve(waiter))
                 free -= need
                 continue
             missing = need - max(free, 0)
-            free = 0  # what is free now is this waiter's, with what comes
-            if coming >= missing:
+            if coming >= missing:  # removals under way free enough
                 coming -= missing
+                free = 0  # what is free now is this waiter's, with what comes
+                waiter.wants_memory = True
                 continue
-            missing -= coming
-            coming = 0
-            victims = self._victims(missing)
+            victims = self._victims(missing - coming,
+                                    idle_before=now - GROWTH_EVICTS_IDLE_S if grow else None)
             if victims is None:
+                if grow:  # waits for its own containers, taking nothing from others
+                    waiter.wants_memory = False
+                    continue
                 memory_blocked = True
+                waiter.wants_memory = True
                 continue
             for victim in victims:
                 logger.debug("evicting idle container", container=victim.name,
                              for_action=waiter.action.name)
                 self._evict(victim)
-            coming = sum(v.memory_mb for v in victims) - missing
+            coming = sum(v.memory_mb for v in victims) - (missing - coming)
+            free = 0
+            waiter.wants_memory = True
 
     def _worth_waiting(self, key: PoolKey, ahead: int, now: float, short_of_memory: bool
                        ) -> bool:
@@ -325,10 +340,13 @@ class Scheduler:
         return self.new_record(image=action.image, kind=kind, memory_mb=action.limits.memory_mb,
                                label=action.name, pool_key=waiter.key, phase=NEW)
 
-    def _victims(self, missing_mb: int) -> list[ContainerRecord] | None:
+    def _victims(self, missing_mb: int, idle_before: float | None = None
+                  ) -> list[ContainerRecord] | None:
         """Idle containers whose memory covers ``missing_mb``, least recently used first
-        (action containers before stem cells); None if all idle ones are not enough."""
-        candidates = sorted((c for c in self.records if c.idle),
+        (action containers before stem cells), only those last used before ``idle_before``
+        if given; None if they are not enough."""
+        candidates = sorted((c for c in self.records if c.idle and (
+                                idle_before is None or c.last_used <= idle_before)),
                             key=lambda c: (c.phase == STEM, c.last_used))
         victims = []
         for c in candidates:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from invoker.containers.scheduler import (
+    GROWTH_EVICTS_IDLE_S,
     NEW,
     READY,
     REMOVING,
@@ -168,3 +169,24 @@ def test_cold_start_estimate_moves_towards_measurements() -> None:
         w.s.cold_started(2.0)
     assert before < w.s.cold_start_s <= 2.0
     assert w.s.cold_start_s > 1.9
+
+
+def test_a_growing_action_does_not_evict_others_warm_containers() -> None:
+    w = World(2 * 128)
+    a, b = action("a"), action("b")
+    a1 = w.wait(a)
+    w.ready(a1.container, hold_s=5.0)  # busy, and slow: waiting is not worth it
+    b1 = w.wait(b)
+    w.ready(b1.container)
+    w.done(b1.container)  # b's container idle, used a moment ago
+    w.t = 1.0
+    a2 = w.wait(a)
+    assert a2.container is None and not w.evicted and not a2.wants_memory
+    b2 = w.wait(b)  # b still has its warm container
+    assert b2.container is b1.container
+    w.done(b1.container)
+    w.t = 1.0 + GROWTH_EVICTS_IDLE_S
+    w.s.assign()  # b's container unused for that long: a may grow into it
+    assert w.evicted == [b1.container]
+    w.removed(b1.container)
+    assert a2.container is not None and a2.container.phase == NEW
