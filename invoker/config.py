@@ -28,6 +28,8 @@ from store import mask_url  # noqa: F401 (part of this module's surface: masks s
 ENV_PREFIX = "INVOKER_"
 # Room for everything in a record besides its result and logs (ids, annotations, JSON syntax).
 RECORD_OVERHEAD_BYTES = 16 * 1024
+# Bound of revoke_wait_ms: a fifth of the group's rebalance timeout (max_poll_interval_ms).
+REVOKE_WAIT_MAX_MS = 60_000
 
 
 def _default_invoker_id() -> str:
@@ -83,6 +85,11 @@ class Config:
     max_publishes_in_flight: int = 4
     # The feed commits the offsets it may at most this often (and always on revocation and close)
     commit_interval_ms: int = 200
+    # On a rebalance, how long the revoked partitions' work in flight gets to be stored (and
+    # committed) before the revocation goes on; the whole group's rebalance waits for it. At
+    # most REVOKE_WAIT_MAX_MS, well within the group's rebalance timeout (the consumer's
+    # max_poll_interval_ms, 300 s)
+    revoke_wait_ms: int = 5000
     backoff_initial_ms: int = 100
     backoff_max_ms: int = 5000
     # Containers
@@ -144,6 +151,8 @@ class Config:
                 problems.append(f"{name} must be at least 1")
         if self.commit_interval_ms < 0:
             problems.append("commit_interval_ms must not be negative")
+        if not 0 <= self.revoke_wait_ms <= REVOKE_WAIT_MAX_MS:
+            problems.append(f"revoke_wait_ms must be in [0, {REVOKE_WAIT_MAX_MS}]")
         if not 0 <= self.record_channel_low_watermark < self.record_channel_size:
             problems.append("record_channel_low_watermark must be in [0, record_channel_size)")
         if problem := self.default_limits_problem():

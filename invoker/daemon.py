@@ -117,11 +117,17 @@ class Invoker(FeedService):
 
     async def dispatch(self, messages: trio.MemoryReceiveChannel[FeedMessage],
                        work: trio.Nursery) -> None:
+        """Blocks for a slot, then to register the message (see :meth:`FeedService.register`).
+
+        The slot comes first: a message taken (registered) starts at once, so a revocation
+        waits only for work that runs, and one waiting for a slot when its partition is revoked
+        is skipped (the partition's next reader, perhaps this member again, reads it)."""
         async for message in messages:
+            await self._slots.acquire()
             token = await self.register(message)
             if token is None:
-                continue  # its partition was revoked; the new owner processes it
-            await self._slots.acquire()
+                self._slots.release()
+                continue  # its partition was revoked; its next owner reads it
             work.start_soon(self._handle, message, token)
 
     async def _handle(self, message: FeedMessage, token: OffsetToken) -> None:

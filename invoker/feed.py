@@ -11,7 +11,7 @@ close) happens on the feed thread. The trio side talks to it only through:
   (trio has not taken the last polls yet), and then at most ``POLL_TIMEOUT_MS`` per turn;
 - other :class:`FeedGate` methods, which the thread calls with ``trio.from_thread.run_sync``
   (they run on the trio thread and never block) when a wait does not matter: while paused
-  (to decide whether to resume) and on rebalances;
+  (to decide whether to resume) and on rebalances (see below);
 - :meth:`Feed.request_commit`, which records the offset to commit under a lock (one entry per
   partition, so it is bounded) for the thread to commit at most every ``commit_interval_s``,
   and always on revocation and close. A commit is synchronous (up to ``COMMIT_TIMEOUT_MS``), so
@@ -21,6 +21,20 @@ When the pump finds the pipeline saturated (the gate could not take every messag
 is full), the thread pauses every assigned partition and keeps polling (so the consumer stays
 in its group), holding at most ``max_poll_records`` messages, and resumes when its inbox is
 empty and the gate says the pipeline drained below its low watermarks.
+
+Rebalances (kafka-python 2.x is eager: every group change revokes all partitions, then assigns)
+run inside ``poll()`` on this thread, which is what lets the revocation block poll, as Kafka
+expects. A revocation, in this order: drops the revoked partitions' messages from the inbox;
+has the gate suspend them (the read-ahead's messages of them are skipped, not started; their
+completions ask for no commit any more); waits, at most ``revoke_wait_s``, on a
+``threading.Event`` the trio side sets once none of their work is in flight; takes from the
+gate what their finished work lets commit and commits it (with what was requested before). No
+commit of them can be requested after the suspension, so none is left to be sent once they are
+owned elsewhere. An assignment has the gate track the partitions; one handed back to this
+member keeps its tracking (work still in flight counts) and is read on from after the last
+message taken (a seek), not from the committed offset: nothing is read twice. The rest read
+from the committed offset (so a revocation that timed out with work in flight costs at most
+that work's re-execution, on whichever member gets the partition).
 """
 
 from __future__ import annotations
@@ -69,11 +83,19 @@ class FeedGate(Protocol):
         """Whether the pipeline is full (with hysteresis: until it drained below its low
         watermarks)."""
 
-    def assigned(self, partitions: Sequence[tuple[TopicPartition, int]]) -> None:
-        """Partitions (with their new epoch) now owned by this consumer."""
+    def assigned(self, partitions: Sequence[tuple[TopicPartition, int]]
+                 ) -> dict[TopicPartition, int]:
+        """Partitions (with their new epoch) now owned by this consumer; returns the offset to
+        read from for those handed back (the others: the committed offset)."""
 
-    def revoked(self, partitions: Sequence[TopicPartition]) -> None:
-        """Partitions no longer owned; their in-flight work must not commit."""
+    def revoking(self, partitions: Sequence[TopicPartition]) -> threading.Event:
+        """A revocation began: hand nothing more of them on, request no commit of them; the
+        event is set once none of their work is in flight."""
+
+    def revoked(self, partitions: Sequence[TopicPartition]
+                ) -> dict[TopicPartition, tuple[int | None, int]]:
+        """The wait is over: per partition, the offset to commit (None: nothing to commit) and
+        how many taken offsets are still not committable."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,7 @@ class FeedSettings:
     fetch_max_bytes: int
     max_message_bytes: int
     commit_interval_s: float = 0.2
+    revoke_wait_s: float = 5.0  # well below max_poll_interval_ms, the rebalance timeout
     session_timeout_ms: int = 10_000
     max_poll_interval_ms: int = 300_000
 
@@ -337,27 +360,45 @@ class Feed:
             lag.observe(committed - requested_at)
 
     def _on_revoked(self, consumer: KafkaConsumer, revoked: Sequence[TopicPartition]) -> None:
-        self._commit_requested(consumer, only=revoked)
+        """Blocks (inside poll) up to ``revoke_wait_s`` for the revoked partitions' work in
+        flight, then up to ``COMMIT_TIMEOUT_MS`` for their commit."""
+        if not revoked:
+            return
+        started = time.monotonic()
         gone = set(revoked)
         with self._inbox_changed:
             kept = [m for m in self._inbox if m.partition not in gone]
             self._inbox.clear()
             self._inbox.extend(kept)
+        drained = self._call(self._gate.revoking, list(revoked))
+        finished = drained.wait(self._settings.revoke_wait_s)
+        reached = self._call(self._gate.revoked, list(revoked))
+        for tp, (offset, _) in reached.items():
+            if offset is not None:
+                self.request_commit(tp, offset)
+        self._commit_requested(consumer, only=revoked)
         for tp in revoked:
             self._epochs.pop(tp, None)
-        self._call(self._gate.revoked, list(revoked))
-        log.info("partitions revoked", partitions=[f"{tp.topic}-{tp.partition}" for tp in revoked])
+        took = time.monotonic() - started
+        self._metrics.revoke_seconds.observe(took)
+        log.info("partitions revoked", partitions=[f"{tp.topic}-{tp.partition}" for tp in revoked],
+                 waited_s=round(took, 3), in_flight_drained=finished,
+                 still_in_flight=sum(left for _, left in reached.values()))
 
     def _on_assigned(self, consumer: KafkaConsumer, assigned: Sequence[TopicPartition]) -> None:
         self._epoch += 1
+        self._metrics.rebalances.inc()
         for tp in assigned:
             self._epochs[tp] = self._epoch
-        self._call(self._gate.assigned, [(tp, self._epoch) for tp in assigned])
+        positions = self._call(self._gate.assigned, [(tp, self._epoch) for tp in assigned])
+        for tp, offset in positions.items():
+            consumer.seek(tp, offset)  # this member's own position: nothing is read twice
         if self._paused and assigned:
             # A rebalance hands partitions over un-paused; the pause still holds.
             consumer.pause(*assigned)
         log.info("partitions assigned",
-                 partitions=[f"{tp.topic}-{tp.partition}" for tp in assigned])
+                 partitions=[f"{tp.topic}-{tp.partition}" for tp in assigned],
+                 resumed={tp.partition: offset for tp, offset in positions.items()})
 
 
 class _Listener(ConsumerRebalanceListener):

@@ -73,8 +73,18 @@ class Metrics:
         )
         self.records_already_stored = Counter(
             "invoker_records_already_stored",
-            "Records the store already had (re-executed activations)",
+            "Records the store already had: activations re-executed (the recorder: records "
+            "written again) after a rebalance or a restart",
             registry=r,
+        )
+        self.rebalances = Counter(
+            "invoker_rebalances", "Partition assignments received (the first join included)",
+            registry=r,
+        )
+        self.revoke_seconds = Histogram(
+            "invoker_revoke_seconds",
+            "Time a revocation took: waiting for the revoked partitions' work, then committing",
+            buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.records_refused = Counter(
             "invoker_records_refused", "Records the store refused; dead-lettered", registry=r

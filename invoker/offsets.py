@@ -2,8 +2,16 @@
 
 Activations finish out of order; an offset may be committed only when every message at or below
 it in its partition has its record durably stored (or was dead-lettered). Each assignment of a
-partition gets a new epoch, so work that finishes after its partition was revoked (and perhaps
-assigned back) cannot move the committed offset of the new assignment.
+partition gets a new epoch: messages are taken (registered) only with the current one, so what
+a revoked assignment had handed over and not yet started is dropped.
+
+A rebalance first *suspends* the revoked partitions (:meth:`OffsetTracker.suspend`): nothing
+more registers, and their work in flight still completes here (its progress is kept, for the
+feed to commit before the revocation ends) but the service stops asking the feed to commit it.
+The next assignment then either *resumes* a suspended partition (handed back to this member:
+its tracking goes on, the work still in flight counts as before, and the feed seeks to
+:attr:`Resumed.position`, the offset after the last one taken, so nothing is read twice) or
+forgets it (another member owns it now: its late completions change nothing).
 
 Offsets are registered in increasing order. One that is not (the consumer's position went back:
 an ``OFFSET_OUT_OF_RANGE`` reset, a seek) restarts the partition's tracking at that offset with a
@@ -33,9 +41,20 @@ class OffsetToken:
     generation: int = 0  # of the partition's tracking when registered (see the module doc)
 
 
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """A partition handed back to this member with its tracking kept."""
+
+    position: int  # the next offset to read: after the last one taken
+    committable: int | None  # what its finished work lets commit now (None: nothing yet)
+
+
 @dataclass(slots=True)
 class _PartitionState:
-    epoch: int
+    epoch: int  # messages register only with this epoch
+    first_epoch: int  # tokens of epochs from this one up to ``epoch`` count (resumed: kept)
+    owned: bool = True  # False while suspended by a revocation
+    committable: int | None = None  # the highest offset to commit reached so far
     generation: int = 0
     restarted_at: int = -1  # the offset the latest restart began at (-1: none yet)
     last: int = -1  # the highest offset registered in this generation (-1: none yet)
@@ -47,22 +66,59 @@ class OffsetTracker:
     def __init__(self) -> None:
         self._partitions: dict[Hashable, _PartitionState] = {}
 
-    def assign(self, partition: Hashable, epoch: int) -> None:
-        self._partitions[partition] = _PartitionState(epoch)
+    def assign(self, partition: Hashable, epoch: int) -> Resumed | None:
+        """``partition`` is owned from now on, in ``epoch``. Suspended, with something taken
+        in its current tracking: resumed (returned); else tracked afresh (None: read from the
+        committed offset)."""
+        state = self._partitions.get(partition)
+        if state is not None and not state.owned and state.last >= 0:
+            state.owned = True
+            state.epoch = epoch
+            return Resumed(state.last + 1, state.committable)
+        self._partitions[partition] = _PartitionState(epoch, epoch)
+        return None
 
-    def revoke(self, partition: Hashable) -> None:
-        self._partitions.pop(partition, None)
+    def suspend(self, partition: Hashable) -> None:
+        """A revocation began: take nothing more of ``partition``; its work in flight still
+        completes (see :meth:`complete`)."""
+        state = self._partitions.get(partition)
+        if state is not None:
+            state.owned = False
+
+    def forget_suspended(self) -> list[Hashable]:
+        """Drop the partitions still suspended (not assigned back); returns them. Completions of
+        their work change nothing from now on."""
+        gone = [p for p, state in self._partitions.items() if not state.owned]
+        for partition in gone:
+            del self._partitions[partition]
+        return gone
+
+    def owns(self, partition: Hashable) -> bool:
+        """Whether ``partition`` is assigned and not suspended."""
+        state = self._partitions.get(partition)
+        return state is not None and state.owned
+
+    def committable(self, partition: Hashable) -> int | None:
+        """The highest offset to commit ``partition``'s finished work reached (None: none)."""
+        state = self._partitions.get(partition)
+        return state.committable if state else None
 
     def partitions(self) -> list[Hashable]:
-        """The partitions currently assigned."""
-        return list(self._partitions)
+        """The partitions currently owned."""
+        return [p for p, state in self._partitions.items() if state.owned]
+
+    def accepts(self, partition: Hashable, epoch: int) -> bool:
+        """Whether a message of ``partition`` handed over in ``epoch`` may be registered."""
+        state = self._partitions.get(partition)
+        return state is not None and state.owned and state.epoch == epoch
 
     def register(self, partition: Hashable, epoch: int, offset: int) -> OffsetToken | None:
-        """Record that ``offset`` was taken for processing; None if the assignment is stale.
-        An offset not above the last one registered restarts the partition's tracking."""
-        state = self._partitions.get(partition)
-        if state is None or state.epoch != epoch:
+        """Record that ``offset`` was taken for processing; None if the assignment is stale
+        (or suspended). An offset not above the last one registered restarts the partition's
+        tracking."""
+        if not self.accepts(partition, epoch):
             return None
+        state = self._partitions[partition]
         if offset <= state.last:
             self._restart(partition, state, offset)
         state.last = offset
@@ -82,9 +138,11 @@ class OffsetTracker:
         state.done = {o for o in state.done if o < offset}
 
     def complete(self, token: OffsetToken) -> int | None:
-        """Mark ``token`` finished; return the offset to commit (next to read) if it advanced."""
+        """Mark ``token`` finished; return the offset to commit (next to read) if it advanced.
+        Also while suspended: the caller asks for a commit only if it :meth:`owns` the
+        partition."""
         state = self._partitions.get(token.partition)
-        if state is None or state.epoch != token.epoch:
+        if state is None or not state.first_epoch <= token.epoch <= state.epoch:
             return None
         # An earlier generation's token counts only below the restart: at or above it, its
         # message was registered again and that copy's completion is the one that counts.
@@ -98,6 +156,8 @@ class OffsetTracker:
             head = state.pending.popleft()
             state.done.discard(head)
             committable = head + 1
+        if committable is not None:
+            state.committable = committable
         return committable
 
     def outstanding(self, partition: Hashable | None = None) -> int:

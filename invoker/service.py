@@ -26,8 +26,10 @@ import math
 import random
 import resource
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -52,7 +54,13 @@ from invoker.offsets import OffsetToken, OffsetTracker
 from invoker.ops import serve_ops
 from invoker.stuck import StuckWatch
 from invoker.watermark import Hysteresis
-from store import Store, StoreUnavailable, UnencodableRecord, encode_record, open_store
+from store import (
+    Store,
+    StoreUnavailable,
+    UnencodableRecord,
+    encode_record,
+    open_store,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -108,14 +116,59 @@ class _Gate:
         channel = self._channel.update(self._service.record_depth()) if self._channel else False
         return self._readahead_blocked or channel
 
-    def assigned(self, partitions: Sequence[tuple[TopicPartition, int]]) -> None:
+    def assigned(self, partitions: Sequence[tuple[TopicPartition, int]]
+                 ) -> dict[TopicPartition, int]:
+        """Track ``partitions``; those handed back to this member keep their tracking and
+        their finished work's commit is asked for again. Returns where to read them from (the
+        others read from the committed offset). Suspended partitions not among them are
+        forgotten."""
+        service = self._service
+        positions = {}
         for partition, epoch in partitions:
-            self._service.tracker.assign(partition, epoch)
+            resumed = service.tracker.assign(partition, epoch)
+            if resumed is not None:
+                positions[partition] = resumed.position
+                if resumed.committable is not None:
+                    service.feed.request_commit(partition, resumed.committable)
+        service.tracker.forget_suspended()
+        service.offsets_moved()
+        return positions
 
-    def revoked(self, partitions: Sequence[TopicPartition]) -> None:
+    def revoking(self, partitions: Sequence[TopicPartition]) -> threading.Event:
+        """A revocation began: take no more of ``partitions`` (what the read-ahead holds of
+        them is skipped), stop asking for their commits. The event returned is set (on the trio
+        thread) once none of their work is in flight any more."""
+        service = self._service
         for partition in partitions:
-            self._service.tracker.revoke(partition)
-        self._service.offsets_moved()
+            service.tracker.suspend(partition)
+        drained = threading.Event()
+        service.revocation = _Revocation(frozenset(partitions), drained)
+        service.revocation.check(service.tracker)
+        service.offsets_moved()  # a dispatcher waiting to register may skip its message now
+        return drained
+
+    def revoked(self, partitions: Sequence[TopicPartition]
+                ) -> dict[TopicPartition, tuple[int | None, int]]:
+        """The revocation's wait ended: per partition, the offset its finished work lets commit
+        (None: nothing finished) and how many taken offsets are still not committable."""
+        service = self._service
+        service.revocation = None
+        return {partition: (service.tracker.committable(partition),
+                            service.tracker.outstanding(partition))
+                for partition in partitions}
+
+
+@dataclass(slots=True)
+class _Revocation:
+    """Partitions being revoked, and the event the feed thread waits on for their work."""
+
+    partitions: frozenset[TopicPartition]
+    drained: threading.Event
+
+    def check(self, tracker: OffsetTracker) -> None:
+        """Set ``drained`` once none of the partitions has work in flight. Never blocks."""
+        if not any(tracker.outstanding(p) for p in self.partitions):
+            self.drained.set()
 
 
 class FeedService:
@@ -131,6 +184,7 @@ class FeedService:
         self.metrics = metrics or Metrics()
         self.store = store or open_store(config.store_url, timeout_s=config.store_timeout_s)
         self.tracker = OffsetTracker()
+        self.revocation: _Revocation | None = None  # while the feed thread waits on one
         self._offsets_moved = trio.Event()  # set (and replaced) when outstanding offsets shrink
         self.readahead_tx, self.readahead_rx = trio.open_memory_channel[FeedMessage](
             config.read_ahead)
@@ -155,7 +209,8 @@ class FeedService:
                          client_id=client_id, max_poll_records=config.max_poll_records,
                          fetch_max_bytes=config.fetch_max_bytes,
                          max_message_bytes=config.max_message_bytes,
-                         commit_interval_s=config.commit_interval_ms / 1000),
+                         commit_interval_s=config.commit_interval_ms / 1000,
+                         revoke_wait_s=config.revoke_wait_ms / 1000),
             _Gate(self, pause_on_record_channel), self.metrics)
         self.publisher: Publisher | None = None
         self.ops_port: int | None = None
@@ -293,7 +348,8 @@ class FeedService:
             batch_size=cfg.batch_size, linger_s=cfg.linger_ms / 1000,
             max_writes_in_flight=cfg.max_writes_in_flight,
             backoff_initial_s=cfg.backoff_initial_ms / 1000,
-            backoff_max_s=cfg.backoff_max_ms / 1000), completions.submit, self._on_refused,
+            backoff_max_s=cfg.backoff_max_ms / 1000), completions.submit,
+            self._on_refused,
             self.metrics, stuck=self.stuck)
 
         async def write() -> None:
@@ -339,7 +395,8 @@ class FeedService:
         Blocks while ``max_uncommitted_offsets`` offsets wait for their commit (a slow message
         at the head of a partition), which backs up into the read-ahead and pauses the feed.
         """
-        while self.tracker.outstanding() >= self.config.max_uncommitted_offsets:
+        while (self.tracker.accepts(message.partition, message.epoch)
+               and self.tracker.outstanding() >= self.config.max_uncommitted_offsets):
             await self._offsets_moved.wait()
         return self.tracker.register(message.partition, message.epoch, message.offset)
 
@@ -368,9 +425,15 @@ class FeedService:
     def complete(self, token: OffsetToken) -> None:
         """This message's work is durable: let its offset commit once all before it are."""
         offset = self.tracker.complete(token)
-        if offset is not None:
+        if offset is None:
+            return
+        # A partition being revoked (or gone) asks for no commit: the feed thread commits
+        # what it reached itself before the revocation ends, and never after.
+        if self.tracker.owns(token.partition):
             self.feed.request_commit(token.partition, offset)
-            self.offsets_moved()
+        elif self.revocation is not None and token.partition in self.revocation.partitions:
+            self.revocation.check(self.tracker)
+        self.offsets_moved()
 
     async def dead_letter(self, message: FeedMessage, reason: str) -> None:
         """Park an unreadable message, verbatim, with why and where it came from."""

@@ -35,6 +35,7 @@ class ScriptedConsumer:
         self.paused: set[TopicPartition] = set()
         self.max_records: list[int] = []
         self.commits: list[tuple[float, dict[TopicPartition, int]]] = []
+        self.seeks: list[tuple[TopicPartition, int]] = []
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.partitions)
@@ -55,6 +56,9 @@ class ScriptedConsumer:
     def commit(self, offsets, timeout_ms: int) -> None:
         self.commits.append((time.monotonic(), {tp: o.offset for tp, o in offsets.items()}))
 
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.seeks.append((partition, offset))
+
 
 class ScriptedGate:
     """Takes messages while it has room; saturated when full (until drain())."""
@@ -62,7 +66,13 @@ class ScriptedGate:
     def __init__(self, room: int) -> None:
         self.room = room
         self.taken: list[FeedMessage] = []
+        self.revoking_partitions: list[TopicPartition] = []
         self.revoked_partitions: list[TopicPartition] = []
+        self.drained = threading.Event()  # set: nothing of a revoked partition runs
+        self.drained.set()
+        # what revoked() reports: partition -> (offset to commit, still in flight)
+        self.reached: dict[TopicPartition, tuple[int | None, int]] = {}
+        self.positions: dict[TopicPartition, int] = {}  # handed back: where to read from
 
     def offer(self, messages: Sequence[FeedMessage]) -> tuple[int, bool]:
         take = list(messages)[:max(self.room - len(self.taken), 0)]
@@ -72,18 +82,24 @@ class ScriptedGate:
     def saturated(self) -> bool:
         return len(self.taken) >= self.room
 
-    def assigned(self, partitions) -> None:
-        pass
+    def assigned(self, partitions) -> dict[TopicPartition, int]:
+        return {tp: self.positions[tp] for tp, _ in partitions if tp in self.positions}
 
-    def revoked(self, partitions) -> None:
+    def revoking(self, partitions) -> threading.Event:
+        self.revoking_partitions += partitions
+        return self.drained
+
+    def revoked(self, partitions) -> dict[TopicPartition, tuple[int | None, int]]:
         self.revoked_partitions += partitions
+        return {tp: self.reached.get(tp, (None, 0)) for tp in partitions}
 
 
 def make_feed(gate: ScriptedGate, metrics: Metrics | None = None, *, max_poll_records: int = 8,
-              commit_interval_s: float = 0.2) -> Feed:
+              commit_interval_s: float = 0.2, revoke_wait_s: float = 5.0) -> Feed:
     feed = Feed(FeedSettings(bootstrap="unused:9092", topic="feed", group_id="g", client_id="c",
                              max_poll_records=max_poll_records, fetch_max_bytes=1 << 20,
-                             max_message_bytes=1 << 20, commit_interval_s=commit_interval_s),
+                             max_message_bytes=1 << 20, commit_interval_s=commit_interval_s,
+                             revoke_wait_s=revoke_wait_s),
                 gate, metrics or Metrics())
     feed._token = trio.lowlevel.current_trio_token()
     return feed
@@ -189,3 +205,97 @@ async def test_a_lower_offset_never_replaces_a_requested_one():
     feed.request_commit(TP, 4)
     feed._commit_requested(consumer)
     assert [c for _, c in consumer.commits] == [{TP: 10}]
+
+
+async def test_a_revocation_waits_for_the_work_in_flight_then_commits_what_it_reached():
+    gate = ScriptedGate(room=100)
+    gate.drained = threading.Event()  # work of TP still runs
+    metrics = Metrics()
+    feed = make_feed(gate, metrics, commit_interval_s=60)
+    consumer = ScriptedConsumer(partitions=(TP, OTHER))
+    feed.request_commit(TP, 3)  # asked for before the revocation began
+    gate.reached = {TP: (5, 0)}  # what its work reached once done
+
+    async def finish_later() -> None:
+        await trio.sleep(0.3)
+        assert consumer.commits == [], "nothing may be committed before the work is done"
+        gate.drained.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(finish_later)
+        started = time.monotonic()
+        await trio.to_thread.run_sync(feed._on_revoked, consumer, [TP])
+        waited = time.monotonic() - started
+    assert gate.revoking_partitions == [TP] and gate.revoked_partitions == [TP]
+    assert [c for _, c in consumer.commits] == [{TP: 5}]
+    assert 0.3 <= waited < 3
+    assert metrics.registry.get_sample_value("invoker_revoke_seconds_count") == 1
+
+
+async def test_a_revocation_waits_at_most_revoke_wait_then_commits_the_contiguous_part():
+    gate = ScriptedGate(room=100)
+    gate.drained = threading.Event()  # never set: an activation that does not end
+    feed = make_feed(gate, commit_interval_s=60, revoke_wait_s=0.2)
+    consumer = ScriptedConsumer(partitions=(TP,))
+    gate.reached = {TP: (8, 2)}
+    started = time.monotonic()
+    await trio.to_thread.run_sync(feed._on_revoked, consumer, [TP])
+    assert 0.2 <= time.monotonic() - started < 2
+    assert [c for _, c in consumer.commits] == [{TP: 8}]
+
+
+async def test_a_partition_handed_back_is_read_from_this_members_position():
+    gate = ScriptedGate(room=100)
+    metrics = Metrics()
+    feed = make_feed(gate, metrics)
+    consumer = ScriptedConsumer(partitions=(TP, OTHER))
+    gate.positions = {TP: 42}  # OTHER was not ours: it reads from the committed offset
+    await trio.to_thread.run_sync(feed._on_assigned, consumer, [TP, OTHER])
+    assert consumer.seeks == [(TP, 42)]
+    assert feed._epoch_of(TP) == feed._epoch_of(OTHER) == 1
+    assert metrics.registry.get_sample_value("invoker_rebalances_total") == 1
+
+
+async def test_the_services_gate_suspends_then_signals_drained_and_never_requests_a_stale_commit(
+        tmp_path):
+    # The real FeedService gate and tracker (its feed thread is not started: Kafka is the
+    # boundary; request_commit only records what the thread would commit).
+    from invoker.config import Config
+    from invoker.service import FeedService
+
+    service = FeedService(Config(store_url=f"sqlite:///{tmp_path}/r.sqlite3"), topic="feed",
+                          group_id="g", client_id="c", metrics_port=0)
+    gate = service.feed._gate
+    assert gate.assigned([(TP, 1), (OTHER, 1)]) == {}
+    tokens = [service.tracker.register(TP, 1, o) for o in (0, 1, 2)]
+    other = service.tracker.register(OTHER, 1, 0)
+    service.complete(tokens[0])
+    assert service.feed._commits[TP][0] == 1  # owned: asked for at once
+    drained = gate.revoking([TP, OTHER])
+    assert not drained.is_set()
+    service.complete(tokens[2])  # behind 1: nothing reached
+    service.complete(tokens[1])  # 1 and 2: reached 3, but no commit requested any more
+    service.complete(other)
+    assert drained.is_set()
+    assert service.feed._commits[TP][0] == 1 and OTHER not in service.feed._commits
+    assert gate.revoked([TP, OTHER]) == {TP: (3, 0), OTHER: (1, 0)}
+    # Handed back: TP reads on after offset 2, OTHER went elsewhere and is forgotten.
+    assert gate.assigned([(TP, 2)]) == {TP: 3}
+    assert service.tracker.partitions() == [TP]
+
+
+async def test_work_still_in_flight_across_a_hand_back_commits_under_the_new_assignment(
+        tmp_path):
+    from invoker.config import Config
+    from invoker.service import FeedService
+
+    service = FeedService(Config(store_url=f"sqlite:///{tmp_path}/r.sqlite3"), topic="feed",
+                          group_id="g", client_id="c", metrics_port=0)
+    gate = service.feed._gate
+    gate.assigned([(TP, 1)])
+    slow = service.tracker.register(TP, 1, 7)
+    drained = gate.revoking([TP])
+    assert gate.revoked([TP]) == {TP: (None, 1)} and not drained.is_set()  # timed out
+    assert gate.assigned([(TP, 2)]) == {TP: 8}
+    service.complete(slow)
+    assert service.feed._commits[TP][0] == 8

@@ -36,9 +36,58 @@ def test_revoked_partition_ignores_late_completions():
     t = OffsetTracker()
     t.assign("p", 1)
     old = t.register("p", 1, 0)
-    t.revoke("p")
+    t.suspend("p")
     assert t.register("p", 1, 1) is None
-    assert t.complete(old) is None
+    assert t.forget_suspended() == ["p"]
+    assert t.complete(old) is None and t.partitions() == []
+
+
+def test_a_suspended_partition_takes_nothing_but_its_work_still_completes():
+    t = OffsetTracker()
+    t.assign("p", 1)
+    running = [t.register("p", 1, o) for o in (4, 5, 6)]
+    t.suspend("p")
+    assert not t.owns("p") and not t.accepts("p", 1) and t.partitions() == []
+    assert t.register("p", 1, 7) is None  # what the read-ahead held is skipped
+    assert t.complete(running[0]) == 5  # reached, for the feed to commit at the revocation
+    assert t.complete(running[1]) == 6
+    assert t.committable("p") == 6 and t.outstanding("p") == 1
+
+
+def test_handed_back_it_keeps_its_tracking_and_reads_on_after_the_last_taken():
+    t = OffsetTracker()
+    t.assign("p", 1)
+    first, slow = t.register("p", 1, 10), t.register("p", 1, 11)
+    t.complete(first)
+    t.suspend("p")
+    resumed = t.assign("p", 2)
+    assert resumed is not None
+    assert (resumed.position, resumed.committable) == (12, 11)
+    assert t.forget_suspended() == [] and t.owns("p")
+    assert t.register("p", 1, 12) is None  # the old assignment's read-ahead stays stale
+    after = t.register("p", 2, 12)
+    assert t.complete(after) is None  # 11 still runs
+    assert t.complete(slow) == 13  # the work in flight across the hand-back still counts
+
+
+def test_a_suspended_partition_that_took_nothing_reads_from_the_committed_offset():
+    t = OffsetTracker()
+    t.assign("p", 1)
+    t.suspend("p")
+    assert t.assign("p", 2) is None and t.owns("p")
+
+
+def test_one_assigned_elsewhere_is_forgotten_at_the_next_assignment():
+    t = OffsetTracker()
+    t.assign("a", 1)
+    t.assign("b", 1)
+    a0, b0 = t.register("a", 1, 0), t.register("b", 1, 0)
+    t.suspend("a")
+    t.suspend("b")
+    assert t.assign("a", 2) is not None
+    assert t.forget_suspended() == ["b"]
+    assert t.complete(b0) is None and t.outstanding() == 1
+    assert t.complete(a0) == 1
 
 
 def test_reassignment_starts_a_new_epoch():
@@ -119,5 +168,7 @@ def test_outstanding_counts_every_partition_until_committable():
     t.complete(a1)  # done, but behind a0: still remembered
     assert t.outstanding() == 3
     t.complete(a0)
-    t.revoke("b")
+    t.suspend("b")
+    assert t.outstanding() == 1  # its work still runs
+    t.forget_suspended()
     assert t.outstanding() == 0 and b0 is not None
