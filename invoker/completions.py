@@ -25,7 +25,6 @@ for as long as it takes, and ``/healthz`` fails once a publish has been unfinish
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from invoker.kafka_io import OutgoingMessage, Publisher, Refusal, Unpublishable
 from invoker.metrics import Metrics
 from invoker.offsets import OffsetToken
 from invoker.records import completion_message, completion_value
+from invoker.safejson import dumps_escaped
 
 log = structlog.get_logger(__name__)
 
@@ -156,4 +156,4 @@ def _encoded(summary: dict[str, Any]) -> bytes:
     try:
         return completion_value(summary)
     except ValueError:
-        return json.dumps(summary, separators=(",", ":")).encode()
+        return dumps_escaped(summary)

@@ -20,11 +20,6 @@ from store import EncodedRecord, doc_id_for, encode_json
 LOGS_DROPPED_MARKER = "Logs were dropped because the record exceeded its size limit."
 _ID_MEMBER = b',"_id":'
 # A built record's response up to its result, by status: the same bytes encode_json makes.
-_RESPONSE_HEAD = {status: b'"response":{"status":"%s","statusCode":%d,"success":%s,"result":' % (
-    status.label.encode(), int(status), b"true" if status is Status.SUCCESS else b"false")
-    for status in Status}
-
-
 def build_record(activation: Activation, outcome: InvocationResult, invoker_id: str,
                  max_record_bytes: int) -> EncodedRecord:
     """The stored activation record for an activation that reached the container pool.
@@ -82,15 +77,8 @@ def _record(activation_id: str, namespace: str, name: str, version: str, start_m
     }
     response = {"status": status.label, "statusCode": int(status),
                 "success": status is Status.SUCCESS, "result": result, "size": len(result_json)}
-    tail = {"logs": logs, "annotations": annotations}
-    # The members are encoded in three parts around the result (what encode() does for any
-    # record, with fewer and smaller encoder calls for this one layout).
-    start = b"".join((encode_json(head)[:-1], b",", _RESPONSE_HEAD[status]))
-    data = b"".join((start, result_json, b',"size":%d},' % len(result_json),
-                     memoryview(encode_json(tail))[1:]))
-    record = EncodedRecord({**head, "response": response, **tail}, data,
-                           slice(len(start), len(start) + len(result_json)))
-    return _within(record, result_json, max_record_bytes)
+    record = {**head, "response": response, "logs": logs, "annotations": annotations}
+    return _within(encode(record, result_json), result_json, max_record_bytes)
 
 
 def _within(record: EncodedRecord, result_json: bytes, max_bytes: int) -> EncodedRecord:

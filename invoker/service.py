@@ -21,7 +21,6 @@ publish (or a store write) has been unfinished for ``health_stuck_s``.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import resource
@@ -52,6 +51,7 @@ from invoker.kafka_io import (
 from invoker.metrics import Metrics
 from invoker.offsets import OffsetToken, OffsetTracker
 from invoker.ops import serve_ops
+from invoker.safejson import dumps_escaped
 from invoker.stuck import StuckWatch
 from invoker.watermark import Hysteresis
 from store import (
@@ -451,7 +451,7 @@ class FeedService:
         try:
             value = encode_record(pending.record)
         except UnencodableRecord:  # a lone surrogate has no UTF-8 form: escape non-ASCII instead
-            value = json.dumps(pending.record, separators=(",", ":")).encode()
+            value = dumps_escaped(pending.record)
         await self._publish_dead_letter(value, f"store refused the record: {reason}",
                                         (("dlq.kind", b"record"),))
         if pending.token is not None:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any, NoReturn, Protocol, runtime_checkable
+
+from invoker.safejson import dumps
 
 __all__ = [
     "DEFAULT_SQLITE_PATH",
@@ -136,25 +137,13 @@ class EncodedRecord(dict[str, Any]):
     __ior__ = _read_only  # type: ignore[assignment]
 
 
-def _not_json(value: Any) -> NoReturn:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-# CPython's C encoder with json.dumps(ensure_ascii=False, allow_nan=False, separators=(",",
-# ":")) settings, made once: json.dumps makes one (and closures) on every call, which takes
-# about twice as long as encoding a small record's parts. No circular-reference markers: a
-# value that contains itself recurses until RecursionError (JSON input never does).
-_encode_chunks = c_make_encoder(None, _not_json, encode_basestring, None, ":", ",", False,
-                                False, False)
-
-
 def encode_json(value: Any) -> bytes:
-    """``value`` as every store writes records: compact UTF-8 JSON, the same bytes as
+    """``value`` as every store writes records: compact UTF-8 JSON,
     :func:`invoker.safejson.dumps` (the encoding Kafka messages use too). Raises
     UnencodableRecord for what JSON or UTF-8 cannot hold: a lone surrogate, NaN, a value of no
     JSON type, nesting deeper than the interpreter recurses, an integer too long to print."""
     try:
-        return "".join(_encode_chunks(value, 0)).encode("utf-8")
+        return dumps(value)
     except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         raise UnencodableRecord(f"record is not JSON: {type(exc).__name__}: "
                                 f"{str(exc)[:100]}") from None

@@ -10,10 +10,10 @@ container not created yet, and containers being removed (until Docker confirms t
 It never exceeds ``user_memory_mb``; the physical sum of limits of live containers is always
 at most the accounted sum.
 
-Waiters are served strictly in arrival order: a lease that arrives while others wait queues
-behind them, even if it could be served at once. When the head of the queue needs memory that
-only evicting idle containers can free, the least recently used idle containers (action
-containers first, then stem cells) are removed, and the head is served when the removal is done.
+Who is served first, what is started and what is evicted is decided by
+:class:`~invoker.containers.scheduler.Scheduler` (pure; see its module docstring); the pool does
+what it decides with Docker: it creates reserved containers on their first invoke, removes the
+evicted ones, and serves a waiter once its slot or memory is there.
 
 Reuse: a container serves only activations with its ``PoolKey`` (see ``invoker.model``): one
 namespace, one action and version, the same code digest and limits. A container never serves
