@@ -123,6 +123,8 @@ class Invoker(FeedService):
         waits only for work that runs, and one waiting for a slot when its partition is revoked
         is skipped (the partition's next reader, perhaps this member again, reads it)."""
         async for message in messages:
+            if not self.tracker.accepts(message.partition, message.epoch):
+                continue  # its partition was revoked: skipped without waiting for a slot
             await self._slots.acquire()
             token = await self.register(message)
             if token is None:

@@ -144,6 +144,8 @@ class _Gate:
         drained = threading.Event()
         service.revocation = _Revocation(frozenset(partitions), drained)
         service.revocation.check(service.tracker)
+        if service.work_finished.is_set():  # stopping: nothing in flight will finish any more
+            drained.set()
         service.offsets_moved()  # a dispatcher waiting to register may skip its message now
         return drained
 
@@ -307,6 +309,8 @@ class FeedService:
                 self._started = True
                 task_status.started()
                 await self._process()
+                if self.revocation is not None:  # nothing in flight will finish any more
+                    self.revocation.drained.set()
                 self.feed.close()
                 services.cancel_scope.cancel()
         finally:

@@ -159,8 +159,11 @@ class RuntimeConnection:
         try:
             if fresh:
                 await conn.connect(self._address)
-            resp, reusable = await conn.exchange(
-                conn.request(path.encode("ascii"), self._host, body), self.max_result_bytes)
+            try:
+                request = conn.request(path.encode("ascii"), self._host, body)
+            except h11.LocalProtocolError as exc:  # h11 not ready for another request
+                raise ConnectionLost(f"cannot write the request: {exc}") from exc
+            resp, reusable = await conn.exchange(request, self.max_result_bytes)
         finally:
             self._busy.discard(conn)
             if reusable and not self._closed:
@@ -184,7 +187,7 @@ class _Http:
     """One HTTP/1.1 client connection: a non-blocking TCP socket with TCP_NODELAY and its h11
     state. Used by one task at a time. Every failure is raised as ConnectionLost."""
 
-    __slots__ = ("_sock", "_poll", "_h11")
+    __slots__ = ("_sock", "_poll", "_h11", "_received")
 
     def __init__(self, family: socket.AddressFamily) -> None:
         try:
@@ -202,6 +205,7 @@ class _Http:
             raise ConnectionLost(f"cannot set up a socket: {exc}") from exc
         self._sock = sock
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self._received = 0  # bytes read of the current answer, framing included
 
     def close(self) -> None:
         """Idempotent; a task waiting on this socket gets ClosedResourceError (-> lost)."""
@@ -254,6 +258,10 @@ class _Http:
     async def exchange(self, request: bytes, limit: int) -> tuple[RuntimeResponse, bool]:
         """Sends ``request`` and reads the answer; returns it and whether this connection may
         carry another request. Blocks until the peer answers (or fails)."""
+        self._received = 0
+        # What the answer may take on the wire: its body, its head, one read beyond, and as
+        # much again for chunk framing (h11 does not count chunk headers and extensions).
+        wire_limit = 2 * limit + MAX_HEAD_BYTES + _RECV_BYTES
         try:
             await self._send_all(request)
             # The runtime needs a while to answer: wait at once rather than try a read first.
@@ -264,21 +272,22 @@ class _Http:
             announced = _content_length(head.headers)
             if announced is not None and announced > limit:
                 return RuntimeResponse(head.status_code, b"", True, announced), False
-            chunks: list[bytes] = []
-            size = 0
+            body = bytearray()
             while True:
                 event = await self._next_event()
                 if isinstance(event, h11.Data):
-                    chunks.append(event.data)
-                    size += len(event.data)
-                    if size > limit:  # chunked; a Content-Length is never exceeded (h11)
-                        return RuntimeResponse(head.status_code, b"".join(chunks), True,
-                                               size), False
+                    body += event.data
+                    # chunked (a Content-Length is never exceeded, h11), or chunks of a byte
+                    # in framing of kilobytes
+                    if len(body) > limit or self._received > wire_limit:
+                        seen = len(body) if len(body) > limit else self._received
+                        return RuntimeResponse(head.status_code, bytes(body), True,
+                                               seen), False
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 else:
                     raise ConnectionLost(_unexpected(event))
-            resp = RuntimeResponse(head.status_code, b"".join(chunks), False, size)
+            resp = RuntimeResponse(head.status_code, bytes(body), False, len(body))
         except _FAILURES as exc:
             raise _lost(exc) from exc
         return resp, self._next_cycle()
@@ -319,12 +328,17 @@ class _Http:
                 return event
             if h.trailing_data[1]:  # never read past EOF
                 raise ConnectionLost("the runtime closed the connection before a complete answer")
+            if self._received:
+                # A later read of one answer: let the other tasks (and the caller's timeout)
+                # in, or a runtime sending without pause would hold the trio thread.
+                await trio.lowlevel.checkpoint()
             while True:
                 try:
                     data = self._sock.recv(_RECV_BYTES)
                     break
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(self._sock)
+            self._received += len(data)
             h.receive_data(data)
 
 

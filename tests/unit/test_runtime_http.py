@@ -7,6 +7,7 @@ one, over real sockets.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import socket
@@ -488,3 +489,25 @@ def test_connect_takes_only_an_address() -> None:
     for url in ("http://localhost:8080", "https://127.0.0.1:8080", "http://127.0.0.1"):
         with pytest.raises(ValueError):
             client.connect(url)
+
+
+async def test_a_body_of_one_byte_chunks_in_long_framing_is_cut_by_its_wire_size(
+        nursery: trio.Nursery) -> None:
+    framing = b";" + b"x" * 4000  # a chunk extension: framing h11 does not count as body
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        h = h11.Connection(h11.SERVER)
+        if await server.read_request(stream, h, n) is None:
+            return
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                await stream.send_all(b"1%s\r\nA\r\n" % framing * 16)
+
+    server = Server(handler)
+    await server.start(nursery)
+    conn = connect(server)
+    with trio.fail_after(10):
+        resp = await conn.post("/run", {})
+    assert resp.truncated and len(resp.body) <= LIMIT
+    assert resp.length > 2 * LIMIT  # what came on the wire
