@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from operator import attrgetter
 
 import trio
@@ -78,13 +79,7 @@ class ContainerLog:
     def open(cls, path: str) -> ContainerLog:
         """Open the log at ``path``, positioned at its start. Raises OSError if it cannot be
         read (missing, or no permission)."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            os.close(fd)
-            raise
-        return cls(path, fd, (st.st_dev, st.st_ino))
+        return cls(path, *_open_regular(path))
 
     def skip_to_end(self) -> None:
         """Start the next ``collect`` at the log's current end: what was logged so far (by a
@@ -197,18 +192,28 @@ class ContainerLog:
     def _reopen(self) -> bool:
         """Switch to the file the path names now, at its start; False if there is none."""
         try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            fd, file_id = _open_regular(self._path)
         except FileNotFoundError:
             return False
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            os.close(fd)
-            raise
         os.close(self._fd)
-        self._fd, self._file_id = fd, (st.st_dev, st.st_ino)
+        self._fd, self._file_id = fd, file_id
         self._offset, self._skipping = 0, False
         return True
+
+
+def _open_regular(path: str) -> tuple[int, tuple[int, int]]:
+    """A descriptor of the regular file at ``path`` and its (device, inode). Neither follows a
+    symbolic link nor waits on a FIFO (the engine writes these files; never trust a path
+    blindly). Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, (st.st_dev, st.st_ino)
 
 
 def _take_entries(data: bytes | bytearray, out: CollectedLogs, seen: set[str], limit: int,

@@ -425,3 +425,13 @@ async def test_skip_to_end_leaves_out_what_a_stem_cell_logged_before_its_action(
     docker_log.end()
     got = await collect(log)
     assert (texts(got), got.complete) == (["the action's own line"], True)
+
+
+def test_a_symlink_or_fifo_is_not_opened(tmp_path: Path):
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    (tmp_path / "link-json.log").symlink_to(target)
+    os.mkfifo(tmp_path / "fifo-json.log")
+    for name in ("link-json.log", "fifo-json.log"):
+        with pytest.raises(OSError):
+            ContainerLog.open(str(tmp_path / name))
