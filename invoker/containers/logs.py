@@ -44,6 +44,9 @@ MAX_ENTRY_BYTES = 1 << 20
 # runtime printed them. (trio's epoll rounds a sleep up to a whole millisecond.)
 FIRST_POLL_S = 0.0002
 MAX_POLL_S = 0.01
+# Without sentinels to wait for (a failed /init, a crash, a timeout), the log is read until
+# nothing new came for this long.
+SETTLE_S = 0.05
 
 _SENTINEL_TEXT = SENTINEL.decode()
 # A sentinel entry as Docker writes it, up to the stream name: recognised without parsing.
@@ -101,7 +104,7 @@ class ContainerLog:
         With ``wait_sentinels``: until the sentinel line has been read on stdout and on stderr
         (``complete=True``), or ``timeout_s`` passed or the log vanished (``complete=False``),
         polling with sleeps growing from FIRST_POLL_S to MAX_POLL_S. Without it: the complete
-        entries there are now (``complete=True``). Lines past ``limit_bytes`` of text are read
+        entries there once nothing new came for SETTLE_S (``complete=True``). Lines past ``limit_bytes`` of text are read
         and dropped (``truncated=True``), still up to the sentinels.
 
         Memory: one chunk, one unfinished entry (≤ MAX_ENTRY_BYTES + one chunk) and the kept
@@ -127,9 +130,11 @@ class ContainerLog:
         read_at = self._offset
         rotated = False  # the path names a newer file: finish this one, then switch
         delay = FIRST_POLL_S
+        settled = False  # without sentinels: the end was reached again after SETTLE_S
         while trio.current_time() < deadline:
             chunk = os.pread(self._fd, CHUNK_BYTES, read_at)
             if chunk:
+                settled = False
                 read_at += len(chunk)
                 if self._skipping:
                     newline = chunk.find(b"\n")
@@ -170,8 +175,14 @@ class ContainerLog:
             if state == _ROTATED:
                 rotated = True  # read what was appended before the rename, then switch
                 continue
-            if state == _GONE or not wait:
+            if state == _GONE or (not wait and settled):
                 break
+            if not wait:
+                # Docker writes the file shortly after the runtime printed: what a failing
+                # runtime printed last may not be there yet.
+                await trio.sleep(min(SETTLE_S, max(0.0, deadline - trio.current_time())))
+                settled = True
+                continue
             await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
             delay = min(delay * 2, MAX_POLL_S)
         out.complete = not wait

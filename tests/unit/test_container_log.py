@@ -435,3 +435,16 @@ def test_a_symlink_or_fifo_is_not_opened(tmp_path: Path):
     for name in ("link-json.log", "fifo-json.log"):
         with pytest.raises(OSError):
             ContainerLog.open(str(tmp_path / name))
+
+
+async def test_without_sentinels_lines_written_shortly_after_are_read_too(docker_log, log):
+    docker_log.write("before the crash")
+
+    async def late_writer() -> None:
+        await trio.sleep(0.01)  # Docker writes the last lines a moment later
+        docker_log.write("the runtime's last words")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(late_writer)
+        got = await collect(log, wait=False)
+    assert (texts(got), got.complete) == (["before the crash", "the runtime's last words"], True)
