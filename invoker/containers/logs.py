@@ -104,8 +104,9 @@ class ContainerLog:
         With ``wait_sentinels``: until the sentinel line has been read on stdout and on stderr
         (``complete=True``), or ``timeout_s`` passed or the log vanished (``complete=False``),
         polling with sleeps growing from FIRST_POLL_S to MAX_POLL_S. Without it: the complete
-        entries there once nothing new came for SETTLE_S (``complete=True``). Lines past ``limit_bytes`` of text are read
-        and dropped (``truncated=True``), still up to the sentinels.
+        entries there once nothing new came for SETTLE_S (``complete=True``). Lines past
+        ``limit_bytes`` of text are read and dropped (``truncated=True``), still up to the
+        sentinels.
 
         Memory: one chunk, one unfinished entry (≤ MAX_ENTRY_BYTES + one chunk) and the kept
         lines. Does not checkpoint when the first read finds everything (the common case).
