@@ -129,6 +129,7 @@ class Feed:
         self._paused_since = 0.0
         self._epoch = 0
         self._epochs: dict[TopicPartition, int] = {}
+        self._awaiting_assignment = False  # between a revocation and the next assignment
         # Polled, not yet taken by the gate: at most max_poll_records. The lock is held for
         # list operations only (and by the pump while the gate takes messages).
         self._inbox_changed = threading.Condition()
@@ -262,6 +263,8 @@ class Feed:
         if now >= self._next_commit:
             self._commit_requested(consumer)
             self._next_commit = now + self._settings.commit_interval_s
+        if self._awaiting_assignment and finish_abandoned_join(consumer):
+            log.warning("group join left unfinished by kafka-python; finishing it")
         limit = self._settings.max_poll_records
         if self._stop_fetching.is_set():
             with self._inbox_changed:
@@ -362,6 +365,7 @@ class Feed:
     def _on_revoked(self, consumer: KafkaConsumer, revoked: Sequence[TopicPartition]) -> None:
         """Blocks (inside poll) up to ``revoke_wait_s`` for the revoked partitions' work in
         flight, then up to ``COMMIT_TIMEOUT_MS`` for their commit."""
+        self._awaiting_assignment = True  # a join began (kafka-python revokes before each)
         if not revoked:
             return
         started = time.monotonic()
@@ -386,6 +390,7 @@ class Feed:
                  still_in_flight=sum(left for _, left in reached.values()))
 
     def _on_assigned(self, consumer: KafkaConsumer, assigned: Sequence[TopicPartition]) -> None:
+        self._awaiting_assignment = False
         self._epoch += 1
         self._metrics.rebalances.inc()
         for tp in assigned:
@@ -399,6 +404,27 @@ class Feed:
         log.info("partitions assigned",
                  partitions=[f"{tp.topic}-{tp.partition}" for tp in assigned],
                  resumed={tp.partition: offset for tp, offset in positions.items()})
+
+
+def finish_abandoned_join(consumer: KafkaConsumer) -> bool:
+    """Have the next ``poll()`` finish a group join kafka-python began and then forgot; call
+    it only between a revocation and the assignment that should follow. Returns whether the
+    join had been forgotten. Never blocks.
+
+    kafka-python 2.x (2.3.3 here) rejoins as group leader when a subscribed topic's metadata
+    changed (partitions added; another member's topic created) without asking itself for a
+    rejoin: the pending change is the only reason. Computing the new assignment clears it, so
+    when ``poll()`` times out between the JoinGroup and the SyncGroup answers, no later
+    ``poll()`` goes back to the join: the member stays in the group (heartbeats resume) with
+    its partitions revoked and never assigned again. Asking for a rejoin makes the next
+    ``poll()`` finish that same join (its future is kept), with no new rebalance. Uses the
+    consumer's private coordinator: kafka-python is pinned below 3.
+    """
+    coordinator = consumer._coordinator  # type: ignore[attr-defined]  # private: not in the stubs
+    if coordinator.need_rejoin():
+        return False  # still joining, as it should
+    coordinator.request_rejoin()
+    return True
 
 
 class _Listener(ConsumerRebalanceListener):
