@@ -2,7 +2,7 @@
 # Build every image the compose stack needs, with no container registry.
 #
 #   deploy/compose/images.sh [build]   build what is missing / changed (see below)
-#   deploy/compose/images.sh bases     only the base images (python/action, java, node)
+#   deploy/compose/images.sh bases     only the base images (python/action, java, node, prometheus)
 #   deploy/compose/images.sh clean     remove the images built here (the caches stay)
 #
 # What it builds (the bases only when missing; the rest every time, the layer cache makes an
@@ -18,6 +18,8 @@
 #                                     deploy/kafka/pom.xml (the cache deploy/kafka.sh fills)
 #   invoker-local/couchdb:latest      deploy/compose/couchdb/: pouchdb-server (the CouchDB API)
 #                                     from the npm install deploy/pouchdb.sh caches
+#   invoker-prometheus-base:bookworm  debootstrap minbase + prometheus (Debian's 2.42)
+#   invoker-local/prometheus:latest   deploy/monitoring/prometheus.Dockerfile (profile monitoring)
 #
 # Env: INVOKER_CACHE (default ~/.cache/invoker)    rootfs tarballs, jars, node_modules, wheels
 #      INVOKER_STATE (default /tmp/invoker-state)  build logs
@@ -39,6 +41,8 @@ NODE_BASE="invoker-node-base:$SUITE"
 INVOKER_IMAGE="invoker-local/invoker:latest"
 KAFKA_IMAGE="invoker-local/kafka"
 COUCH_IMAGE="invoker-local/couchdb:latest"
+PROM_BASE="invoker-prometheus-base:$SUITE"
+PROM_IMAGE="invoker-local/prometheus:latest"
 
 WHEEL_CACHE="$CACHE_ROOT/compose-wheels/cp311-manylinux-x86_64"
 WHEEL_STAGE="$COMPOSE_DIR/wheels" # inside the repo: the Dockerfile's context is the repo root
@@ -74,6 +78,11 @@ java_base() {
 node_base() {
     debootstrap_base "$NODE_BASE" "$IMAGES_CACHE/node-base-$SUITE-v1.tar" "$SUITE" "nodejs" \
         "node --version"
+}
+
+prometheus_base() {
+    debootstrap_base "$PROM_BASE" "$IMAGES_CACHE/prometheus-base-$SUITE-v1.tar" "$SUITE" \
+        "prometheus" "prometheus --version"
 }
 
 # ------------------------------------------------------------------ docker build helpers
@@ -130,6 +139,12 @@ couchdb_image() {
     build_dir "$COUCH_IMAGE" -- "$ctx"
 }
 
+# ------------------------------------------------------------------ prometheus
+prometheus_image() {
+    build_dir "$PROM_IMAGE" -- "$REPO_DIR/deploy/monitoring" \
+        "$REPO_DIR/deploy/monitoring/prometheus.Dockerfile"
+}
+
 # ------------------------------------------------------------------ invoker
 pick_python() {
     local c
@@ -164,13 +179,9 @@ print("\n".join(pyproject["project"]["dependencies"]))
 print("pip")
 print("\n".join(pyproject["build-system"]["requires"]))
 EOF
-    # pin to what the project's venv has (what the tests ran with), when there is one
-    cons="$STATE_DIR/constraints.txt"
-    : >"$cons"
-    if [[ -x "$REPO_DIR/.venv/bin/python" ]]; then
-        "$REPO_DIR/.venv/bin/python" -m pip list --format=freeze --exclude-editable 2>/dev/null |
-            grep -v -i -E '^(pip|setuptools)==' >"$cons" || true
-    fi
+    # the versions `make venv` installs and the tests ran with (`make lock` writes them)
+    cons="$REPO_DIR/constraints.txt"
+    [[ -f "$cons" ]] || die "$cons is missing (make lock writes it)"
     local pipopts=(--disable-pip-version-check -q)
     if "$py" -m pip download "${pipopts[@]}" "${PIP_TARGET[@]}" --no-index --find-links "$WHEEL_CACHE" \
         -c "$cons" -r "$reqs" -d "$WHEEL_CACHE" >"$STATE_DIR/pip-offline.log" 2>&1; then
@@ -218,7 +229,7 @@ invoker_image() {
     # layer cache then depends on the contents only.
     if ! tar -C "$REPO_DIR" --exclude='__pycache__' --exclude='*.pyc' --mtime=@315532800 \
         -cf - deploy/compose/invoker.Dockerfile deploy/compose/invoker-entrypoint.sh \
-        deploy/compose/wheels pyproject.toml invoker \
+        deploy/compose/wheels pyproject.toml constraints.txt invoker \
         store overflow |
         DOCKER_BUILDKIT=0 timeout 1200 docker build -t "$INVOKER_IMAGE" \
             --build-arg "PYTHON_BASE=$PY_BASE" -f deploy/compose/invoker.Dockerfile - \
@@ -238,9 +249,11 @@ cmd_build() {
     step python-base python_base_and_action
     step java-base java_base
     step node-base node_base
+    step prometheus-base prometheus_base
     step invoker invoker_image
     step kafka kafka_image
     step couchdb couchdb_image
+    step prometheus prometheus_image
     show_timings
     log "all images ready in $((SECONDS - t0))s"
 }
@@ -249,7 +262,7 @@ cmd_clean() {
     local img version
     version="$(kafka_version)" || die "deploy/kafka.sh version failed"
     for img in "$INVOKER_IMAGE" "$KAFKA_IMAGE:$version" "$KAFKA_IMAGE:latest" "$COUCH_IMAGE" \
-        "$JAVA_BASE" "$NODE_BASE"; do
+        "$PROM_IMAGE" "$JAVA_BASE" "$NODE_BASE" "$PROM_BASE"; do
         if image_exists "$img"; then
             log "removing $img"
             docker image rm "$img" >/dev/null || log "WARNING: could not remove $img"
@@ -263,6 +276,7 @@ cmd_bases() {
     step python-base python_base_and_action
     step java-base java_base
     step node-base node_base
+    step prometheus-base prometheus_base
     show_timings
 }
 
