@@ -10,8 +10,11 @@ against two daemons in turn, each on fresh topics and a fresh database:
 
 Both use the same store settings (batch size, writes in flight), so they store at the same
 rate; only the buffering differs. Each daemon's RSS (``process_resident_memory_bytes`` from
-its /metrics) is sampled every ``interval_s`` for a fixed ``window_s``; then the daemon is
-killed and its containers removed.
+its /metrics) is sampled every ``interval_s`` for a fixed ``window_s`` (window / interval + 1
+samples); then the daemon is killed and its containers removed. Both RSS series go on one
+chart with the bounded daemon's stated bound (bench/memory_plot.py), written to
+``PLOT_TARGET``.png and .html (bench/results/memory.png; a plot that cannot be written is
+reported as an error, the figures stand).
 
 ``memory-long`` (``run_long``, on request only) watches the bounded daemon alone for longer
 (11 minutes; 3 with ``--quick``) under a steady store-bound load: ``rate`` activations/s of
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.figures import Results, fmt_value
+from bench.figures import Figure, Results, fmt_value
 from bench.infra import (
     delete_couch_db,
     delete_topics,
@@ -46,11 +49,13 @@ from bench.infra import (
     stop_daemon,
     tag,
 )
+from bench.memory_plot import BoundLine, RssLine, paused_spans, write_memory_plot
 from invoker.loadgen import Report, activation_message, run_load
 from tests.support.daemon import COUCHDB, KAFKA, Topics, counter_total, load_spec
 from tests.support.faultproxy import ProxyProcess
 
 MiB = 1024 * 1024
+PLOT_TARGET = Path(__file__).resolve().parent / "results" / "memory"  # .png and .html
 STORE = {"batch_size": 50, "max_writes_in_flight": 1}
 VARIANTS: dict[str, dict[str, Any]] = {
     "bounded": {"max_activations": 8, "record_channel_size": 64,
@@ -147,7 +152,8 @@ def _run_one(name: str, params: MemoryParams, proxy: ProxyProcess, work: Path,
             delete_topics(topics)
 
 
-def run(results: Results, params: MemoryParams, work: Path) -> None:
+def run(results: Results, params: MemoryParams, work: Path,
+        plot_to: Path = PLOT_TARGET) -> None:
     target = COUCHDB.split("//", 1)[1].rstrip("/")
     proxy = ProxyProcess(target, work)
     try:
@@ -158,6 +164,7 @@ def run(results: Results, params: MemoryParams, work: Path) -> None:
     finally:
         proxy.close()
     _report(results, params, runs)
+    write_plot(results, params, runs, plot_to)
 
 
 def _report(results: Results, params: MemoryParams, runs: dict[str, Run]) -> None:
@@ -214,6 +221,47 @@ def _report(results: Results, params: MemoryParams, runs: dict[str, Run]) -> Non
 
 def _int(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
+
+
+def write_plot(results: Results, params: MemoryParams, runs: dict[str, Run],
+               target: Path) -> None:
+    """Both RSS series on one chart with the bounded daemon's stated bound, as target.png
+    and target.html (the memory figures under the image); prints the paths. A failure
+    (matplotlib missing, a file not writable) goes to ``results.errors``. Blocks: drawing
+    (about a second of CPU) and writing the files."""
+    lines = [RssLine(_label(name), [s["t"] for s in r.samples],
+                     [s["rss"] / MiB for s in r.samples],
+                     paused_spans([(s["t"], s["paused"], s["pauses"]) for s in r.samples]))
+             for name, r in runs.items()]
+    b = runs["bounded"]
+    bound = None
+    if b.first["worst_case_bytes"] > 0:
+        bound = BoundLine((b.first["rss"] + b.first["worst_case_bytes"]) / MiB,
+                          f"bounded's stated bound: RSS before the load + "
+                          f"{b.first['worst_case_bytes'] / MiB:,.0f} MiB of buffered records")
+    title = (f"Slow store (+{params.proxy_latency_s:g} s per chunk): daemon RSS, "
+             f"{params.count} x {params.action} as fast as possible")
+    rows = [(f.name, _figure_text(f)) for f in results.figures
+            if f.name.startswith(("memory.", "ratio.memory."))]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        png, page = write_memory_plot(target, lines, bound, rows, title)
+    except (ImportError, OSError) as exc:
+        results.error("memory", f"plot not written: {type(exc).__name__}: {exc}")
+        return
+    print(f"memory: plot written to {png} (and {page}, offline)", file=results.out, flush=True)
+
+
+def _label(name: str) -> str:
+    settings = VARIANTS[name]
+    like = ", as OpenWhisk" if name == "unbounded" else ""
+    return (f"{name}{like}: {settings['max_activations']} slots, record channel "
+            f"{settings['record_channel_size']:,}")
+
+
+def _figure_text(figure: Figure) -> str:
+    note = f"  ({figure.note})" if figure.note else ""
+    return f"{fmt_value(figure.value)} {figure.unit}{note}"
 
 
 # ---- memory-long ----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: run the daemon against the local Kafka and an embedded SQLite store under a
-# ~30 s load-generator run, print the report, then stop the daemon with SIGTERM.
+# ~30 s load-generator run, print the report, plot the run (DEMO_PLOT.png and an offline
+# DEMO_PLOT.html, see README "Reading the plots"), then stop the daemon with SIGTERM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${INVOKER_PYTHON:-.venv/bin/python}
@@ -8,6 +9,7 @@ STATE=${DEMO_STATE:-/tmp/invoker-demo}
 DURATION=${DEMO_DURATION:-30}
 RATE=${DEMO_RATE:-40}
 PORT=${DEMO_METRICS_PORT:-9180}
+PLOT=${DEMO_PLOT:-$STATE/demo}
 mkdir -p "$STATE"
 tag=$(date +%s)
 export INVOKER_KAFKA_BOOTSTRAP=127.0.0.1:9092
@@ -46,10 +48,11 @@ echo "worst-case buffer: $(grep -o '"worst_case_buffered_records": [0-9]*, "wors
 status=0
 "$PY" -m invoker.cli loadgen --duration "$DURATION" --rate "$RATE" \
   --action echo --action sleep:20 --action cpu:5 --action error --action logs:5 \
-  --metrics-url "http://127.0.0.1:$PORT/metrics" || status=$?
+  --metrics-url "http://127.0.0.1:$PORT/metrics" --plot "$PLOT" || status=$?
 
 kill -TERM $daemon
 wait $daemon || status=$?
 trap - EXIT
 echo "daemon stopped cleanly (exit $status)" >&2
+[[ -f "$PLOT.png" ]] && echo "plot: $PLOT.png (and $PLOT.html, offline)" >&2
 exit $status

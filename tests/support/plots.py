@@ -9,12 +9,15 @@ from pathlib import Path
 from invoker.loadgen.plot import DPI, HEIGHT_IN, WIDTH_IN
 
 
-def assert_png_drawn(path: Path) -> None:
-    """The PNG has the plot's size and is not blank: many colours, real variance."""
+def assert_png_drawn(path: Path,
+                     size: tuple[int, int] = (int(HEIGHT_IN * DPI), int(WIDTH_IN * DPI))
+                     ) -> None:
+    """The PNG has ``size`` (rows, columns; by default the loadgen plot's) and is not blank:
+    many colours, real variance."""
     from matplotlib import image
 
     pixels = image.imread(path)
-    assert pixels.shape[:2] == (int(HEIGHT_IN * DPI), int(WIDTH_IN * DPI)), pixels.shape
+    assert pixels.shape[:2] == size, pixels.shape
     rgb = pixels[..., :3].reshape(-1, 3)
     colours = {tuple(p) for p in rgb[:: max(1, len(rgb) // 50_000)].tolist()}
     assert len(colours) > 20, len(colours)
