@@ -35,15 +35,19 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
 from invoker.metrics import Metrics
 from invoker.offsets import OffsetToken
+from invoker.status import RecentDurations
 from invoker.stuck import StuckWatch
 from store import DocResult, Outcome, Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from kafka.structs import TopicPartition
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +59,7 @@ class PendingRecord:
     # An EncodedRecord as the invoker and the recorder make them (the stores write its bytes);
     # a plain dict once replaced by the record read back from the store (already stored)
     record: dict[str, Any]
-    token: OffsetToken | None  # the feed message whose offset waits for this record
+    token: OffsetToken[TopicPartition] | None  # the feed message whose offset waits for it
     blocking: bool
     invoker_id: str | None = None  # who ran it, when not the service storing it (recorder)
 
@@ -78,7 +82,7 @@ def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Rand
     The fixed half keeps retries from hammering a struggling store; the random half keeps many
     invokers from retrying in lockstep.
     """
-    step = min(max_s, initial_s * (2 ** min(attempt, 30)))
+    step = min(max_s, initial_s * (2.0 ** min(attempt, 30)))  # 2 ** int is typed Any
     return step / 2 + rng.uniform(0, step / 2)
 
 
@@ -101,6 +105,11 @@ class Batcher:
         self._linger: trio.CancelScope | None = None  # of the batch lingering, if one is
         # Every batch the store has not taken yet, for /healthz (see invoker.stuck).
         self.stuck = stuck or StuckWatch()
+        self.recent_writes = RecentDurations()  # bulk writes that worked, for GET /status
+
+    @property
+    def writes_in_flight(self) -> int:
+        return self._writes_in_flight
 
     async def run(self, records: trio.MemoryReceiveChannel[PendingRecord]) -> None:
         """Write everything received until the channel is closed and drained, then return."""
@@ -240,11 +249,13 @@ class Batcher:
             return None
         elapsed = time.monotonic() - started
         self._metrics.store_write_seconds.observe(elapsed)
+        self.recent_writes.add(elapsed)
         self._metrics.stage["store_write"].observe(elapsed)  # once per batch, not per record
         self._metrics.store_batch_size.observe(len(batch))
         return results
 
-    async def _read_once(self, token: int, doc_ids: list[str]) -> dict[str, dict] | None:
+    async def _read_once(self, token: int, doc_ids: list[str]
+                         ) -> dict[str, dict[str, Any]] | None:
         """The stored records of ``doc_ids`` (those present); None if the read failed."""
         try:
             return await self._store.get_many(doc_ids)

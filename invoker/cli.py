@@ -1,4 +1,4 @@
-"""The ``invoker`` command: ``run`` (the daemon), ``recorder`` and ``loadgen``.
+"""The ``invoker`` command: ``run`` (the daemon), ``recorder``, ``loadgen`` and ``status``.
 
 Exit status of ``run`` and ``recorder``: 0 after a graceful stop (the first SIGTERM/SIGINT);
 130 when a second signal stopped it at once, or SIGINT came before signals were watched.
@@ -17,9 +17,12 @@ from typing import TYPE_CHECKING, NoReturn
 import structlog
 import trio
 
-from invoker.config import add_config_arguments, load_config
+from invoker.config import RECORDER, RUN, SOURCES_HELP, add_config_arguments, load_config
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from invoker.config import Config
     from invoker.service import FeedService
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
@@ -63,6 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     configure_logging(config.log_level)
     _limit_malloc_arenas()
+    service: Callable[[Config], FeedService]
     if args.command == "recorder":
         from overflow.recorder import Recorder as service
     else:
@@ -122,31 +126,34 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     for name, summary, text in [
-        ("run", "run the invoker daemon",
+        (RUN, "run the invoker daemon",
          "Run the invoker daemon until SIGTERM/SIGINT: activations from the feed topic run in "
          "Docker containers, records go to the store."),
-        ("recorder", "run a recorder: overflow topic -> store",
+        (RECORDER, "run a recorder: overflow topic -> store",
          "Run a recorder until SIGTERM/SIGINT: records from the overflow topic go to the store, "
          "then their completions are published. Start several with the same recorder_group_id "
          "to share the topic's partitions."),
     ]:
-        service = commands.add_parser(name, help=summary, description=text)
+        service = commands.add_parser(name, help=summary, description=text,
+                                      epilog=SOURCES_HELP)
         service.add_argument("--print-config", action="store_true",
                              help="print the effective configuration (secrets masked) and exit")
-        add_config_arguments(service)
+        add_config_arguments(service, name)
         service.set_defaults(handler=_serve)
 
-    from invoker import loadgen
+    from invoker import loadgen, status
 
     loadgen.add_parser(commands)
+    status.add_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler  # each command's set_defaults
     try:
-        return args.handler(args)
+        return handler(args)
     except ValueError as exc:
         parser.exit(2, f"invoker: error: {exc}\n")
 

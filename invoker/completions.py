@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -40,12 +40,15 @@ from invoker.offsets import OffsetToken
 from invoker.records import completion_message, completion_value
 from invoker.safejson import dumps_escaped
 
+if TYPE_CHECKING:
+    from kafka.structs import TopicPartition
+
 log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class _Completion:
-    token: OffsetToken | None
+    token: OffsetToken[TopicPartition] | None
     message: OutgoingMessage
     # A blocking activation's completion without its result, to send instead when the one with
     # its result is too large for the topic; None: the message carries no result.
@@ -60,7 +63,8 @@ class _Completion:
 
 class CompletionStage:
     def __init__(self, publisher: Publisher, topic: str, invoker_id: str, max_in_flight: int,
-                 complete: Callable[[OffsetToken], None], metrics: Metrics) -> None:
+                 complete: Callable[[OffsetToken[TopicPartition]], None], metrics: Metrics
+                 ) -> None:
         self._publisher = publisher
         self._topic = topic
         self._invoker_id = invoker_id

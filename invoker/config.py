@@ -3,6 +3,11 @@
 Every field of :class:`Config` is settable in all three places under the same name
 (``--record-channel-size``, ``INVOKER_RECORD_CHANNEL_SIZE``, ``record_channel_size = ...``).
 Mapping fields take JSON in flags and environment variables and a table in TOML.
+
+Each field is declared with :func:`setting`, which carries its one-line help, unit, group and
+the commands that read it: ``invoker run --help``, ``invoker recorder --help`` and the README's
+settings table (``python -m invoker.config --readme README.md``, which ``make docs`` runs) are
+all made from that, so a setting is documented once.
 """
 
 from __future__ import annotations
@@ -15,21 +20,76 @@ import os
 import posixpath
 import re
 import socket
+import sys
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, overload
 
 from invoker.model import Limits
-from store import mask_url  # noqa: F401 (part of this module's surface: masks store_url)
+from store import mask_url
 
 ENV_PREFIX = "INVOKER_"
 # Room for everything in a record besides its result and logs (ids, annotations, JSON syntax).
 RECORD_OVERHEAD_BYTES = 16 * 1024
 # Bound of revoke_wait_ms: a fifth of the group's rebalance timeout (max_poll_interval_ms).
 REVOKE_WAIT_MAX_MS = 60_000
+
+# The commands that read settings; a setting names those that read it (see `setting`).
+RUN, RECORDER = "run", "recorder"
+COMMANDS = (RUN, RECORDER)
+# Setting groups, in the order --help and the README show them, with what they are about.
+GROUPS: dict[str, str] = {
+    "identity": "Who this process is.",
+    "Kafka": "Brokers and topics of the feed, completions and dead letters.",
+    "store": "Where activation records go.",
+    "pipeline bounds": "How much may wait at each stage between the feed and the store: what "
+                       "bounds memory (invoker_worst_case_buffered_bytes adds it up).",
+    "containers": "The action containers: images, resources, isolation.",
+    "action limits": "Limits of an action that sets none, and the ranges an action's own limits "
+                     "must fall in.",
+    "overflow": "Records the record channel cannot take go to a Kafka topic; recorders store "
+                "them.",
+    "operations": "/metrics and /healthz, stopping, logging.",
+}
+# The README's settings tables sit between these lines (see write_readme).
+MARKDOWN_BEGIN = ("<!-- settings:begin (generated from invoker/config.py by `make docs`: "
+                  "edit the settings there) -->")
+MARKDOWN_END = "<!-- settings:end -->"
+
+_T = TypeVar("_T")
+
+
+@overload
+def setting(default: _T, *, group: str, help: str, unit: str = "",
+            commands: tuple[str, ...] = COMMANDS, metavar: str = "",
+            secret: bool = False) -> _T: ...
+
+
+@overload
+def setting(*, factory: Callable[[], _T], group: str, help: str, unit: str = "",
+            commands: tuple[str, ...] = COMMANDS, metavar: str = "",
+            shown_default: str = "") -> _T: ...
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+            group: str, help: str, unit: str = "", commands: tuple[str, ...] = COMMANDS,
+            metavar: str = "", secret: bool = False, shown_default: str = "") -> Any:
+    """A :class:`Config` field with its documentation: a one-line ``help`` (no final period),
+    its ``unit`` (empty for names and text), its ``group`` (a key of GROUPS) and the
+    ``commands`` that read it. ``factory`` makes a default per instance; ``shown_default``
+    says what it makes where the value depends on the process (its pid); ``secret`` defaults
+    are shown through :func:`mask_url`."""
+    if group not in GROUPS or not help or not commands or not set(commands) <= set(COMMANDS):
+        raise ValueError(f"setting({help!r}, group={group!r}, commands={commands!r}) needs a "
+                         f"help, a group of {list(GROUPS)} and commands of {COMMANDS}")
+    commands = tuple(command for command in COMMANDS if command in commands)  # one spelling
+    metadata = {"help": help, "unit": unit, "group": group, "commands": commands,
+                "metavar": metavar, "secret": secret, "shown_default": shown_default}
+    return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
 
 
 def _default_invoker_id() -> str:
@@ -41,105 +101,246 @@ def _default_invoker_id() -> str:
 
 @dataclass
 class Config:
-    # Identity and Kafka
-    invoker_id: str = field(default_factory=_default_invoker_id)
-    kafka_bootstrap: str = "127.0.0.1:9092"
-    feed_topic: str = "invoker-activations"
-    group_id: str = "invoker"
-    completions_topic: str = "invoker-completions"
-    dead_letter_topic: str = "invoker-dead-letters"
-    topic_partitions: int = 4  # used when the daemon has to create its topics
-    # max.message.bytes of the topics the daemon creates, and the producer's max_request_size;
-    # a message larger than a topic allows is never sent (see invoker.kafka_io)
-    kafka_max_message_bytes: int = 4 * 1024 * 1024
-    # Overflow (records the record channel cannot take go to Kafka; a recorder stores them)
-    overflow_enabled: bool = False
-    overflow_topic: str = "invoker-overflow"
-    overflow_bootstrap: str = ""  # brokers of the overflow topic; empty: kafka_bootstrap
-    overflow_wait_ms: int = 0  # how long a record may wait for the channel before overflowing
-    overflow_max_in_flight: int = 32  # overflow writes awaiting Kafka's ack
-    recorder_id: str = field(default_factory=lambda: _default_invoker_id().replace(
-        "invoker-", "recorder-", 1))
-    recorder_group_id: str = "invoker-recorder"
-    recorder_metrics_port: int = 9181
-    # Store
-    store_url: str = "sqlite:///./invoker-records.sqlite3"
-    store_timeout_s: float = 30.0
-    # Bounds of the pipeline
-    read_ahead: int = 64  # messages handed from the consumer thread, not yet dispatched
-    max_poll_records: int = 64  # messages taken per poll(); they wait in the thread if trio is full
-    fetch_max_bytes: int = 4 * 1024 * 1024  # the consumer's own fetch buffer
-    max_message_bytes: int = 1024 * 1024  # largest activation message accepted
-    max_json_depth: int = 64  # nesting depth of params and results (deeper: refused)
-    max_activations: int = 32  # execution slots
-    # Offsets taken but not yet committable. One slow activation holds back its partition's
-    # commit while later ones finish; this bounds the offsets remembered meanwhile.
-    max_uncommitted_offsets: int = 10_000
-    record_channel_size: int = 256
-    record_channel_low_watermark: int = 128  # the feed resumes at or below this depth
-    batch_size: int = 100
-    linger_ms: int = 20  # only while a write is in flight: an idle store gets a record at once
-    max_writes_in_flight: int = 2
-    # Batches of completions (each at most batch_size) published and not yet acknowledged; the
-    # store's writes do not wait for them unless this many are
-    max_publishes_in_flight: int = 4
-    # The feed commits the offsets it may at most this often (and always on revocation and close)
-    commit_interval_ms: int = 200
-    # On a rebalance, how long the revoked partitions' work in flight gets to be stored (and
-    # committed) before the revocation goes on; the whole group's rebalance waits for it. At
-    # most REVOKE_WAIT_MAX_MS, well within the group's rebalance timeout (the consumer's
-    # max_poll_interval_ms, 300 s)
-    revoke_wait_ms: int = 5000
-    backoff_initial_ms: int = 100
-    backoff_max_ms: int = 5000
-    # Containers
-    user_memory_mb: int = 2048
-    kind_images: dict[str, str] = field(
-        default_factory=lambda: {"python:3": "invoker-action-python:latest"}
-    )
-    prewarm: dict[str, int] = field(default_factory=dict)
-    prewarm_memory_mb: int = 256
-    idle_timeout_s: float = 600.0
-    # Action containers never reach each other. Empty: they share the bridge network
-    # "invoker-actions" (inter-container traffic off) and publish their port on 127.0.0.1.
-    # A name (the daemon runs in a container): each action container gets a bridge network of
-    # its own, which the daemon's container joins; the name labels them ("org.invoker.network")
-    container_network: str = ""
-    # where those per-container networks get their /29 subnets (network mode only)
-    container_subnet_pool: str = "10.213.0.0/16"
-    container_pids_limit: int = 128
-    container_cpus: float = 1.0
-    init_timeout_s: float = 30.0
-    max_result_bytes: int = 1024 * 1024
-    # Runtime settings for every kind (kind_runtime overrides them per kind): the uid:gid the
-    # runtime runs as, and tmpfs paths it may write *and exec* from (ActionLoop runtimes write
-    # the action under /action/<n>/ and exec it); /tmp is a noexec tmpfs in every container.
-    container_user: str = "65534:65534"
-    container_exec_tmpfs: list[str] = field(default_factory=lambda: ["/action"])
-    # {kind: {"user": "uid:gid", "exec_tmpfs": [paths], "env": {NAME: value}}}
-    kind_runtime: dict[str, dict] = field(default_factory=dict)
-    # Image patterns (fnmatch) a blackbox action may name; empty: blackbox actions are refused
-    blackbox_images: list[str] = field(default_factory=list)
-    # Action limits: defaults for missing ones, and the allowed ranges
-    default_timeout_ms: int = 60_000
-    default_memory_mb: int = 256
-    default_logs_kb: int = 10
-    default_concurrency: int = 1
-    min_timeout_ms: int = 100
-    max_timeout_ms: int = 300_000
-    min_memory_mb: int = 128
-    max_memory_mb: int = 512
-    max_logs_kb: int = 1024
-    max_concurrency: int = 100
-    # Operations
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9180
-    grace_period_s: float = 30.0
-    # /healthz fails when a store write or a Kafka publish has been retried for longer than
-    # this, or when the feed has been paused for longer than health_paused_s
-    health_stuck_s: float = 120.0
-    health_paused_s: float = 600.0
-    log_level: str = "info"
+    # --- identity
+    invoker_id: str = setting(
+        factory=_default_invoker_id, shown_default="invoker-<host>-<pid>", group="identity",
+        commands=(RUN,),
+        help="this daemon's id: labels its containers and records, names its Kafka clients; at "
+             "start it removes containers with its id and those of ended processes on this host")
+    recorder_id: str = setting(
+        factory=lambda: _default_invoker_id().replace("invoker-", "recorder-", 1),
+        shown_default="recorder-<host>-<pid>", group="identity", commands=(RECORDER,),
+        help="this recorder's id: its Kafka client id and the id /healthz reports")
+    # --- Kafka
+    kafka_bootstrap: str = setting(
+        "127.0.0.1:9092", group="Kafka", metavar="HOST:PORT,...",
+        help="Kafka brokers of the feed, completion and dead-letter topics (comma-separated)")
+    feed_topic: str = setting(
+        "invoker-activations", group="Kafka", commands=(RUN,),
+        help="topic activations are read from")
+    group_id: str = setting(
+        "invoker", group="Kafka", commands=(RUN,),
+        help="consumer group of the invokers: invokers in one group share the feed's partitions")
+    completions_topic: str = setting(
+        "invoker-completions", group="Kafka",
+        help="topic a completion is published to once its record is stored")
+    dead_letter_topic: str = setting(
+        "invoker-dead-letters", group="Kafka",
+        help="topic of messages that cannot be handled: original bytes, reason in the "
+             "dlq.reason header")
+    topic_partitions: int = setting(
+        4, group="Kafka", unit="partitions",
+        help="partitions of the topics the daemon creates when they are missing")
+    # A message larger than its topic allows is never sent (see invoker.kafka_io).
+    kafka_max_message_bytes: int = setting(
+        4 * 1024 * 1024, group="Kafka", unit="bytes",
+        help="max.message.bytes of the topics the daemon creates, and the producer's "
+             "max_request_size")
+    # --- overflow
+    overflow_enabled: bool = setting(
+        False, group="overflow", commands=(RUN,),
+        help="records the record channel cannot take (see overflow_wait_ms) go to "
+             "overflow_topic; recorders store them")
+    overflow_topic: str = setting(
+        "invoker-overflow", group="overflow",
+        help="topic overflowed records go to (invoker) and are taken from (recorder)")
+    overflow_bootstrap: str = setting(
+        "", group="overflow", metavar="HOST:PORT,...",
+        help="brokers of the overflow topic; empty: kafka_bootstrap")
+    overflow_wait_ms: int = setting(
+        0, group="overflow", unit="ms", commands=(RUN,),
+        help="how long a finished record may wait for room in the record channel before it "
+             "overflows (0: as soon as the channel is full)")
+    overflow_max_in_flight: int = setting(
+        32, group="overflow", unit="records", commands=(RUN,),
+        help="overflow writes awaiting Kafka's ack; at the bound the next one waits, holding "
+             "its slot")
+    recorder_group_id: str = setting(
+        "invoker-recorder", group="overflow", commands=(RECORDER,),
+        help="consumer group of the recorders: recorders in one group share the overflow "
+             "topic's partitions")
+    recorder_metrics_port: int = setting(
+        9181, group="overflow", commands=(RECORDER,), metavar="PORT",
+        help="port of the recorder's /metrics and /healthz (on metrics_host)")
+    # --- store
+    store_url: str = setting(
+        "sqlite:///./invoker-records.sqlite3", group="store", metavar="URL", secret=True,
+        help="sqlite:///PATH, or http(s)://USER:PASSWORD@HOST:5984/DB for a CouchDB-API store")
+    store_timeout_s: float = setting(
+        30.0, group="store", unit="s",
+        help="total deadline of one store request (a failed bulk write is retried)")
+    # --- pipeline bounds
+    read_ahead: int = setting(
+        64, group="pipeline bounds", unit="messages",
+        help="messages handed over by the consumer thread and not yet dispatched; the feed "
+             "pauses when full (a pause drops what kafka-python had fetched, hence the room)")
+    max_poll_records: int = setting(
+        64, group="pipeline bounds", unit="messages",
+        help="messages taken per poll(); they wait in the consumer thread while the read-ahead "
+             "is full")
+    fetch_max_bytes: int = setting(
+        4 * 1024 * 1024, group="pipeline bounds", unit="bytes",
+        help="the Kafka consumer's own fetch buffer")
+    max_message_bytes: int = setting(
+        1024 * 1024, group="pipeline bounds", unit="bytes",
+        help="largest activation message accepted (larger ones are dead-lettered)")
+    max_json_depth: int = setting(
+        64, group="pipeline bounds", unit="levels",
+        help="nesting depth of params and results; deeper ones are refused")
+    max_activations: int = setting(
+        32, group="pipeline bounds", unit="activations", commands=(RUN,),
+        help="execution slots: activations running at once")
+    # One slow activation holds back its partition's commit while later ones finish.
+    max_uncommitted_offsets: int = setting(
+        10_000, group="pipeline bounds", unit="offsets",
+        help="offsets taken but not yet committable; at the bound the dispatcher waits and the "
+             "feed pauses")
+    record_channel_size: int = setting(
+        256, group="pipeline bounds", unit="records",
+        help="the bounded channel of records on their way to the store; the feed pauses when "
+             "it is full")
+    record_channel_low_watermark: int = setting(
+        128, group="pipeline bounds", unit="records",
+        help="a paused feed resumes when the record channel is at or below this depth (and the "
+             "read-ahead at half)")
+    batch_size: int = setting(
+        100, group="pipeline bounds", unit="records",
+        help="records per bulk store write, and completions per published batch")
+    # Lingering only while a write is in flight: an idle store gets a record at once.
+    linger_ms: int = setting(
+        20, group="pipeline bounds", unit="ms",
+        help="while a bulk write is in flight, how long the next batch may wait to fill")
+    max_writes_in_flight: int = setting(
+        2, group="pipeline bounds", unit="writes",
+        help="bulk store writes at once")
+    max_publishes_in_flight: int = setting(
+        4, group="pipeline bounds", unit="batches",
+        help="batches of completions published and not yet acknowledged; store writes wait for "
+             "them only when this many are")
+    commit_interval_ms: int = setting(
+        200, group="pipeline bounds", unit="ms",
+        help="the feed commits what it may at most this often (and always on revocation and "
+             "close)")
+    # The whole group's rebalance waits for it: at most REVOKE_WAIT_MAX_MS, well within the
+    # group's rebalance timeout (the consumer's max_poll_interval_ms, 300 s).
+    revoke_wait_ms: int = setting(
+        5000, group="pipeline bounds", unit="ms",
+        help=f"on a rebalance, how long the revoked partitions' work in flight gets to be "
+             f"stored and committed before they go (0 to {REVOKE_WAIT_MAX_MS})")
+    backoff_initial_ms: int = setting(
+        100, group="pipeline bounds", unit="ms",
+        help="first delay before a failed bulk write is retried (then doubling, jittered)")
+    backoff_max_ms: int = setting(
+        5000, group="pipeline bounds", unit="ms",
+        help="longest delay between retries of a failed bulk write")
+    # --- containers
+    user_memory_mb: int = setting(
+        2048, group="containers", unit="MiB", commands=(RUN,),
+        help="sum of the memory limits of all action containers")
+    kind_images: dict[str, str] = setting(
+        factory=lambda: {"python:3": "invoker-action-python:latest"}, group="containers",
+        commands=(RUN,), help="runtime image of each kind: {kind: image}")
+    prewarm: dict[str, int] = setting(
+        factory=dict, group="containers", unit="containers", commands=(RUN,),
+        help="prewarmed stem cells kept per kind: {kind: count}")
+    prewarm_memory_mb: int = setting(
+        256, group="containers", unit="MiB", commands=(RUN,),
+        help="memory limit of a stem cell")
+    idle_timeout_s: float = setting(
+        600.0, group="containers", unit="s", commands=(RUN,),
+        help="an idle container is removed after this")
+    # Action containers never reach each other. A name is for a daemon in a container: the
+    # per-container networks carry that name in the label "org.invoker.network".
+    container_network: str = setting(
+        "", group="containers", commands=(RUN,),
+        help="empty: action containers share the bridge network invoker-actions (no "
+             "inter-container traffic) and publish their port on 127.0.0.1; a name (the daemon "
+             "runs in a container): each gets a link network of its own that the daemon joins, "
+             "and that named network for egress")
+    container_subnet_pool: str = setting(
+        "10.213.0.0/16", group="containers", commands=(RUN,), metavar="CIDR",
+        help="IPv4 network the link networks take their /29 subnets from (when "
+             "container_network is set)")
+    container_pids_limit: int = setting(
+        128, group="containers", unit="processes", commands=(RUN,),
+        help="processes per action container")
+    container_cpus: float = setting(
+        1.0, group="containers", unit="CPUs", commands=(RUN,),
+        help="CPUs per action container")
+    init_timeout_s: float = setting(
+        30.0, group="containers", unit="s", commands=(RUN,),
+        help="a new container must accept connections within this")
+    max_result_bytes: int = setting(
+        1024 * 1024, group="containers", unit="bytes", commands=(RUN,),
+        help="largest action result; a larger one makes an application error")
+    # ActionLoop runtimes write the action under /action/<n>/ and exec it, hence exec tmpfs.
+    container_user: str = setting(
+        "65534:65534", group="containers", commands=(RUN,), metavar="UID:GID",
+        help="uid:gid the runtime runs as (kind_runtime may override it per kind)")
+    container_exec_tmpfs: list[str] = setting(
+        factory=lambda: ["/action"], group="containers", commands=(RUN,),
+        help="tmpfs paths the runtime may write and exec from (kind_runtime may override them "
+             "per kind); /tmp is a noexec tmpfs in every container")
+    kind_runtime: dict[str, dict[str, Any]] = setting(
+        factory=dict, group="containers", commands=(RUN,),
+        help='per kind: {kind: {"user": "uid:gid", "exec_tmpfs": [paths], '
+             '"env": {NAME: value}}}, overriding container_user and container_exec_tmpfs')
+    blackbox_images: list[str] = setting(
+        factory=list, group="containers", commands=(RUN,),
+        help="fnmatch patterns a blackbox action's image must match; empty: blackbox actions "
+             "are refused")
+    # --- action limits
+    default_timeout_ms: int = setting(
+        60_000, group="action limits", unit="ms", commands=(RUN,),
+        help="timeout of an action that sets none")
+    default_memory_mb: int = setting(
+        256, group="action limits", unit="MiB", commands=(RUN,),
+        help="memory limit of an action that sets none")
+    default_logs_kb: int = setting(
+        10, group="action limits", unit="KiB", commands=(RUN,),
+        help="log limit of an action that sets none")
+    default_concurrency: int = setting(
+        1, group="action limits", unit="activations", commands=(RUN,),
+        help="activations at once in one container of an action that sets none")
+    min_timeout_ms: int = setting(
+        100, group="action limits", unit="ms", commands=(RUN,),
+        help="smallest timeout an action may set")
+    max_timeout_ms: int = setting(
+        300_000, group="action limits", unit="ms", commands=(RUN,),
+        help="largest timeout an action may set")
+    min_memory_mb: int = setting(
+        128, group="action limits", unit="MiB", commands=(RUN,),
+        help="smallest memory limit an action may set")
+    max_memory_mb: int = setting(
+        512, group="action limits", unit="MiB", commands=(RUN,),
+        help="largest memory limit an action may set")
+    max_logs_kb: int = setting(
+        1024, group="action limits", unit="KiB", commands=(RUN,),
+        help="largest log limit an action may set")
+    max_concurrency: int = setting(
+        100, group="action limits", unit="activations", commands=(RUN,),
+        help="largest concurrency an action may set")
+    # --- operations
+    metrics_host: str = setting(
+        "127.0.0.1", group="operations", metavar="ADDRESS",
+        help="address /metrics and /healthz listen on")
+    metrics_port: int = setting(
+        9180, group="operations", commands=(RUN,), metavar="PORT",
+        help="port of the daemon's /metrics and /healthz")
+    grace_period_s: float = setting(
+        30.0, group="operations", unit="s",
+        help="the one deadline of a graceful stop (first SIGTERM/SIGINT): in-flight work, last "
+             "writes and completions, container removal")
+    health_stuck_s: float = setting(
+        120.0, group="operations", unit="s",
+        help="/healthz fails when a store write or a Kafka publish has been unfinished for "
+             "longer than this")
+    health_paused_s: float = setting(
+        600.0, group="operations", unit="s",
+        help="/healthz fails when the feed has been paused for longer than this")
+    log_level: str = setting(
+        "info", group="operations", metavar="LEVEL",
+        help="debug, info, warning or error (debug: one line per activation)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -312,13 +513,30 @@ def _convert(name: str, raw: Any, kind: Any) -> Any:
         raise ValueError(f"{name}: cannot read {raw!r} as {kind.__name__}") from exc
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per configuration field, defaulting to None so unset flags are detectable."""
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    group = parser.add_argument_group("configuration (also INVOKER_<NAME> or TOML <name>)")
-    for f in dataclasses.fields(Config):
-        group.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None,
-                           metavar=f.name.upper())
+def add_config_arguments(parser: argparse.ArgumentParser, command: str | None = None) -> None:
+    """``--config`` and one ``--flag`` per setting that ``command`` reads (every setting when
+    None), grouped as GROUPS, each with its meaning, unit, default and environment variable.
+    Flags default to None so unset ones are detectable. Settings a command does not read get
+    no flag, but the environment and the file may still hold them: one file serves the daemon
+    and the recorder."""
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help=f"TOML file of settings by name (also {ENV_PREFIX}CONFIG); it may hold settings "
+             "this command does not read")
+    kinds = _field_types()
+    for group, fields in settings_by_group(command).items():
+        arguments = parser.add_argument_group(f"{group} settings", GROUPS[group])
+        for f in fields:
+            arguments.add_argument(
+                "--" + f.name.replace("_", "-"), dest="cfg_" + f.name, default=None,
+                metavar=f.metadata["metavar"] or _metavar(kinds[f.name]),
+                help=help_line(f).replace("%", "%%"))  # argparse %-formats help
+
+
+SOURCES_HELP = (f"Every setting is also read from the environment ({ENV_PREFIX}<NAME>) and from "
+                "the --config TOML file (<name> = value); flags win over the environment, which "
+                "wins over the file. Lists take a JSON array or a,b,c and maps a JSON object in "
+                "flags and the environment, a table in TOML.")
 
 
 def load_config(args: argparse.Namespace | None = None,
@@ -344,3 +562,126 @@ def load_config(args: argparse.Namespace | None = None,
             if raw is not None:
                 values[name] = _convert(name, raw, kind)
     return Config(**values)
+
+
+# --- documentation: --help, the README's settings tables ------------------------------------
+
+def settings_by_group(command: str | None = None) -> dict[str, list[dataclasses.Field[Any]]]:
+    """The settings ``command`` reads (all when None) by group, in GROUPS order; groups with
+    none are left out."""
+    grouped: dict[str, list[dataclasses.Field[Any]]] = {group: [] for group in GROUPS}
+    for f in dataclasses.fields(Config):
+        if command is None or command in f.metadata["commands"]:
+            grouped[f.metadata["group"]].append(f)
+    return {group: fields for group, fields in grouped.items() if fields}
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def default_text(f: dataclasses.Field[Any], *, with_unit: bool = False) -> str:
+    """A setting's default as a user would write it (TOML/JSON spelling, secrets masked);
+    sizes in bytes also in KiB/MiB; ``with_unit`` puts a number's unit after it."""
+    if f.metadata["shown_default"]:
+        return str(f.metadata["shown_default"])
+    value: Any = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    unit = f.metadata["unit"]
+    if f.metadata["secret"]:
+        return mask_url(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        text = f"{value} {unit}" if with_unit and unit else str(value)
+        return text + (f" ({_binary_size(value)})" if unit == "bytes" and value >= 1024 else "")
+    if isinstance(value, str):
+        return value or '""'
+    return json.dumps(value)
+
+
+def _binary_size(size: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:g} {unit}"
+    return f"{size:g} bytes"
+
+
+def help_line(f: dataclasses.Field[Any]) -> str:
+    """What ``--help`` says of a setting: meaning, unit, default, environment variable."""
+    value = default_text(f, with_unit=True)
+    unit = f.metadata["unit"]
+    unit_text = f" Unit: {unit}." if unit and not value.split(" ")[1:2] == [unit] else ""
+    return f"{f.metadata['help']}.{unit_text} Default: {value}. Env: {env_name(f.name)}."
+
+
+def _metavar(kind: Any) -> str:
+    kind = typing.get_origin(kind) or kind
+    return {bool: "BOOL", int: "N", float: "N", list: "A,B,...", dict: "JSON"}.get(kind, "TEXT")
+
+
+def markdown() -> str:
+    """The README's settings tables: one per group, and which command reads what."""
+    lines: list[str] = []
+    for group, fields in settings_by_group().items():
+        readers = {f.metadata["commands"] for f in fields}
+        shared = next(iter(readers)) if len(readers) == 1 else None
+        read_by = _readers(shared) + " only" if shared and len(shared) == 1 else (
+            _readers(COMMANDS) + ("" if shared else " unless marked"))
+        lines += [f"**{group[:1].upper()}{group[1:]}.** {GROUPS[group]} Read by {read_by}.", "",
+                  "| setting | env | default | unit | meaning |", "|---|---|---|---|---|"]
+        for f in fields:
+            commands = f.metadata["commands"]
+            mark = f" — {_readers(commands)} only" if not shared and len(commands) == 1 else ""
+            cells = [f"`{f.name}`", f"`{env_name(f.name)}`", f"`{default_text(f)}`",
+                     f.metadata["unit"], f.metadata["help"] + mark]
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"  # a blank line ends the last table before the end marker
+
+
+def _readers(commands: tuple[str, ...]) -> str:
+    return " and ".join(f"`invoker {command}`" for command in commands)
+
+
+def readme_section(text: str) -> tuple[int, int]:
+    """Where the generated tables sit in ``text`` (between MARKDOWN_BEGIN and MARKDOWN_END)."""
+    begin, end = text.find(MARKDOWN_BEGIN), text.find(MARKDOWN_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"no {MARKDOWN_BEGIN!r} ... {MARKDOWN_END!r} section")
+    return begin + len(MARKDOWN_BEGIN) + 1, end
+
+
+def write_readme(path: Path) -> bool:
+    """Put :func:`markdown` between the markers in ``path``; True if that changed it."""
+    text = path.read_text()
+    begin, end = readme_section(text)
+    updated = text[:begin] + markdown() + text[end:]
+    if updated == text:
+        return False
+    path.write_text(updated)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m invoker.config --markdown`` prints the settings tables;
+    ``--readme README.md`` rewrites them there (``make docs``)."""
+    parser = argparse.ArgumentParser(prog="python -m invoker.config",
+                                     description="The settings' documentation.")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--markdown", action="store_true", help="print the settings tables")
+    action.add_argument("--readme", metavar="FILE", type=Path,
+                        help="rewrite the tables between the settings markers in FILE")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        sys.stdout.write(markdown())
+        return 0
+    try:
+        changed = write_readme(args.readme)
+    except (OSError, ValueError) as exc:
+        parser.exit(1, f"{parser.prog}: {args.readme}: {exc}\n")
+    print(f"{args.readme}: settings tables {'updated' if changed else 'unchanged'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 import trio
+from kafka.structs import TopicPartition
 from prometheus_client import Gauge
 
 from invoker.batcher import PendingRecord
@@ -35,6 +36,7 @@ from invoker.model import Activation, now_ms
 from invoker.offsets import OffsetToken
 from invoker.records import build_record, build_rejection_record
 from invoker.service import FeedService, in_thread
+from invoker.status import containers_status, metric_count
 from overflow.envelope import OverflowedRecord
 from overflow.sender import OverflowSender
 from store import Store
@@ -93,6 +95,34 @@ class Invoker(FeedService):
         return {"worst_case_buffered_records": records, "worst_case_buffered_bytes": size,
                 "overflow": self.config.overflow_enabled}
 
+    def status_fields(self) -> dict[str, Any]:
+        """Slots, containers by action and state, overflow (GET /status). Never blocks."""
+        cfg, m = self.config, self.metrics
+        fields: dict[str, Any] = {
+            "slots": {"used": cfg.max_activations - self._slots.value,
+                      "max": cfg.max_activations, "running": metric_count(m.in_flight)},
+            "overflow": {"enabled": cfg.overflow_enabled}}
+        if self._pool is not None:
+            fields["containers"] = containers_status(
+                self._pool.snapshot(), waiting=self._pool.waiting,
+                memory_used_mb=self._pool.used_memory_mb, memory_mb=cfg.user_memory_mb)
+        if cfg.overflow_enabled:
+            fields["overflow"].update(
+                in_flight=metric_count(m.overflow_in_flight),
+                max_in_flight=cfg.overflow_max_in_flight,
+                records=metric_count(m.overflow_records), bytes=metric_count(m.overflow_bytes))
+        return fields
+
+    def holding_back(self) -> list[str]:
+        reasons = super().holding_back()
+        if self._slots.value == 0:
+            reasons.append(f"all {self.config.max_activations} slots busy")
+        if (self.config.overflow_enabled and metric_count(self.metrics.overflow_in_flight)
+                >= self.config.overflow_max_in_flight):
+            reasons.append(f"all {self.config.overflow_max_in_flight} overflow writes await "
+                           "Kafka's ack")
+        return reasons
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """:meth:`FeedService.run` with the container pool (and the overflow producer) around
         it. On a stop the containers are removed as soon as no activation runs any more, while
@@ -132,7 +162,7 @@ class Invoker(FeedService):
                 continue  # its partition was revoked; its next owner reads it
             work.start_soon(self._handle, message, token)
 
-    async def _handle(self, message: FeedMessage, token: OffsetToken) -> None:
+    async def _handle(self, message: FeedMessage, token: OffsetToken[TopicPartition]) -> None:
         """One activation, holding its slot until its record is enqueued (or overflowed).
 
         Whatever else goes wrong with this one message, it is dead-lettered and the daemon
@@ -162,7 +192,7 @@ class Invoker(FeedService):
             self._slots.release()
 
     async def _execute(self, activation: Activation, message: FeedMessage,
-                       token: OffsetToken, handoff: HandOff) -> None:
+                       token: OffsetToken[TopicPartition], handoff: HandOff) -> None:
         assert self._pool is not None
         async with self._pool.lease(activation.action, activation.namespace) as lease:
             with _counted(self.metrics.in_flight):

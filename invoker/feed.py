@@ -17,6 +17,11 @@ close) happens on the feed thread. The trio side talks to it only through:
   and always on revocation and close. A commit is synchronous (up to ``COMMIT_TIMEOUT_MS``), so
   the interval keeps it off most turns.
 
+For ``GET /status`` the thread publishes, every ``PROGRESS_INTERVAL_S``, each assigned
+partition's position, last commit and high watermark (:attr:`Feed.progress`, a dict replaced
+whole and never changed, so the trio side reads it without a lock); only calls that do not
+block (``position`` with timeout 0, ``highwater``).
+
 When the pump finds the pipeline saturated (the gate could not take every message, or says it
 is full), the thread pauses every assigned partition and keeps polling (so the consumer stays
 in its group), holding at most ``max_poll_records`` messages, and resumes when its inbox is
@@ -42,9 +47,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar, TypeVarTuple
 
 import structlog
 import trio
@@ -56,10 +61,14 @@ from invoker.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
+
 POLL_TIMEOUT_MS = 100
 PAUSED_POLL_TIMEOUT_MS = 10
 COMMIT_TIMEOUT_MS = 2000
 TOPIC_METADATA_TIMEOUT_S = 30.0
+PROGRESS_INTERVAL_S = 0.5  # how often the thread publishes per-partition offsets (/status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,18 @@ class FeedMessage:
     offset: int
     value: bytes
     received_at: float  # time.time() when the consumer returned it
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionProgress:
+    """One partition's offsets as the feed thread last saw them (next to read; None:
+    unknown). ``committed``: the last offset this member committed, or before its first commit
+    where it began reading (the group's committed offset); ``highwater``: as of the last
+    fetch."""
+
+    position: int | None
+    committed: int | None
+    highwater: int | None
 
 
 class FeedGate(Protocol):
@@ -127,6 +148,15 @@ class Feed:
         self._close = threading.Event()
         self._paused = False
         self._paused_since = 0.0
+        self._pause_reason = ""
+        # Feed thread only: per partition of the assignment, the first offset polled and the
+        # last committed, published with the position and high watermark in ``progress``.
+        self._read_from: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._next_progress = 0.0
+        # Replaced whole every PROGRESS_INTERVAL_S, never changed: the trio side reads it
+        # without a lock (GET /status).
+        self.progress: dict[TopicPartition, PartitionProgress] = {}
         self._epoch = 0
         self._epochs: dict[TopicPartition, int] = {}
         self._awaiting_assignment = False  # between a revocation and the next assignment
@@ -163,6 +193,11 @@ class Feed:
     def paused(self) -> bool:
         """Whether the consumer is paused (read without locking: a bool, for reporting)."""
         return self._paused
+
+    @property
+    def pause_reason(self) -> str:
+        """Why the consumer was last paused (read without locking, for reporting)."""
+        return self._pause_reason
 
     def paused_for(self) -> float:
         """Seconds the consumer has been paused so far (0.0 while it is not). Never blocks."""
@@ -209,7 +244,7 @@ class Feed:
 
     def _thread_main(self) -> None:
         s = self._settings
-        consumer = KafkaConsumer(
+        consumer = KafkaConsumer(  # type: ignore[call-arg]  # see receive_message_max_bytes
             bootstrap_servers=s.bootstrap.split(","),
             group_id=s.group_id,
             client_id=s.client_id,
@@ -220,6 +255,7 @@ class Feed:
             max_partition_fetch_bytes=min(s.fetch_max_bytes, max(s.max_message_bytes, 1 << 20)),
             # kafka-python refuses responses above receive_message_max_bytes (1 MB by default)
             # even when it asked for more; leave room for a full fetch plus protocol overhead.
+            # (types-kafka-python's consumer settings lack it: hence the type: ignore above)
             receive_message_max_bytes=s.fetch_max_bytes + (1 << 20),
             # A fetch that finds no data waits this long at the broker, and kafka-python sends
             # no new fetch meanwhile: keep it short so resumed partitions get data quickly.
@@ -262,7 +298,8 @@ class Feed:
         now = time.monotonic()
         if now >= self._next_commit:
             self._commit_requested(consumer)
-            self._next_commit = now + self._settings.commit_interval_s
+            # from the commit's end: a slow commit is not followed by another at once
+            self._next_commit = time.monotonic() + self._settings.commit_interval_s
         if self._awaiting_assignment and finish_abandoned_join(consumer):
             log.warning("group join left unfinished by kafka-python; finishing it")
         limit = self._settings.max_poll_records
@@ -296,9 +333,24 @@ class Feed:
                             for partition, records in polled.items() for record in records]
                 with self._inbox_changed:
                     self._inbox.extend(messages)
+                for partition, records in polled.items():
+                    self._read_from.setdefault(partition, records[0].offset)
+        if now >= self._next_progress:
+            self._publish_progress(consumer)
+            self._next_progress = now + PROGRESS_INTERVAL_S
         if not self._stop_fetching.is_set():
             assert self._token is not None
             self._token.run_sync_soon(self._pump, idempotent=True)
+
+    def _publish_progress(self, consumer: KafkaConsumer) -> None:
+        """Publish the assigned partitions' offsets in ``progress``. Never blocks: a position
+        not known yet is not fetched (timeout 0), the high watermark is the last fetch's."""
+        progress = {}
+        for tp in consumer.assignment():
+            position = consumer.position(tp, timeout_ms=0)
+            committed = self._committed.get(tp, self._read_from.get(tp, position))
+            progress[tp] = PartitionProgress(position, committed, consumer.highwater(tp))
+        self.progress = progress
 
     def _held(self) -> int:
         with self._inbox_changed:
@@ -307,12 +359,13 @@ class Feed:
     def _epoch_of(self, partition: TopicPartition) -> int:
         return self._epochs.get(partition, 0)
 
-    def _call(self, fn, *args):  # type: ignore[no-untyped-def]
+    def _call(self, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
 
     def _pause(self, consumer: KafkaConsumer, reason: str) -> None:
         consumer.pause(*consumer.assignment())
         self._paused_since = time.monotonic()  # first: /healthz reads both from the trio thread
+        self._pause_reason = reason
         self._paused = True
         self._metrics.paused.set(1)
         self._metrics.pauses.inc()
@@ -359,8 +412,9 @@ class Feed:
             return
         committed = time.monotonic()
         lag = self._metrics.stage["commit_lag"]
-        for _, requested_at in todo.values():
+        for tp, (offset, requested_at) in todo.items():
             lag.observe(committed - requested_at)
+            self._committed[tp] = offset
 
     def _on_revoked(self, consumer: KafkaConsumer, revoked: Sequence[TopicPartition]) -> None:
         """Blocks (inside poll) up to ``revoke_wait_s`` for the revoked partitions' work in
@@ -383,6 +437,8 @@ class Feed:
         self._commit_requested(consumer, only=revoked)
         for tp in revoked:
             self._epochs.pop(tp, None)
+            self._read_from.pop(tp, None)
+            self._committed.pop(tp, None)
         took = time.monotonic() - started
         self._metrics.revoke_seconds.observe(took)
         log.info("partitions revoked", partitions=[f"{tp.topic}-{tp.partition}" for tp in revoked],

@@ -81,7 +81,8 @@ def record_batch_bytes(key: bytes | None, value: bytes, headers: Sequence[tuple[
     batch only while that stays within ``batch_size`` (16 KiB), else starts a batch of its own
     for it, so no batch is larger than max(16 KiB, its largest record's estimate).
     """
-    return DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers))
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers))
+    return size
 
 
 def value_room(limit: int, key: bytes | None, headers: Sequence[tuple[str, bytes]]) -> int:
@@ -354,7 +355,9 @@ class _TopicLimits:
                 self._admin = KafkaAdminClient(bootstrap_servers=self._bootstrap.split(","),
                                                client_id=self._client_id)
             responses = self._admin.describe_configs([ConfigResource(
-                ConfigResourceType.TOPIC, topic, configs={TOPIC_LIMIT_CONFIG: None})])
+                # the stubs want str values; describe_configs reads only the keys
+                ConfigResourceType.TOPIC, topic,
+                configs={TOPIC_LIMIT_CONFIG: None})])  # type: ignore[dict-item]
         except Exception as exc:  # noqa: BLE001 - advisory: the ceiling is a safe answer
             log.warning("cannot learn the topic's size limit; using max_request_size",
                         topic=topic, error=_error_text(exc), retry_in_s=DESCRIBE_RETRY_S)

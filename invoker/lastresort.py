@@ -39,6 +39,8 @@ import structlog
 from invoker.kafka_io import OutgoingMessage, Unpublishable, header_text
 
 if TYPE_CHECKING:
+    from kafka.structs import TopicPartition
+
     from invoker.feed import FeedMessage
     from invoker.offsets import OffsetToken
     from invoker.service import FeedService
@@ -64,7 +66,8 @@ def unexpected_reason(exc: BaseException) -> str:
 
 
 async def dead_letter_unexpected(service: FeedService, message: FeedMessage,
-                                 token: OffsetToken, exc: Exception, handoff: HandOff) -> None:
+                                 token: OffsetToken[TopicPartition], exc: Exception,
+                                 handoff: HandOff) -> None:
     """The last resort for ``message``, whose handling raised ``exc`` (see the module
     docstring). Blocks while Kafka is unreachable, as every dead letter does."""
     where = {"topic": message.partition.topic, "partition": message.partition.partition,

@@ -68,6 +68,12 @@ class Metrics:
         self.store_write_failures = Counter(
             "invoker_store_write_failures", "Bulk writes that failed and were retried", registry=r
         )
+        self.oldest_unfinished_seconds = Gauge(
+            "invoker_oldest_unfinished_seconds",
+            "Seconds the oldest unfinished store write or Kafka publish has been going; 0 when "
+            "none (what /healthz fails on past health_stuck_s)",
+            registry=r,
+        )
         self.records_stored = Counter(
             "invoker_records_stored", "Records newly stored", registry=r
         )

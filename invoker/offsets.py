@@ -27,15 +27,18 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import structlog
 
 log = structlog.get_logger(__name__)
 
+P = TypeVar("P", bound=Hashable)  # a partition's key: kafka's TopicPartition in the daemon
+
 
 @dataclass(frozen=True, slots=True)
-class OffsetToken:
-    partition: Hashable
+class OffsetToken(Generic[P]):
+    partition: P
     epoch: int
     offset: int
     generation: int = 0  # of the partition's tracking when registered (see the module doc)
@@ -62,11 +65,11 @@ class _PartitionState:
     done: set[int] = field(default_factory=set)  # finished but not yet at the head
 
 
-class OffsetTracker:
+class OffsetTracker(Generic[P]):
     def __init__(self) -> None:
-        self._partitions: dict[Hashable, _PartitionState] = {}
+        self._partitions: dict[P, _PartitionState] = {}
 
-    def assign(self, partition: Hashable, epoch: int) -> Resumed | None:
+    def assign(self, partition: P, epoch: int) -> Resumed | None:
         """``partition`` is owned from now on, in ``epoch``. Suspended, with something taken
         in its current tracking: resumed (returned); else tracked afresh (None: read from the
         committed offset)."""
@@ -78,14 +81,14 @@ class OffsetTracker:
         self._partitions[partition] = _PartitionState(epoch, epoch)
         return None
 
-    def suspend(self, partition: Hashable) -> None:
+    def suspend(self, partition: P) -> None:
         """A revocation began: take nothing more of ``partition``; its work in flight still
         completes (see :meth:`complete`)."""
         state = self._partitions.get(partition)
         if state is not None:
             state.owned = False
 
-    def forget_suspended(self) -> list[Hashable]:
+    def forget_suspended(self) -> list[P]:
         """Drop the partitions still suspended (not assigned back); returns them. Completions of
         their work change nothing from now on."""
         gone = [p for p, state in self._partitions.items() if not state.owned]
@@ -93,26 +96,26 @@ class OffsetTracker:
             del self._partitions[partition]
         return gone
 
-    def owns(self, partition: Hashable) -> bool:
+    def owns(self, partition: P) -> bool:
         """Whether ``partition`` is assigned and not suspended."""
         state = self._partitions.get(partition)
         return state is not None and state.owned
 
-    def committable(self, partition: Hashable) -> int | None:
+    def committable(self, partition: P) -> int | None:
         """The highest offset to commit ``partition``'s finished work reached (None: none)."""
         state = self._partitions.get(partition)
         return state.committable if state else None
 
-    def partitions(self) -> list[Hashable]:
+    def partitions(self) -> list[P]:
         """The partitions currently owned."""
         return [p for p, state in self._partitions.items() if state.owned]
 
-    def accepts(self, partition: Hashable, epoch: int) -> bool:
+    def accepts(self, partition: P, epoch: int) -> bool:
         """Whether a message of ``partition`` handed over in ``epoch`` may be registered."""
         state = self._partitions.get(partition)
         return state is not None and state.owned and state.epoch == epoch
 
-    def register(self, partition: Hashable, epoch: int, offset: int) -> OffsetToken | None:
+    def register(self, partition: P, epoch: int, offset: int) -> OffsetToken[P] | None:
         """Record that ``offset`` was taken for processing; None if the assignment is stale
         (or suspended). An offset not above the last one registered restarts the partition's
         tracking."""
@@ -137,7 +140,7 @@ class OffsetTracker:
         state.pending = kept
         state.done = {o for o in state.done if o < offset}
 
-    def complete(self, token: OffsetToken) -> int | None:
+    def complete(self, token: OffsetToken[P]) -> int | None:
         """Mark ``token`` finished; return the offset to commit (next to read) if it advanced.
         Also while suspended: the caller asks for a commit only if it :meth:`owns` the
         partition."""
@@ -160,7 +163,7 @@ class OffsetTracker:
             state.committable = committable
         return committable
 
-    def outstanding(self, partition: Hashable | None = None) -> int:
+    def outstanding(self, partition: P | None = None) -> int:
         """Offsets registered and not yet committable, in one partition or in all."""
         if partition is not None:
             state = self._partitions.get(partition)

@@ -1,4 +1,5 @@
-"""The operations endpoint: ``GET /metrics`` (Prometheus text) and ``GET /healthz``.
+"""The operations endpoint: ``GET /metrics`` (Prometheus text), ``GET /healthz`` and
+``GET /status`` (JSON for ``invoker status``, see invoker.status).
 
 A deliberately small HTTP/1.0-style server on trio: one request per connection, the whole
 response written in one send (see the Nagle note in ENVIRONMENT.md), request heads capped.
@@ -16,6 +17,7 @@ import ipaddress
 import json
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import structlog
 import trio
@@ -26,6 +28,7 @@ from invoker.metrics import Metrics
 log = structlog.get_logger(__name__)
 
 MAX_REQUEST_HEAD = 8192
+Report = Callable[[], dict[str, Any]]  # a JSON document, made on the trio thread
 READ_TIMEOUT_S = 5.0
 
 # Address ranges of action networks, process-wide: every ops endpoint of the process refuses
@@ -49,18 +52,21 @@ def peer_refused(address: str) -> bool:
     return not ip.is_loopback and any(ip in net for net in _refused_networks)
 
 
-async def serve_ops(host: str, port: int, metrics: Metrics, health: Callable[[], dict],
+async def serve_ops(host: str, port: int, metrics: Metrics, health: Report,
+                    status: Report | None = None,
                     *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled; reports the bound port through ``task_status``."""
+    """Serve until cancelled; reports the bound port through ``task_status``. ``health`` and
+    ``status`` run on the trio thread and must not block (without ``status``: 404)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     log.info("ops endpoint listening", host=host, port=bound)
     task_status.started(bound)
-    await trio.serve_listeners(partial(_handle, metrics=metrics, health=health), listeners)
+    await trio.serve_listeners(partial(_handle, metrics=metrics, health=health, status=status),
+                               listeners)
 
 
 async def _handle(stream: trio.SocketStream, *, metrics: Metrics,
-                  health: Callable[[], dict]) -> None:
+                  health: Report, status: Report | None = None) -> None:
     async with stream:
         peer = _peer_address(stream)
         if peer_refused(peer):
@@ -76,16 +82,22 @@ async def _handle(stream: trio.SocketStream, *, metrics: Metrics,
         parts = head.split(b" ", 2)
         path = parts[1].decode("latin-1") if len(parts) > 2 else ""
         if parts[0] != b"GET":
-            status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            code, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
         elif path.split("?")[0] == "/metrics":
-            status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
+            code, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
         elif path.split("?")[0] == "/healthz":
             state = health()
-            status = "200 OK" if state.get("ok") else "503 Service Unavailable"
+            code = "200 OK" if state.get("ok") else "503 Service Unavailable"
             ctype, body = "application/json", json.dumps(state).encode()
+        elif path.split("?")[0] == "/status" and status is not None:
+            try:
+                code, ctype, body = "200 OK", "application/json", json.dumps(status()).encode()
+            except Exception:  # a report must never take the daemon down
+                log.exception("GET /status failed")
+                code, ctype, body = "500 Internal Server Error", "text/plain", b"failed\n"
         else:
-            status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
-        response = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+            code, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+        response = (f"HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
         try:
             await stream.send_all(response)

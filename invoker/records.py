@@ -49,7 +49,7 @@ def build_rejection_record(rejection: Rejection, invoker_id: str, now_ms: int,
     """The record of an activation that could not be run at all (bad limits, unknown kind,
     blackbox image not allowed). Capped like any record, so hostile input cannot grow it."""
     wait = now_ms - rejection.submitted_at_ms if rejection.submitted_at_ms else 0
-    annotations = [
+    annotations: list[dict[str, Any]] = [
         {"key": "path", "value": f"{rejection.namespace}/{rejection.name}"},
         {"key": "kind", "value": rejection.kind},
         {"key": "waitTime", "value": max(wait, 0)},

@@ -52,6 +52,14 @@ from invoker.metrics import Metrics
 from invoker.offsets import OffsetToken, OffsetTracker
 from invoker.ops import serve_ops
 from invoker.safejson import dumps_escaped
+from invoker.status import (
+    RECENT_WINDOW_S,
+    STATUS_VERSION,
+    histogram_count_mean,
+    metric_by_label,
+    metric_count,
+    partition_rows,
+)
 from invoker.stuck import StuckWatch
 from invoker.watermark import Hysteresis
 from store import (
@@ -104,6 +112,17 @@ class _Gate:
                 break
             taken += 1
         return taken, self._saturated()
+
+    def holding_back(self) -> list[str]:
+        """What makes the pipeline saturated now, for GET /status. Never blocks."""
+        cfg = self._service.config
+        reasons = []
+        if self._readahead_blocked:
+            reasons.append(f"read-ahead full until it drains to {self._readahead_low}")
+        if self._channel is not None and self._channel.saturated:
+            reasons.append(f"record channel reached {cfg.record_channel_size} until it drains "
+                           f"to {cfg.record_channel_low_watermark}")
+        return reasons
 
     def saturated(self) -> bool:
         if self._service.readahead_depth() >= self._service.config.read_ahead:
@@ -167,7 +186,7 @@ class _Revocation:
     partitions: frozenset[TopicPartition]
     drained: threading.Event
 
-    def check(self, tracker: OffsetTracker) -> None:
+    def check(self, tracker: OffsetTracker[TopicPartition]) -> None:
         """Set ``drained`` once none of the partitions has work in flight. Never blocks."""
         if not any(tracker.outstanding(p) for p in self.partitions):
             self.drained.set()
@@ -185,7 +204,7 @@ class FeedService:
         self.config = config
         self.metrics = metrics or Metrics()
         self.store = store or open_store(config.store_url, timeout_s=config.store_timeout_s)
-        self.tracker = OffsetTracker()
+        self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self.revocation: _Revocation | None = None  # while the feed thread waits on one
         self._offsets_moved = trio.Event()  # set (and replaced) when outstanding offsets shrink
         self.readahead_tx, self.readahead_rx = trio.open_memory_channel[FeedMessage](
@@ -204,8 +223,14 @@ class FeedService:
         # Every publish (completions, dead letters, overflow) and store write not finished yet:
         # /healthz names the oldest once it is older than health_stuck_s.
         self.stuck = StuckWatch()
+        # Read at scrape time, on the trio thread as StuckWatch requires: invoker.ops renders
+        # /metrics in a trio task (nothing else collects the registry).
+        self.metrics.oldest_unfinished_seconds.set_function(self.stuck.stuck_for)
         self._started = False
+        self._started_at = time.monotonic()
+        self._batcher: Batcher | None = None  # while the pipeline runs (GET /status)
         self.dispatch_scope = trio.CancelScope()
+        self._gate = _Gate(self, pause_on_record_channel)
         self.feed = Feed(
             FeedSettings(bootstrap=self._feed_bootstrap, topic=topic, group_id=group_id,
                          client_id=client_id, max_poll_records=config.max_poll_records,
@@ -213,7 +238,7 @@ class FeedService:
                          max_message_bytes=config.max_message_bytes,
                          commit_interval_s=config.commit_interval_ms / 1000,
                          revoke_wait_s=config.revoke_wait_ms / 1000),
-            _Gate(self, pause_on_record_channel), self.metrics)
+            self._gate, self.metrics)
         self.publisher: Publisher | None = None
         self.ops_port: int | None = None
         self._rng = random.Random()
@@ -244,6 +269,18 @@ class FeedService:
     def started_fields(self) -> dict[str, Any]:
         """Extra fields for the start-up log line."""
         return {}
+
+    def status_fields(self) -> dict[str, Any]:
+        """Extra sections of GET /status (see invoker.status). Must not block."""
+        return {}
+
+    def holding_back(self) -> list[str]:
+        """What holds the pipeline back now, for GET /status. Must not block."""
+        reasons = self._gate.holding_back()
+        if self.tracker.outstanding() >= self.config.max_uncommitted_offsets:
+            reasons.append(f"{self.config.max_uncommitted_offsets} offsets wait for a slow one "
+                           "before them to be committed")
+        return reasons
 
     # --- public --------------------------------------------------------------------------
 
@@ -280,6 +317,43 @@ class FeedService:
                 "partitions": sorted(f"{tp.topic}-{tp.partition}"
                                     for tp in self.tracker.partitions())}
 
+    def status(self) -> dict[str, Any]:
+        """What ``GET /status`` answers (see invoker.status for the fields). Never blocks: it
+        reads what the trio thread owns and the feed thread's last published offsets; its size
+        is bounded (partitions and container groups are capped)."""
+        cfg, m = self.config, self.metrics
+        health = self.health()
+        feed = self.feed
+        batcher = self._batcher
+        writes, mean_s = histogram_count_mean(m.store_write_seconds)
+        oldest = self.stuck.oldest()
+        partitions, omitted = partition_rows(feed.progress, self.tracker.outstanding)
+        return {
+            "version": STATUS_VERSION, "role": self.role, "id": self.client_id,
+            "uptime_s": round(time.monotonic() - self._started_at, 1),
+            "ok": health["ok"], "reasons": health["reasons"],
+            "feed": {"paused": feed.paused, "paused_for_s": round(feed.paused_for(), 1),
+                     "reason": feed.pause_reason if feed.paused else "",
+                     "pauses": metric_count(m.pauses), "held_back_by": self.holding_back()},
+            "read_ahead": {"depth": self.readahead_depth(), "capacity": cfg.read_ahead},
+            "record_channel": {"depth": self.record_depth(), "capacity": cfg.record_channel_size,
+                               "low_watermark": cfg.record_channel_low_watermark},
+            "uncommitted_offsets": {"count": self.tracker.outstanding(),
+                                    "max": cfg.max_uncommitted_offsets},
+            "store": {"writes_in_flight": batcher.writes_in_flight if batcher else 0,
+                      "max_writes_in_flight": cfg.max_writes_in_flight,
+                      "recent": batcher.recent_writes.summary() if batcher else {
+                          "window_s": RECENT_WINDOW_S, "count": 0},
+                      "writes": writes, "mean_s": mean_s,
+                      "failures": metric_count(m.store_write_failures)},
+            "oldest_unfinished": None if oldest is None else {
+                "what": oldest.what, "seconds": round(oldest.seconds, 1),
+                "error": oldest.error[:300]},
+            "partitions": partitions, "partitions_omitted": omitted,
+            "activations": metric_by_label(m.activations, "status"),
+            **self.status_fields(),
+        }
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`stop` (:meth:`watch_signals` calls it on SIGTERM/SIGINT); then
         drain, commit and return. A stop while the store cannot be opened yet returns at once
@@ -303,7 +377,8 @@ class FeedService:
         try:
             async with trio.open_nursery() as services:
                 self.ops_port = await services.start(
-                    serve_ops, cfg.metrics_host, self._metrics_port, self.metrics, self.health)
+                    serve_ops, cfg.metrics_host, self._metrics_port, self.metrics, self.health,
+                    self.status)
                 services.start_soon(self.feed.run)
                 await self.feed.ready.wait()
                 self._started = True
@@ -355,6 +430,7 @@ class FeedService:
             backoff_max_s=cfg.backoff_max_ms / 1000), completions.submit,
             self._on_refused,
             self.metrics, stuck=self.stuck)
+        self._batcher = batcher
 
         async def write() -> None:
             try:
@@ -393,7 +469,7 @@ class FeedService:
 
     # --- for subclasses ------------------------------------------------------------------
 
-    async def register(self, message: FeedMessage) -> OffsetToken | None:
+    async def register(self, message: FeedMessage) -> OffsetToken[TopicPartition] | None:
         """Track ``message``'s offset; None if its partition was revoked meanwhile (skip it).
 
         Blocks while ``max_uncommitted_offsets`` offsets wait for their commit (a slow message
@@ -426,7 +502,7 @@ class FeedService:
         self.metrics.stage["enqueue_wait"].observe(time.perf_counter() - started)
         return True
 
-    def complete(self, token: OffsetToken) -> None:
+    def complete(self, token: OffsetToken[TopicPartition]) -> None:
         """This message's work is durable: let its offset commit once all before it are."""
         offset = self.tracker.complete(token)
         if offset is None:

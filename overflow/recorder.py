@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+from kafka.structs import TopicPartition
 
 from invoker.batcher import PendingRecord
 from invoker.config import Config
@@ -57,7 +58,8 @@ class Recorder(FeedService):
             except Exception as exc:
                 await dead_letter_unexpected(self, message, token, exc, handoff)
 
-    async def _take(self, message: FeedMessage, token: OffsetToken, handoff: HandOff) -> None:
+    async def _take(self, message: FeedMessage, token: OffsetToken[TopicPartition],
+                    handoff: HandOff) -> None:
         """Into the record channel (blocks while it is full), or to the dead-letter topic."""
         try:
             item = decode(message.value, self.config.max_json_depth)

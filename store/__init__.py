@@ -71,9 +71,9 @@ class Store(Protocol):
         others. Raises StoreUnavailable if the write as a whole failed (then any subset of
         the docs may have been stored)."""
 
-    async def get(self, doc_id: str) -> dict | None: ...
+    async def get(self, doc_id: str) -> dict[str, Any] | None: ...
 
-    async def get_many(self, doc_ids: Sequence[str]) -> dict[str, dict]:
+    async def get_many(self, doc_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Only the ids that are present; handles at least 1000 ids per call."""
 
     async def count(self) -> int: ...
@@ -134,7 +134,7 @@ class EncodedRecord(dict[str, Any]):
         raise TypeError("an EncodedRecord is read-only: its data would no longer match it")
 
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only
-    __ior__ = _read_only  # type: ignore[assignment]
+    __ior__ = _read_only
 
 
 def encode_json(value: Any) -> bytes:

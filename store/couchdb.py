@@ -246,7 +246,7 @@ class CouchStore:
 
     # ---- reads -----------------------------------------------------------------------
 
-    async def get(self, doc_id: str) -> dict | None:
+    async def get(self, doc_id: str) -> dict[str, Any] | None:
         what = "reading a record"
         resp = await self._request("GET", f"{self._db}/{quote(doc_id, safe='')}", what=what)
         if resp.status_code == 404:
@@ -258,9 +258,9 @@ class CouchStore:
             self._fail(what, "the document is not a JSON object")
         return _strip(doc)
 
-    async def get_many(self, doc_ids: Sequence[str]) -> dict[str, dict]:
+    async def get_many(self, doc_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         ids = list(dict.fromkeys(doc_ids))
-        found: dict[str, dict] = {}
+        found: dict[str, dict[str, Any]] = {}
         for start in range(0, len(ids), _GET_MANY_CHUNK):
             chunk = ids[start : start + _GET_MANY_CHUNK]
             what = f"reading {len(chunk)} records"
@@ -321,7 +321,7 @@ def _doc_problem(doc: Mapping[str, Any], doc_id: str | None) -> str | None:
     return None
 
 
-def _strip(doc: dict) -> dict:
+def _strip(doc: dict[str, Any]) -> dict[str, Any]:
     doc.pop("_id", None)
     doc.pop("_rev", None)
     return doc
@@ -332,7 +332,8 @@ def _is_document_problem(resp: httpx.Response) -> bool:
         return True
     if resp.status_code == 500:
         try:
-            return resp.json().get("error") == "doc_validation"
+            error: object = resp.json().get("error")
+            return error == "doc_validation"
         except (ValueError, AttributeError):
             return False
     return False

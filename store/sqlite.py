@@ -182,7 +182,7 @@ class SqliteStore:
 
     # ---- reads -----------------------------------------------------------------------
 
-    async def get(self, doc_id: str) -> dict | None:
+    async def get(self, doc_id: str) -> dict[str, Any] | None:
         conn = self._require()
         row = await self._run(self._get_sync, conn, doc_id)
         return None if row is None else json.loads(row)
@@ -192,7 +192,7 @@ class SqliteStore:
         row = conn.execute("SELECT doc FROM activations WHERE doc_id = ?", (doc_id,)).fetchone()
         return None if row is None else row[0]
 
-    async def get_many(self, doc_ids: Sequence[str]) -> dict[str, dict]:
+    async def get_many(self, doc_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         conn = self._require()
         ids = list(dict.fromkeys(doc_ids))
         if not ids:
@@ -219,4 +219,5 @@ class SqliteStore:
 
     @staticmethod
     def _count_sync(conn: sqlite3.Connection) -> int:
-        return conn.execute("SELECT COUNT(*) FROM activations").fetchone()[0]
+        (count,) = conn.execute("SELECT COUNT(*) FROM activations").fetchone()
+        return int(count)

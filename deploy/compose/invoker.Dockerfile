@@ -6,6 +6,7 @@
 # - Offline (`make images`, deploy/compose/images.sh): on the debootstrap'ed python base
 #   (--build-arg PYTHON_BASE=invoker-python-base:bookworm), from the wheels images.sh stages in
 #   deploy/compose/wheels/{deps,invoker}/ (pip inside `docker build` cannot reach PyPI there).
+#   Both ways take the versions pinned in constraints.txt (images.sh stages wheels by it).
 #   That base has neither pip nor ensurepip: the venv is made --without-pip and the pip wheel
 #   itself (a zip with a runnable pip package) installs the rest, --no-index.
 # The COPY sources with [x] patterns match nothing when the wheels are not staged; README.md
@@ -26,7 +27,7 @@ RUN set -eu; \
         python3 -m venv /opt/invoker; \
     fi
 COPY deploy/compose/wheels/README.md deploy/compose/wheels/invoke[r] /wheels/invoker/
-COPY pyproject.toml /src/
+COPY pyproject.toml constraints.txt /src/
 COPY invoker /src/invoker
 COPY store /src/store
 COPY overflow /src/overflow
@@ -37,7 +38,8 @@ RUN set -eu; \
             /wheels/invoker/*.whl; \
     else \
         pip="/opt/invoker/bin/python -m pip"; \
-        $pip install --no-cache-dir --disable-pip-version-check --quiet /src; \
+        $pip install --no-cache-dir --disable-pip-version-check --quiet \
+            -c /src/constraints.txt /src; \
     fi; \
     $pip check --disable-pip-version-check; \
     /opt/invoker/bin/invoker --help >/dev/null

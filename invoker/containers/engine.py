@@ -16,9 +16,9 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, TypeVarTuple
 
 import docker
 import docker.errors
@@ -29,6 +29,9 @@ import trio
 from docker.types import LogConfig
 
 logger = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
 
 SENTINEL = b"XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
 LABEL_MANAGED = "org.invoker.managed"
@@ -177,7 +180,7 @@ class DockerBackend:
     async def aclose(self) -> None:
         await trio.to_thread.run_sync(self._client.close)
 
-    async def _call(self, fn: Any, *args: Any, abandon: bool = False) -> Any:
+    async def _call(self, fn: Callable[[*_Ts], _T], *args: *_Ts, abandon: bool = False) -> _T:
         try:
             return await trio.to_thread.run_sync(
                 fn, *args, limiter=self._limiter, abandon_on_cancel=abandon
@@ -222,7 +225,8 @@ class DockerBackend:
                 )
             except docker.errors.ImageNotFound as exc:
                 raise ImageNotFound(spec.image) from exc
-            return resp["Id"]
+            container_id: str = resp["Id"]
+            return container_id
 
         try:
             return await trio.to_thread.run_sync(_create, limiter=self._limiter)
@@ -342,7 +346,8 @@ class DockerBackend:
             configs = (info.get("IPAM") or {}).get("Config") or []
             if not configs or not configs[0].get("Subnet"):
                 raise DockerError(f"network {name} has no IPv4 subnet")
-            return configs[0]["Subnet"]
+            subnet: str = configs[0]["Subnet"]
+            return subnet
 
         return await self._call(_ensure)
 
@@ -481,15 +486,17 @@ class DockerBackend:
             "since": since_param(since_ns),
         }
         try:
-            res = api._get(api._url("/containers/{0}/logs", container_id), params=params,
-                           stream=True)
+            # the SDK's private helpers (its logs() drops which stream a line came from); the
+            # stubs leave private methods out
+            url = api._url("/containers/{0}/logs", container_id)  # type: ignore[attr-defined]
+            res = api._get(url, params=params, stream=True)  # type: ignore[attr-defined]
         except requests.exceptions.RequestException as exc:
             raise DockerError(f"reading logs: {exc}") from exc
         try:
             if res.status_code == 404:
                 return out  # the container is gone
-            api._raise_for_status(res)
-            sock = api._get_raw_response_socket(res)
+            api._raise_for_status(res)  # type: ignore[attr-defined]
+            sock = api._get_raw_response_socket(res)  # type: ignore[attr-defined]
             raw = res.raw
             seen: set[str] = set()
 
@@ -562,6 +569,6 @@ class DockerBackend:
 
 def _set_timeout(sock: Any, timeout: float) -> None:
     for s in (sock, getattr(sock, "_sock", None)):
-        if isinstance(s, socket.socket) or hasattr(s, "settimeout"):
+        if s is not None and (isinstance(s, socket.socket) or hasattr(s, "settimeout")):
             with contextlib.suppress(OSError, AttributeError):
                 s.settimeout(timeout)

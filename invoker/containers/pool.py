@@ -277,6 +277,7 @@ class ContainerPool:
             labels_for=self._labels_for)
         self._docker_ids: set[str] = set()  # created by this pool and not yet removed
         self._nursery: trio.Nursery | None = None
+        self._networks: ActionNetworks | None = None  # set by _open_with (None: unmanaged)
         self._closed = False
         self._changed = trio.Event()  # set (and replaced) on every state change; for tests
         self._stages = metrics.stage
@@ -416,7 +417,7 @@ class ContainerPool:
         return self._scheduler.free_memory_mb
 
     def snapshot(self) -> list[dict[str, Any]]:
-        """What the pool holds, for tests and debugging."""
+        """What the pool holds (GET /status groups it by action; tests). Never blocks."""
         return [
             {"name": c.name, "phase": c.phase, "memory_mb": c.memory_mb, "active": c.active,
              "pool_key": c.pool_key, "kind": c.kind, "docker_id": c.docker_id}

@@ -325,7 +325,8 @@ class _Http:
                                          f" answer ({exc})") from exc
                 raise
             if event is not h11.NEED_DATA:
-                return event
+                # mypy does not narrow h11's sentinels (classes) by identity
+                return event  # type: ignore[return-value]
             if h.trailing_data[1]:  # never read past EOF
                 raise ConnectionLost("the runtime closed the connection before a complete answer")
             if self._received:

@@ -41,12 +41,15 @@ import collections
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
 from invoker.model import Action, InvocationResult, PoolKey
+
+if TYPE_CHECKING:
+    from invoker.containers.logs import ContainerLog
 
 logger = structlog.get_logger(__name__)
 
@@ -90,7 +93,7 @@ class ContainerRecord:
     docker_id: str | None = None
     base_url: str | None = None
     conn: Any = None  # RuntimeConnection once started
-    log: Any = None  # ContainerLog when its json-file log can be read directly
+    log: ContainerLog | None = None  # when its json-file log can be read directly
     active: int = 0
     last_used: float = 0.0
     serving_since: float = 0.0  # when it was reserved or assigned to its key (trio clock)

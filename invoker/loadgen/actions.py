@@ -141,20 +141,27 @@ def action_name(action: ParsedAction, copy: int | None) -> str:
     return action.name if copy is None else f"{action.name}-{copy}"
 
 
+def _config_default(field_name: str) -> int:
+    """The daemon's default for the integer setting ``field_name``."""
+    default = Config.__dataclass_fields__[field_name].default
+    if not isinstance(default, int):
+        raise TypeError(f"Config.{field_name} has no integer default")
+    return default
+
+
 def auto_limits(action: ParsedAction) -> dict[str, int] | None:
     """Limits an action needs beyond the daemon's defaults, or None when the defaults do."""
-    defaults = Config.__dataclass_fields__
     if action.kind in ("sleep", "cpu") and action.arg is not None:
-        default_timeout = defaults["default_timeout_ms"].default
+        default_timeout = _config_default("default_timeout_ms")
         needed = action.arg + 5_000
         if needed > default_timeout:
-            return {"timeout": min(needed, defaults["max_timeout_ms"].default)}
+            return {"timeout": min(needed, _config_default("max_timeout_ms"))}
     if action.kind == "logs" and action.arg is not None:
-        default_kb = defaults["default_logs_kb"].default
+        default_kb = _config_default("default_logs_kb")
         # "loadgen log line N of M" plus the daemon's timestamp/stream prefix, per line
         needed = math.ceil(action.arg * (64 + 2 * len(str(action.arg))) / 1024) + 1
         if needed > default_kb:
-            return {"logs": min(needed, defaults["max_logs_kb"].default)}
+            return {"logs": min(needed, _config_default("max_logs_kb"))}
     return None
 
 
@@ -171,8 +178,8 @@ def check_copies(copies: int) -> int:
 
 
 def activation_message(action_spec: str, namespace: str, *, activation_id: str | None = None,
-                       blocking: bool = False, limits: dict | None = None,
-                       copy: int | None = None) -> dict:
+                       blocking: bool = False, limits: dict[str, Any] | None = None,
+                       copy: int | None = None) -> dict[str, Any]:
     """An activation message the daemon accepts (see :mod:`invoker.messages`).
 
     ``limits`` None: the action's automatic limits, if any (see the module docstring of
@@ -207,7 +214,7 @@ def activation_message(action_spec: str, namespace: str, *, activation_id: str |
     }
 
 
-def encode_message(message: bytes | bytearray | dict) -> bytes:
+def encode_message(message: bytes | bytearray | dict[str, Any]) -> bytes:
     """A message as it goes to Kafka: dicts as compact JSON, bytes as they are."""
     if isinstance(message, (bytes, bytearray)):
         return bytes(message)
@@ -225,7 +232,7 @@ class MessageEncoder:
     _SUBMITTED_MEMBER = b'","submittedAt":'
 
     def __init__(self, action_spec: str, namespace: str, *, blocking: bool = False,
-                 limits: dict | None = None, copy: int | None = None) -> None:
+                 limits: dict[str, Any] | None = None, copy: int | None = None) -> None:
         doc = activation_message(action_spec, namespace, activation_id="0" * 32,
                                  blocking=blocking, limits=limits, copy=copy)
         # activation_message's member order: activationId, these, transid, submittedAt
@@ -241,7 +248,7 @@ class MessageEncoder:
 
 
 def message_encoders(actions: list[str], namespace: str, *, copies: int = 1,
-                     blocking: bool = False, limits: dict | None = None
+                     blocking: bool = False, limits: dict[str, Any] | None = None
                      ) -> list[MessageEncoder]:
     """One encoder per action and copy; message ``i`` of a run uses encoder ``i % len``.
 

@@ -6,24 +6,26 @@ timeout.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 from invoker.loadgen.report import Report
-from store import doc_id_for
+from store import Store, doc_id_for
 
 STORE_CHUNK = 500  # doc ids per get_many call
 STORE_TIMEOUT_S = 60.0  # bound on each store session (count, or the whole read-back)
 
+_T = TypeVar("_T")
 
-def store_session(url: str | None, body: Callable[[Any], Any],
-                  timeout_s: float = STORE_TIMEOUT_S) -> Any:
+
+def store_session(url: str | None, body: Callable[[Store], Awaitable[_T]],
+                  timeout_s: float = STORE_TIMEOUT_S) -> _T:
     """Open the store, run ``await body(store)``, close it — in a private trio run (bounded)."""
     import trio
 
     from store import open_store
 
-    async def main() -> Any:
+    async def main() -> _T:
         with trio.fail_after(timeout_s):
             store = open_store(url)
             await store.open()
@@ -37,16 +39,17 @@ def store_session(url: str | None, body: Callable[[Any], Any],
 
 
 def count_store(url: str | None) -> int:
-    async def body(store: Any) -> int:
+    async def body(store: Store) -> int:
         return await store.count()
 
     return store_session(url, body)
 
 
-def read_store(url: str | None, doc_ids: list[str]) -> tuple[dict[str, dict], int]:
+def read_store(url: str | None, doc_ids: list[str]
+               ) -> tuple[dict[str, dict[str, Any]], int]:
     """The records found for ``doc_ids`` (by doc id) and the store's count, in one session."""
-    async def body(store: Any) -> tuple[dict[str, dict], int]:
-        found: dict[str, dict] = {}
+    async def body(store: Store) -> tuple[dict[str, dict[str, Any]], int]:
+        found: dict[str, dict[str, Any]] = {}
         for start in range(0, len(doc_ids), STORE_CHUNK):
             found.update(await store.get_many(doc_ids[start:start + STORE_CHUNK]))
         return found, await store.count()

@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any
 
 from invoker.config import ENV_PREFIX, Config
 from invoker.loadgen.actions import ACTIONS, MAX_COPIES, action_spec_help
@@ -14,7 +13,8 @@ from invoker.loadgen.run import run_load
 from invoker.loadgen.spec import LoadSpec
 
 
-def add_parser(commands: Any) -> argparse.ArgumentParser:
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
+               ) -> argparse.ArgumentParser:
     defaults = Config.__dataclass_fields__
     parser = commands.add_parser(
         "loadgen", help="produce activations and check that every one was stored",
@@ -85,7 +85,10 @@ def spec_from_args(args: argparse.Namespace,
         """The flag, else INVOKER_<FIELD_NAME>, else the Config default."""
         if flag:
             return flag
-        return env.get(ENV_PREFIX + field_name.upper()) or defaults[field_name].default
+        default = defaults[field_name].default
+        if not isinstance(default, str):
+            raise TypeError(f"Config.{field_name} has no string default")
+        return env.get(ENV_PREFIX + field_name.upper()) or default
 
     spec = LoadSpec(
         bootstrap=pick(args.bootstrap, "kafka_bootstrap"),

@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from invoker.loadgen.clients import TOPIC_METADATA_TIMEOUT_S, assign_all, new_consumer
 from invoker.loadgen.spec import LoadgenError
@@ -20,7 +21,7 @@ from invoker.loadgen.spec import LoadgenError
 POLL_TIMEOUT_MS = 100  # how soon the collector thread sees close()
 
 
-def decode_completion(raw: bytes | None) -> dict | None:
+def decode_completion(raw: bytes | None) -> dict[str, Any] | None:
     """A completion message as a dict, or None when it is not one (no string activationId)."""
     if not raw:
         return None
@@ -34,14 +35,14 @@ def decode_completion(raw: bytes | None) -> dict | None:
 
 
 def read_completions(bootstrap: str, topic: str, ids: set[str], timeout_s: float
-                     ) -> dict[str, list[dict]]:
+                     ) -> dict[str, list[dict[str, Any]]]:
     """Completion messages on ``topic`` for ``ids``, waiting until each id has at least one or
     ``timeout_s`` passed. Reads the topic from its beginning. The result has only the ids that
     got a completion (so ``ids - result.keys()`` are the missing ones); each maps to all its
     messages, in order.
     """
     wanted = set(ids)
-    found: dict[str, list[dict]] = {}
+    found: dict[str, list[dict[str, Any]]] = {}
     if not wanted:
         return found
     deadline = time.monotonic() + timeout_s

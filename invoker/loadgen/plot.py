@@ -27,9 +27,12 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from invoker.loadgen.sampler import DaemonSeries, RunSeries
+
+if TYPE_CHECKING:  # matplotlib is an optional extra: imported where it draws
+    from matplotlib.typing import LineStyleType
 from invoker.loadgen.spec import LoadgenError
 
 WIDTH_IN, HEIGHT_IN, DPI = 14.0, 12.0, 100  # the PNG: 1400 x 1200 pixels
@@ -183,7 +186,7 @@ def _shade_pauses(axes: Any, series: DaemonSeries, colour: str) -> None:
 
 
 def _legend(axes: Any, daemons: Sequence[DaemonSeries], colours: list[str],
-            styles: list[tuple[str, str]]) -> None:
+            styles: list[tuple[LineStyleType, str]]) -> None:
     """Beside the panel: a colour per daemon (the first MAX_LEGEND_DAEMONS), then what each
     line style and the shading mean."""
     from matplotlib.lines import Line2D

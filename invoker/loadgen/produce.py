@@ -131,7 +131,7 @@ def _send_all(producer: Any, partitions: list[int], spec: LoadSpec,
     unsettled: deque[tuple[str, Any]] = deque()
     ids = activation_ids()
     bucket = TokenBucket(spec.rate) if spec.rate else None
-    count = None if spec.duration_s else (spec.count or 0)
+    count = spec.count or 0  # with a duration, stop_at ends the run instead
     start = sending.start = monotonic()
     stop_at = start + spec.duration_s if spec.duration_s else None
     index = 0
@@ -184,7 +184,7 @@ def settle(unsettled: deque[tuple[str, Any]], sending: Sending, *, only_leading:
         unsettled.popleft()
 
 
-def produce_messages(bootstrap: str, topic: str, messages: list[bytes | dict],
+def produce_messages(bootstrap: str, topic: str, messages: list[bytes | dict[str, Any]],
                      key: bytes | str | None = None, *, timeout_s: float = KAFKA_TIMEOUT_S) -> None:
     """Send ``messages`` to ``topic`` and wait until Kafka acknowledged every one.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 from invoker.loadgen.actions import check_copies, check_namespace, parse_action_spec
 from invoker.loadgen.daemon_metrics import check_metrics_url
@@ -48,7 +49,7 @@ class LoadSpec:
     blocking: bool = False
     force_progress: bool = False
     topic_partitions: int = 4  # only used when loadgen has to create a missing topic
-    limits: dict | None = None  # passed to activation_message for every message
+    limits: dict[str, Any] | None = None  # passed to activation_message for every message
     copies: int = 1  # distinct actions per spec, at most actions.MAX_COPIES
     plot: str | None = None
 

@@ -32,6 +32,7 @@ class ScriptedConsumer:
     def __init__(self, records: int = 0, partitions: Sequence[TopicPartition] = (TP,)) -> None:
         self.partitions = set(partitions)
         self.waiting = deque(Record(i, b"m%d" % i) for i in range(records))
+        self.end = records  # the high watermark
         self.paused: set[TopicPartition] = set()
         self.max_records: list[int] = []
         self.commits: list[tuple[float, dict[TopicPartition, int]]] = []
@@ -58,6 +59,12 @@ class ScriptedConsumer:
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
         self.seeks.append((partition, offset))
+
+    def position(self, partition: TopicPartition, timeout_ms: int | None = None) -> int:
+        return self.waiting[0].offset if self.waiting else self.end  # (what /status reports)
+
+    def highwater(self, partition: TopicPartition) -> int:
+        return self.end
 
 
 class ScriptedGate:

@@ -1,11 +1,19 @@
-"""The Kafka publisher's pure parts: the size check, what is retried, the stuck watch."""
+"""The Kafka publisher's pure parts: the size check, what is retried, the stuck watch (and
+what /metrics and /healthz make of it)."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 from kafka import errors as kafka_errors
 from kafka.record.default_records import DefaultRecordBatchBuilder
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from invoker import service
+from invoker.config import Config
+from invoker.daemon import Invoker
 from invoker.kafka_io import (
     OutgoingMessage,
     Refusal,
@@ -16,6 +24,7 @@ from invoker.kafka_io import (
     value_room,
 )
 from invoker.stuck import StuckWatch
+from overflow.recorder import Recorder
 
 SHAPES = [
     (None, ()),
@@ -137,6 +146,38 @@ def test_stuck_watch_reports_the_oldest_unfinished_operation():
     watch.end(second)  # ending twice (success after cancellation paths) is harmless
     watch.failed(second, "late")  # so is a failure reported after the end
     assert watch.oldest() is None and watch.stuck_for() == 0.0
+
+
+def scraped_oldest_unfinished(daemon: service.FeedService) -> float:
+    """invoker_oldest_unfinished_seconds as GET /metrics renders it (invoker.ops)."""
+    text = generate_latest(daemon.metrics.registry).decode()
+    (family,) = [f for f in text_string_to_metric_families(text)
+                 if f.name == "invoker_oldest_unfinished_seconds"]
+    (sample,) = family.samples
+    return sample.value
+
+
+@pytest.mark.parametrize("daemon_class", [Invoker, Recorder])
+def test_the_oldest_unfinished_operation_is_exported_as_healthz_sees_it(
+        daemon_class, tmp_path, monkeypatch):
+    clock = Clock()
+    # The daemon's own watch, on a clock the test moves (the feed thread is never started).
+    monkeypatch.setattr(service, "StuckWatch", partial(StuckWatch, clock))
+    daemon = daemon_class(Config(store_url=f"sqlite:///{tmp_path}/r.sqlite3"))
+    assert scraped_oldest_unfinished(daemon) == 0
+    write = daemon.stuck.begin("store write of 3 records")
+    clock.now += 100
+    publish = daemon.stuck.begin("publish to invoker-completions")
+    clock.now += 21
+    daemon.stuck.failed(write, "store unavailable")
+    assert scraped_oldest_unfinished(daemon) == 121
+    # the same age /healthz fails on past health_stuck_s (120 s)
+    assert ("store write of 3 records unfinished for 121.0 s: store unavailable"
+            in daemon.health()["reasons"])
+    daemon.stuck.end(write)
+    assert scraped_oldest_unfinished(daemon) == 21
+    daemon.stuck.end(publish)
+    assert scraped_oldest_unfinished(daemon) == 0
 
 
 def test_header_text_never_raises_and_is_bounded():

@@ -1,0 +1,498 @@
+"""``invoker status``: one screen on a running daemon, from its ``GET /status``.
+
+The daemon side: :meth:`invoker.service.FeedService.status` builds the document ``GET /status``
+answers (JSON, :data:`STATUS_VERSION`) with the helpers here; they never block and bound its
+size: containers are counted per action and state (at most :data:`MAX_ACTIONS` actions, the
+rest summed up), partitions listed up to :data:`MAX_PARTITIONS` (those furthest behind first).
+:class:`RecentDurations` keeps the last store writes' durations for recent quantiles.
+
+The document (every ``*_s`` in seconds; offsets are "next to read", as Kafka counts them)::
+
+    version, role ("invoker"|"recorder"), id, uptime_s, ok, reasons (as /healthz)
+    feed: paused, paused_for_s, reason (why it paused), pauses, held_back_by [texts]
+    read_ahead, record_channel: depth, capacity (+ low_watermark)
+    uncommitted_offsets: count, max
+    store: writes_in_flight, max_writes_in_flight, recent {window_s, count, p50_s, p99_s,
+           max_s}, writes, mean_s (since start), failures
+    oldest_unfinished: the oldest store write or Kafka publish not finished {what, seconds,
+           error} (as /healthz sees them), or null
+    partitions: [{topic, partition, position, committed, highwater, uncommitted, lag,
+                  in_flight}], partitions_omitted
+    activations: {status: count}
+    invoker only: slots {used, max, running}, containers {count, memory_used_mb, memory_mb,
+                  waiting, by_action [{action, starting, busy, idle, prewarmed, removing,
+                  running}], more_actions, more_containers}, overflow {enabled, ...}
+
+Per partition: ``position`` is the next offset the feed reads (what it read, handed on or
+not), ``committed`` the last offset this member committed (before its first commit: where it
+began reading, the group's committed offset), ``uncommitted`` = position - committed (read,
+not yet committed), ``lag`` = highwater - committed (to the partition's end as of the last
+fetch), ``in_flight`` = taken and not yet committable. Unknown values are null.
+
+The command: ``invoker status [--url URL] [--watch [SECONDS] [--count N]] [--json]``. What may
+block: it waits for the daemon's answer, at most :data:`FETCH_TIMEOUT_S` per read and about
+twice that in all, and reads at most :data:`MAX_STATUS_BYTES`. A daemon that cannot be
+reached, refuses, or answers something else gives one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import httpx
+from prometheus_client.metrics_core import Metric
+
+from invoker.config import load_config
+from invoker.containers.scheduler import (
+    ASSIGNED,
+    INITIALIZING,
+    NEW,
+    READY,
+    REMOVING,
+    RETIRING,
+    STARTING,
+    STEM,
+)
+
+STATUS_VERSION = 1
+MAX_ACTIONS = 50  # container groups listed; the rest are summed in more_actions
+MAX_PARTITIONS = 64  # partitions listed; those furthest behind are kept
+RECENT_WINDOW_S = 60.0  # store write quantiles over this window (of the last RECENT_KEPT)
+RECENT_KEPT = 1024
+FETCH_TIMEOUT_S = 5.0
+MAX_STATUS_BYTES = 1 << 20
+SHOW_UNFINISHED_S = 1.0  # a write or publish unfinished this long is shown
+DEFAULT_WATCH_S = 2.0
+MIN_WATCH_S = 0.1
+CONTAINER_STATES = ("starting", "busy", "idle", "prewarmed", "removing")
+_STATE_OF_PHASE = {NEW: "starting", ASSIGNED: "starting", INITIALIZING: "starting",
+                   STARTING: "starting", STEM: "prewarmed", RETIRING: "removing",
+                   REMOVING: "removing"}
+_NAME_WIDTH = 48  # action and partition names are cut to this on screen
+
+
+# --- the daemon side ---------------------------------------------------------------------
+
+class RecentDurations:
+    """The last ``keep`` durations and when they were added, for recent quantiles.
+
+    Bounded (``keep`` entries); used from one thread (the trio thread); never blocks.
+    """
+
+    def __init__(self, keep: int = RECENT_KEPT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._samples: deque[tuple[float, float]] = deque(maxlen=keep)
+
+    def add(self, seconds: float) -> None:
+        self._samples.append((self._clock(), seconds))
+
+    def summary(self, window_s: float = RECENT_WINDOW_S) -> dict[str, Any]:
+        """Count, p50, p99 and max of those added in the last ``window_s`` (nearest rank)."""
+        since = self._clock() - window_s
+        values = sorted(seconds for at, seconds in self._samples if at >= since)
+        summary: dict[str, Any] = {"window_s": window_s, "count": len(values)}
+        if values:
+            summary.update(p50_s=_nearest_rank(values, 0.5), p99_s=_nearest_rank(values, 0.99),
+                           max_s=values[-1])
+        return summary
+
+
+def _nearest_rank(ordered: Sequence[float], q: float) -> float:
+    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
+
+
+def containers_status(snapshot: Iterable[Mapping[str, Any]], *, waiting: int,
+                      memory_used_mb: int, memory_mb: int,
+                      max_groups: int = MAX_ACTIONS) -> dict[str, Any]:
+    """The pool's containers (``ContainerPool.snapshot()``) counted per action and state:
+    ``namespace/name@version`` (stem cells: ``prewarm <kind>``), states :data:`CONTAINER_STATES`,
+    ``running`` the activations in them. The ``max_groups`` largest groups are listed."""
+    groups: dict[str, dict[str, Any]] = {}
+    count = 0
+    for c in snapshot:
+        count += 1
+        key = c["pool_key"]
+        name = f"prewarm {c['kind']}" if key is None else (
+            f"{key.namespace}/{key.name}@{key.version}")
+        group = groups.get(name)
+        if group is None:
+            group = groups[name] = {"action": name, **dict.fromkeys(CONTAINER_STATES, 0),
+                                    "running": 0}
+        phase = c["phase"]
+        if phase == READY:
+            state = "busy" if c["active"] else "idle"
+        else:
+            state = _STATE_OF_PHASE.get(phase, "removing")
+        group[state] += 1
+        group["running"] += c["active"]
+    ordered = sorted(groups.values(),
+                     key=lambda g: (-sum(g[s] for s in CONTAINER_STATES), g["action"]))
+    listed, rest = ordered[:max_groups], ordered[max_groups:]
+    return {"count": count, "memory_used_mb": memory_used_mb, "memory_mb": memory_mb,
+            "waiting": waiting, "by_action": listed, "more_actions": len(rest),
+            "more_containers": sum(g[s] for g in rest for s in CONTAINER_STATES)}
+
+
+class Progress(Protocol):
+    """What the feed thread last published about one partition (see invoker.feed)."""
+
+    @property
+    def position(self) -> int | None: ...
+    @property
+    def committed(self) -> int | None: ...
+    @property
+    def highwater(self) -> int | None: ...
+
+
+class TopicPartitionLike(Protocol):
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+
+
+def partition_rows(progress: Mapping[Any, Progress], in_flight: Callable[[Any], int],
+                   max_rows: int = MAX_PARTITIONS) -> tuple[list[dict[str, Any]], int]:
+    """One row per partition of ``progress`` (keys: TopicPartitions), and how many were left
+    out: past ``max_rows`` only those with the most read and not committed (then the largest
+    lag) are kept. Rows are ordered by topic and partition."""
+    rows = []
+    for tp, p in progress.items():
+        committed = p.committed
+        rows.append({
+            "topic": tp.topic, "partition": tp.partition, "position": p.position,
+            "committed": committed, "highwater": p.highwater,
+            "uncommitted": _minus(p.position, committed), "lag": _minus(p.highwater, committed),
+            "in_flight": in_flight(tp)})
+    omitted = max(len(rows) - max_rows, 0)
+    if omitted:
+        rows.sort(key=lambda r: (-(r["uncommitted"] or 0), -(r["lag"] or 0)))
+        del rows[max_rows:]
+    rows.sort(key=lambda r: (r["topic"], r["partition"]))
+    return rows, omitted
+
+
+def _minus(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else max(a - b, 0)
+
+
+class _Metric(Protocol):
+    def collect(self) -> Iterable[Metric]: ...
+
+
+def metric_count(metric: _Metric) -> int:
+    """A counter's or gauge's value, summed over its labels (prometheus_client's collect()),
+    as a whole number (what counts things)."""
+    return int(sum(sample.value for family in metric.collect() for sample in family.samples
+                   if not sample.name.endswith("_created")))
+
+
+def metric_by_label(metric: _Metric, label: str) -> dict[str, int]:
+    """A labelled counter's values by ``label``."""
+    return {sample.labels[label]: int(sample.value) for family in metric.collect()
+            for sample in family.samples if sample.name.endswith("_total")}
+
+
+def histogram_count_mean(histogram: _Metric) -> tuple[int, float | None]:
+    """How many observations a histogram has and their mean (None: none yet)."""
+    count = total = 0.0
+    for family in histogram.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_count"):
+                count = sample.value
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+    return int(count), (total / count if count else None)
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+def render(doc: Mapping[str, Any], source: str, now: float | None = None) -> str:
+    """The screen for a status document. Raises KeyError, TypeError or ValueError on a
+    document of another shape."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(now))
+    health = "healthy" if doc["ok"] else "UNHEALTHY: " + "; ".join(map(str, doc["reasons"]))
+    lines = [f"{doc['role']} {_cut(str(doc['id']))}  {source}  up {_duration(doc['uptime_s'])}"
+             f"  {stamp}  {health}"]
+
+    def row(label: str, text: str) -> None:
+        lines.append(f"{label:<13}{text}")
+
+    slots = doc.get("slots")
+    if slots:
+        row("slots", f"{slots['used']} / {slots['max']} used, {_num(slots['running'])} running")
+    feed = doc["feed"]
+    if feed["paused"]:
+        state = f"PAUSED for {_duration(feed['paused_for_s'])} ({feed['reason']})"
+    else:
+        state = "fetching"
+    row("feed", f"{state}; {_num(feed['pauses'])} pauses since start")
+    if feed["held_back_by"]:
+        row("", "held back by: " + "; ".join(map(str, feed["held_back_by"])))
+    ahead, channel = doc["read_ahead"], doc["record_channel"]
+    row("read-ahead", f"{ahead['depth']} / {ahead['capacity']}")
+    row("records", f"{channel['depth']} / {channel['capacity']} in the record channel "
+                   f"(resumes at <= {channel['low_watermark']})")
+    offsets = doc["uncommitted_offsets"]
+    row("offsets", f"{offsets['count']} taken, not yet committable (bound {offsets['max']})")
+    lines.extend(_store_lines(doc["store"]))
+    oldest = doc.get("oldest_unfinished")
+    if oldest and oldest["seconds"] >= SHOW_UNFINISHED_S:
+        row("unfinished", f"{oldest['what']} for {_duration(oldest['seconds'])}"
+                          + (f": {_cut(str(oldest['error']), 200)}" if oldest["error"] else ""))
+    overflow = doc.get("overflow")
+    if overflow and overflow["enabled"]:
+        row("overflow", f"{_num(overflow['in_flight'])} / {overflow['max_in_flight']} awaiting "
+                        f"Kafka; {_num(overflow['records'])} records, "
+                        f"{_size(overflow['bytes'])} overflowed since start")
+    elif overflow:
+        row("overflow", "off")
+    containers = doc.get("containers")
+    if containers is not None:
+        lines.extend(_container_lines(containers))
+    lines.extend(_partition_lines(doc["partitions"], doc.get("partitions_omitted", 0)))
+    activations = doc.get("activations") or {}
+    if activations:
+        row("activations", ", ".join(f"{_num(count)} {status}"
+                                     for status, count in sorted(activations.items())))
+    return "\n".join(lines)
+
+
+def _store_lines(store: Mapping[str, Any]) -> list[str]:
+    recent = store["recent"]
+    if recent["count"]:
+        latency = (f"p50 {_ms(recent['p50_s'])}, p99 {_ms(recent['p99_s'])}, max "
+                   f"{_ms(recent['max_s'])} over the last {recent['count']} writes "
+                   f"({recent['window_s']:g} s)")
+    else:
+        latency = f"no write in the last {recent['window_s']:g} s"
+    mean = store.get("mean_s")
+    lines = [f"{'store':<13}{latency}",
+             f"{'':<13}{store['writes_in_flight']} / {store['max_writes_in_flight']} writes in "
+             f"flight; {store['writes']} writes since start"
+             + (f", mean {_ms(mean)}" if mean is not None else "")
+             + f"; {_num(store['failures'])} failed"]
+    return lines
+
+
+def _container_lines(containers: Mapping[str, Any]) -> list[str]:
+    lines = [f"{'containers':<13}{containers['count']} using {containers['memory_used_mb']} / "
+             f"{containers['memory_mb']} MB; {containers['waiting']} activations waiting "
+             "for one"]
+    columns = (*CONTAINER_STATES, "running")
+    lines.extend(_table(("action", *columns),
+                        [(g["action"], *(g[c] for c in columns)) for g in containers["by_action"]]))
+    if containers.get("more_actions"):
+        lines.append(f"  ... and {containers['more_containers']} containers of "
+                     f"{containers['more_actions']} more actions")
+    return lines
+
+
+def _partition_lines(rows: Sequence[Mapping[str, Any]], omitted: int) -> list[str]:
+    if not rows:
+        return [f"{'partitions':<13}none owned"]
+    columns = ("position", "committed", "highwater", "uncommitted", "lag", "in_flight")
+    lines = [f"{'partitions':<13}{len(rows) + omitted} owned"]
+    lines.extend(_table(("partition", *(c.replace("_", " ") for c in columns)),
+                        [(f"{r['topic']}-{r['partition']}", *(r[c] for c in columns))
+                         for r in rows]))
+    if omitted:
+        lines.append(f"  ... and {omitted} more (those with less read and not committed)")
+    return lines
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Indented columns as wide as their widest cell: the first (a name, cut to
+    ``_NAME_WIDTH``) left-aligned, the others (numbers; None as "-") right-aligned."""
+    if not rows:
+        return []
+    cells = [list(header)] + [[_cut(str(row[0])), *map(_num, row[1:])] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    return ["  " + line[0].ljust(widths[0]) + "".join(
+        "  " + cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True))
+            for line in cells]
+
+
+def _num(value: float | None) -> str:
+    """A count or offset as digits (None: "-"); a fraction with one decimal."""
+    if value is None:
+        return "-"
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return f"{value:.1f}"
+
+
+def _cut(text: str, width: int = _NAME_WIDTH) -> str:
+    printable = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return printable if len(printable) <= width else printable[:width - 3] + "..."
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours:02d}h{minutes:02d}m"
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+# --- the command -------------------------------------------------------------------------
+
+class StatusUnavailable(Exception):
+    """No status document from the daemon; the message is one line saying why."""
+
+
+def status_url(base: str) -> str:
+    """``base`` (``http://host:port``, or one of the endpoint's URLs) → its ``/status``."""
+    url = base.strip().rstrip("/")
+    for path in ("/status", "/metrics", "/healthz"):
+        if url.endswith(path):
+            url = url[:-len(path)]
+    return url + "/status"
+
+
+def default_base_url(args: argparse.Namespace) -> str:
+    """The ops endpoint from the daemon's own settings (``--config``, ``INVOKER_*``): the
+    invoker's ``metrics_port``, or the recorder's ``recorder_metrics_port``. A wildcard bind
+    address is reached on loopback."""
+    config = load_config(args)
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(
+        config.metrics_host, config.metrics_host)
+    if ":" in host:
+        host = f"[{host}]"
+    port = config.recorder_metrics_port if args.recorder else config.metrics_port
+    return f"http://{host}:{port}"
+
+
+def fetch_status(url: str, timeout_s: float = FETCH_TIMEOUT_S) -> dict[str, Any]:
+    """The document at ``url``. Blocks up to ``timeout_s`` per read, about twice that in all;
+    raises StatusUnavailable."""
+    deadline = time.monotonic() + 2 * timeout_s
+    body = bytearray()
+    try:
+        # trust_env off: the endpoint is reached directly, never through a proxy of the env
+        with httpx.Client(timeout=timeout_s, trust_env=False) as client, \
+                client.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise StatusUnavailable(f"{url} answered HTTP {response.status_code} "
+                                        "(is this an invoker's ops endpoint?)")
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_STATUS_BYTES:
+                    raise StatusUnavailable(f"{url} answered more than {MAX_STATUS_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise StatusUnavailable(f"{url} took more than {2 * timeout_s:g} s to answer")
+    except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+        raise StatusUnavailable(f"cannot read {url}: {_one_line(exc)}") from None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise StatusUnavailable(f"{url} did not answer JSON") from None
+    if not isinstance(doc, dict) or doc.get("version") != STATUS_VERSION:
+        raise StatusUnavailable(f"{url} answered JSON that is not a status document of "
+                                f"version {STATUS_VERSION}")
+    return doc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
+               ) -> argparse.ArgumentParser:
+    parser = commands.add_parser(
+        "status", help="show one screen on a running daemon",
+        description="Show a running invoker's (or recorder's) state from its ops endpoint's "
+                    "GET /status: slots, containers by action and state, record channel and "
+                    "read-ahead, whether the feed is paused and why, store write latency, "
+                    "committed lag per partition, overflow. Exit status 1 when the daemon "
+                    "cannot be read (with --watch: when the last read failed).")
+    parser.add_argument("--url", metavar="URL",
+                        help="the daemon's ops endpoint, e.g. http://127.0.0.1:9180 (default: "
+                             "metrics_host and metrics_port from the same --config / INVOKER_* "
+                             "settings as the daemon)")
+    parser.add_argument("--recorder", action="store_true",
+                        help="default URL on recorder_metrics_port: a recorder's endpoint")
+    parser.add_argument("--config", metavar="FILE", help="the daemon's TOML configuration file")
+    parser.add_argument("--watch", nargs="?", type=float, const=DEFAULT_WATCH_S,
+                        metavar="SECONDS", help="redraw every SECONDS (default "
+                        f"{DEFAULT_WATCH_S:g}) until Ctrl-C; a failed read shows its reason "
+                        "and the watch goes on")
+    parser.add_argument("--count", type=int, metavar="N",
+                        help="with --watch: stop after N screens")
+    parser.add_argument("--json", action="store_true",
+                        help="print the document as JSON (with --watch: one line per read)")
+    parser.set_defaults(handler=_handle)
+    return parser
+
+
+def _handle(args: argparse.Namespace) -> int:
+    if args.watch is not None and not args.watch >= MIN_WATCH_S:
+        raise ValueError(f"--watch must be at least {MIN_WATCH_S:g} seconds")
+    if args.count is not None and (args.count < 1 or args.watch is None):
+        raise ValueError("--count needs --watch and must be at least 1")
+    base = args.url or default_base_url(args)  # ValueError (bad settings): the CLI exits 2
+    url = status_url(base)
+    try:
+        if args.watch is None:
+            return _show(url, base, args.json, clear=False)
+        return _watch(url, base, args, clear=sys.stdout.isatty() and not args.json)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return 0 if args.watch is not None else 130
+
+
+def _show(url: str, base: str, as_json: bool, *, clear: bool) -> int:
+    """Read and print one screen (or one line of JSON); 1 if the daemon could not be read."""
+    try:
+        doc = fetch_status(url)
+        text = json.dumps(doc) if as_json else render(doc, base)
+    except StatusUnavailable as exc:
+        text, status = f"invoker status: {exc}", 1
+    except (KeyError, TypeError, ValueError, AttributeError):
+        text, status = f"invoker status: {url} answered a status document of another shape", 1
+    else:
+        status = 0
+    if clear:
+        sys.stdout.write("\x1b[H\x1b[J")
+    stream = sys.stderr if status and not clear else sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
+    return status
+
+
+def _watch(url: str, base: str, args: argparse.Namespace, *, clear: bool) -> int:
+    """Redraw every ``args.watch`` seconds until Ctrl-C or ``args.count`` screens."""
+    shown = 0
+    while True:
+        started = time.monotonic()
+        status = _show(url, base, args.json, clear=clear)
+        shown += 1
+        if args.count is not None and shown >= args.count:
+            return status
+        if not clear and not args.json:
+            sys.stdout.write("\n")
+        time.sleep(max(args.watch - (time.monotonic() - started), 0.0))
