@@ -42,7 +42,7 @@ import trio
 
 from invoker.metrics import Metrics
 from invoker.offsets import OffsetToken
-from invoker.status import RecentDurations
+from invoker.status_report import RecentDurations
 from invoker.stuck import StuckWatch
 from store import DocResult, Outcome, Store, StoreUnavailable
 

@@ -53,7 +53,7 @@ GROUPS: dict[str, str] = {
                      "must fall in.",
     "overflow": "Records the record channel cannot take go to a Kafka topic; recorders store "
                 "them.",
-    "operations": "/metrics and /healthz, stopping, logging.",
+    "operations": "/metrics, /healthz and /status, stopping, logging.",
 }
 # The README's settings tables sit between these lines (see write_readme).
 MARKDOWN_BEGIN = ("<!-- settings:begin (generated from invoker/config.py by `make docs`: "
@@ -161,14 +161,15 @@ class Config:
              "topic's partitions")
     recorder_metrics_port: int = setting(
         9181, group="overflow", commands=(RECORDER,), metavar="PORT",
-        help="port of the recorder's /metrics and /healthz (on metrics_host)")
+        help="port of the recorder's /metrics, /healthz and /status (on metrics_host)")
     # --- store
     store_url: str = setting(
         "sqlite:///./invoker-records.sqlite3", group="store", metavar="URL", secret=True,
         help="sqlite:///PATH, or http(s)://USER:PASSWORD@HOST:5984/DB for a CouchDB-API store")
     store_timeout_s: float = setting(
         30.0, group="store", unit="s",
-        help="total deadline of one store request (a failed bulk write is retried)")
+        help="CouchDB: total deadline of one store request; SQLite: how long a write waits "
+             "for another process's lock (busy timeout). A failed bulk write is retried")
     # --- pipeline bounds
     read_ahead: int = setting(
         64, group="pipeline bounds", unit="messages",
@@ -183,7 +184,9 @@ class Config:
         help="the Kafka consumer's own fetch buffer")
     max_message_bytes: int = setting(
         1024 * 1024, group="pipeline bounds", unit="bytes",
-        help="largest activation message accepted (larger ones are dead-lettered)")
+        help="largest activation message the invoker accepts (larger ones are dead-lettered); "
+             "also sizes the feed's fetch per partition, invoker and recorder (at least 1 MiB, "
+             "at most fetch_max_bytes)")
     max_json_depth: int = setting(
         64, group="pipeline bounds", unit="levels",
         help="nesting depth of params and results; deeper ones are refused")
@@ -198,11 +201,12 @@ class Config:
     record_channel_size: int = setting(
         256, group="pipeline bounds", unit="records",
         help="the bounded channel of records on their way to the store; the feed pauses when "
-             "it is full")
+             "it is full (unless overflow_enabled: the invoker then sends the records it cannot "
+             "take to overflow_topic)")
     record_channel_low_watermark: int = setting(
         128, group="pipeline bounds", unit="records",
         help="a paused feed resumes when the record channel is at or below this depth (and the "
-             "read-ahead at half)")
+             "read-ahead at half); unused by the invoker with overflow_enabled")
     batch_size: int = setting(
         100, group="pipeline bounds", unit="records",
         help="records per bulk store write, and completions per published batch")
@@ -323,10 +327,10 @@ class Config:
     # --- operations
     metrics_host: str = setting(
         "127.0.0.1", group="operations", metavar="ADDRESS",
-        help="address /metrics and /healthz listen on")
+        help="address /metrics, /healthz and /status listen on")
     metrics_port: int = setting(
         9180, group="operations", commands=(RUN,), metavar="PORT",
-        help="port of the daemon's /metrics and /healthz")
+        help="port of the daemon's /metrics, /healthz and /status")
     grace_period_s: float = setting(
         30.0, group="operations", unit="s",
         help="the one deadline of a graceful stop (first SIGTERM/SIGINT): in-flight work, last "

@@ -36,7 +36,7 @@ from invoker.model import Activation, now_ms
 from invoker.offsets import OffsetToken
 from invoker.records import build_record, build_rejection_record
 from invoker.service import FeedService, in_thread
-from invoker.status import containers_status, metric_count
+from invoker.status_report import containers_status, metric_count
 from overflow.envelope import OverflowedRecord
 from overflow.sender import OverflowSender
 from store import Store

@@ -437,8 +437,6 @@ class Feed:
         self._commit_requested(consumer, only=revoked)
         for tp in revoked:
             self._epochs.pop(tp, None)
-            self._read_from.pop(tp, None)
-            self._committed.pop(tp, None)
         took = time.monotonic() - started
         self._metrics.revoke_seconds.observe(took)
         log.info("partitions revoked", partitions=[f"{tp.topic}-{tp.partition}" for tp in revoked],
@@ -454,6 +452,12 @@ class Feed:
         positions = self._call(self._gate.assigned, [(tp, self._epoch) for tp in assigned])
         for tp, offset in positions.items():
             consumer.seek(tp, offset)  # this member's own position: nothing is read twice
+        # A partition handed back keeps what /status says of its commits; the others read from
+        # the group's commit, learnt again at their first poll.
+        for tp in set(self._committed) | set(self._read_from):
+            if tp not in positions:
+                self._committed.pop(tp, None)
+                self._read_from.pop(tp, None)
         if self._paused and assigned:
             # A rebalance hands partitions over un-paused; the pause still holds.
             consumer.pause(*assigned)

@@ -1,5 +1,5 @@
 """The operations endpoint: ``GET /metrics`` (Prometheus text), ``GET /healthz`` and
-``GET /status`` (JSON for ``invoker status``, see invoker.status).
+``GET /status`` (JSON for ``invoker status``, see invoker.status_report).
 
 A deliberately small HTTP/1.0-style server on trio: one request per connection, the whole
 response written in one send (see the Nagle note in ENVIRONMENT.md), request heads capped.

@@ -52,7 +52,7 @@ from invoker.metrics import Metrics
 from invoker.offsets import OffsetToken, OffsetTracker
 from invoker.ops import serve_ops
 from invoker.safejson import dumps_escaped
-from invoker.status import (
+from invoker.status_report import (
     RECENT_WINDOW_S,
     STATUS_VERSION,
     histogram_count_mean,
@@ -271,7 +271,7 @@ class FeedService:
         return {}
 
     def status_fields(self) -> dict[str, Any]:
-        """Extra sections of GET /status (see invoker.status). Must not block."""
+        """Extra sections of GET /status (see invoker.status_report). Must not block."""
         return {}
 
     def holding_back(self) -> list[str]:
@@ -318,9 +318,9 @@ class FeedService:
                                     for tp in self.tracker.partitions())}
 
     def status(self) -> dict[str, Any]:
-        """What ``GET /status`` answers (see invoker.status for the fields). Never blocks: it
-        reads what the trio thread owns and the feed thread's last published offsets; its size
-        is bounded (partitions and container groups are capped)."""
+        """What ``GET /status`` answers (see invoker.status_report for the fields). Never
+        blocks: it reads what the trio thread owns and the feed thread's last published
+        offsets; its size is bounded (partitions and container groups are capped)."""
         cfg, m = self.config, self.metrics
         health = self.health()
         feed = self.feed

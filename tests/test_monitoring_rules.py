@@ -7,8 +7,10 @@ Debian's prometheus package, fetched by check.sh when missing).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -21,13 +23,23 @@ MONITORING = Path(__file__).resolve().parents[1] / "deploy" / "monitoring"
 RULES = MONITORING / "rules.yml"
 RULES_TEST = MONITORING / "rules_test.yml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
-CHECK_TIMEOUT_S = 900  # the first run may download the prometheus package
+CHECK_TIMEOUT_S = 900  # the first run may download the prometheus package (check.sh: <= 720 s)
 METRIC_NAME = re.compile(r"\b(?:invoker|process)_[a-z0-9_]+\b")
 
 
 def run_check(directory: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(directory / "check.sh")], capture_output=True, text=True,
-                          timeout=CHECK_TIMEOUT_S)
+    """check.sh in its own session: on timeout its whole process group (apt, promtool) is
+    killed, not only the shell."""
+    args = [str(directory / "check.sh")]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=CHECK_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")

@@ -10,32 +10,56 @@
 # extracted into $INVOKER_CACHE/promtool (default ~/.cache/invoker). The package is downloaded
 # (apt-get download) and unpacked rather than installed: installing it would also enable and
 # start a Prometheus server on this machine.
+#
+# Bounded: every step that may wait has a timeout; fetching promtool takes at most
+# 2 x APT_DOWNLOAD_TIMEOUT_S + APT_UPDATE_TIMEOUT_S (480 s), each of the four promtool runs
+# PROMTOOL_TIMEOUT_S (60 s): 720 s in all (tests/test_monitoring_rules.py allows 900 s).
 set -euo pipefail
 
 MONITORING_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-CACHE_DIR="${INVOKER_CACHE:-$HOME/.cache/invoker}/promtool"
+CACHE_DIR="${INVOKER_CACHE:-${HOME:-/tmp}/.cache/invoker}/promtool"
+APT_DOWNLOAD_TIMEOUT_S=120
+APT_UPDATE_TIMEOUT_S=240
+PROMTOOL_TIMEOUT_S=60
 
 log() { echo "[monitoring-check] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 WORK="$(mktemp -d)" # scratch, removed at exit whatever happens
 trap 'rm -rf "$WORK"' EXIT
 
+apt_download() {
+    (cd "$1" && timeout "$APT_DOWNLOAD_TIMEOUT_S" apt-get download -q prometheus >"$1/apt.log" 2>&1)
+}
+
 # fetch_promtool: unpack Debian's prometheus package into CACHE_DIR (the package lists are
 # refreshed first when apt cannot download it)
 fetch_promtool() {
-    local deb work="$WORK/apt"
+    local debs work="$WORK/apt"
     mkdir -p "$work"
-    chmod 0777 "$work" # apt's download user writes there
-    if ! (cd "$work" && timeout 600 apt-get download -q prometheus >"$work/apt.log" 2>&1); then
-        log "apt-get download prometheus failed; refreshing the package lists"
-        DEBIAN_FRONTEND=noninteractive timeout 900 apt-get -o DPkg::Lock::Timeout=300 update -q >&2 ||
-            die "apt-get update failed"
-        (cd "$work" && timeout 600 apt-get download -q prometheus >"$work/apt.log" 2>&1) || {
+    if [[ $EUID -eq 0 ]] && id -u _apt >/dev/null 2>&1; then
+        # apt run by root downloads as its sandbox user _apt: it must reach and write the
+        # directory (else apt falls back to downloading as root, with a warning)
+        chmod 0755 "$WORK"
+        chown _apt "$work"
+    fi
+    if ! apt_download "$work"; then
+        [[ $EUID -eq 0 ]] || {
             cat "$work/apt.log" >&2
-            die "apt-get download prometheus failed"
+            die "apt-get download prometheus failed, and refreshing the package lists needs" \
+                "root: set PROMTOOL=/path/to/promtool (or put promtool on PATH)"
+        }
+        log "apt-get download prometheus failed; refreshing the package lists"
+        DEBIAN_FRONTEND=noninteractive timeout "$APT_UPDATE_TIMEOUT_S" \
+            apt-get -o DPkg::Lock::Timeout=60 update -q >&2 ||
+            die "apt-get update failed: set PROMTOOL=/path/to/promtool (or put promtool on PATH)"
+        apt_download "$work" || {
+            cat "$work/apt.log" >&2
+            die "apt-get download prometheus failed: set PROMTOOL=/path/to/promtool"
         }
     fi
-    deb="$(echo "$work"/prometheus_*.deb)"
+    debs=("$work"/prometheus_*.deb)
+    [[ ${#debs[@]} -eq 1 && -f "${debs[0]}" ]] || die "apt-get download left ${debs[*]}"
+    local deb="${debs[0]}"
     dpkg-deb -x "$deb" "$work/root" || die "dpkg-deb -x $deb failed"
     mkdir -p "$CACHE_DIR"
     mv "$work/root/usr/bin/promtool" "$CACHE_DIR/promtool.tmp"
@@ -55,11 +79,13 @@ find_promtool() {
     fi
 }
 
+run_promtool() { timeout "$PROMTOOL_TIMEOUT_S" "$PROMTOOL" "$@"; }
+
 find_promtool
-log "$("$PROMTOOL" --version 2>&1 | head -n1)"
+log "$(run_promtool --version 2>&1 | head -n1)"
 cd "$MONITORING_DIR"
-"$PROMTOOL" check config prometheus.yml
-"$PROMTOOL" test rules rules_test.yml
+run_promtool check config prometheus.yml
+run_promtool test rules rules_test.yml
 python3 - grafana-dashboard.json >"$WORK/dashboard-rules.yml" <<'EOF'
 import json, sys
 
@@ -78,4 +104,4 @@ for panel in dashboard["panels"]:
         print(f"      - record: {record}\n        expr: {json.dumps(expr)}")
 EOF
 echo "Checking the queries of grafana-dashboard.json"
-"$PROMTOOL" check rules "$WORK/dashboard-rules.yml"
+run_promtool check rules "$WORK/dashboard-rules.yml"

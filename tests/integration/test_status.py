@@ -81,7 +81,11 @@ def test_status_after_a_load_shows_slots_containers_and_committed_partitions(
 
 def test_status_says_the_feed_is_paused_and_why(daemons, topics, sqlite_url):
     daemon = daemons(sqlite_url, max_activations=1, read_ahead=1, max_poll_records=1)
-    produce_messages(KAFKA, topics.feed, [activation_message("sleep:8000", NS)
+    # The assertions below (one in flight, nothing committed) hold until the first activation
+    # ends: 30 s after it started, well past the few seconds the feed takes to pause, so the
+    # reads below cannot race it. The test does not wait for it: the fixture kills the daemon
+    # and removes its containers.
+    produce_messages(KAFKA, topics.feed, [activation_message("sleep:30000", NS)
                                           for _ in range(6)], key="one partition")
 
     def paused_with_work_taken() -> dict | None:
@@ -95,7 +99,7 @@ def test_status_says_the_feed_is_paused_and_why(daemons, topics, sqlite_url):
     assert "all 1 slots busy" in doc["feed"]["held_back_by"]
     assert "read-ahead full until it drains to 0" in doc["feed"]["held_back_by"]
     (group,) = [g for g in doc["containers"]["by_action"]
-                if g["action"] == f"{NS}/loadgen-sleep-8000@0.0.1"]
+                if g["action"] == f"{NS}/loadgen-sleep-30000@0.0.1"]
     assert group["busy"] + group["starting"] == 1
     (row,) = [r for r in doc["partitions"] if (r["position"] or 0) >= 3]
     # One running, one waiting for the slot, one in the read-ahead, one held by the feed.

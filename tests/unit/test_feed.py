@@ -263,6 +263,24 @@ async def test_a_partition_handed_back_is_read_from_this_members_position():
     assert metrics.registry.get_sample_value("invoker_rebalances_total") == 1
 
 
+async def test_status_keeps_a_handed_back_partitions_commit_and_forgets_one_given_away():
+    gate = ScriptedGate(room=100)
+    feed = make_feed(gate, commit_interval_s=60)
+    consumer = ScriptedConsumer(records=3, partitions=(TP, OTHER))
+    await trio.to_thread.run_sync(feed._on_assigned, consumer, [TP, OTHER])
+    await turns(feed, consumer)  # polls offsets 0-2 of both
+    feed.request_commit(TP, 2)
+    feed.request_commit(OTHER, 1)
+    feed._commit_requested(consumer)
+    await trio.to_thread.run_sync(feed._on_revoked, consumer, [TP, OTHER])
+    gate.positions = {TP: 3}  # TP comes back to this member; OTHER went elsewhere
+    await trio.to_thread.run_sync(feed._on_assigned, consumer, [TP, OTHER])
+    consumer.waiting.clear()  # nothing more to read: the next poll learns nothing new
+    feed._publish_progress(consumer)
+    assert feed.progress[TP].committed == 2  # this member's commit, not where it reads on
+    assert feed.progress[OTHER].committed == consumer.end  # forgotten: the position again
+
+
 async def test_the_services_gate_suspends_then_signals_drained_and_never_requests_a_stale_commit(
         tmp_path):
     # The real FeedService gate and tracker (its feed thread is not started: Kafka is the

@@ -21,14 +21,8 @@ from invoker.feed import PartitionProgress
 from invoker.metrics import Metrics
 from invoker.model import PoolKey
 from invoker.ops import serve_ops
-from invoker.status import (
-    MAX_STATUS_BYTES,
-    RecentDurations,
-    containers_status,
-    partition_rows,
-    render,
-    status_url,
-)
+from invoker.status import MAX_STATUS_BYTES, render, status_url
+from invoker.status_report import RecentDurations, containers_status, partition_rows
 from tests.unit.test_feed import TP, ScriptedConsumer, ScriptedGate, make_feed, turns
 
 ECHO = PoolKey("guest", "echo", "0.0.1", "d1", 256, 1)
@@ -95,7 +89,7 @@ def test_the_screen_shows_every_section_of_the_document():
     assert lines_with(text, "overflow") == [
         "overflow     1 / 32 awaiting Kafka; 17 records, 3.0 MiB overflowed since start"]
     assert lines_with(text, "containers") == [
-        "containers   4 using 1024 / 2048 MB; 5 activations waiting for one"]
+        "containers   4 using 1024 / 2048 MiB; 5 activations waiting for one"]
     assert lines_with(text, "  guest/echo@0.0.1")[0].split() == [
         "guest/echo@0.0.1", "1", "2", "0", "0", "0", "2"]
     assert lines_with(text, "  prewarm python:3")[0].split()[2:] == ["0", "0", "0", "1", "0", "0"]
@@ -132,6 +126,21 @@ def test_names_are_cut_and_made_printable():
     assert "\x1b" not in text
     row = [line for line in text.splitlines() if line.startswith("  ns/")][0]
     assert row.split()[0] == "ns/?[2J" + "x" * 38 + "..."
+
+
+def test_reasons_are_cut_and_made_printable():
+    """Health and pause reasons and what holds the feed back may carry a store's error text."""
+    long_error = "store unavailable: \x1b[2J" + "e" * 1000
+    doc = copy.deepcopy(DOC)
+    doc["reasons"] = [long_error]
+    doc["feed"].update(reason=long_error, held_back_by=[long_error, "all 2 slots busy"])
+    text = render(doc, "u")
+    assert "\x1b" not in text and "e" * 300 not in text
+    cut = "store unavailable: ?[2J" + "e" * (297 - 23) + "..."
+    assert text.splitlines()[0].endswith("UNHEALTHY: " + cut)
+    assert lines_with(text, "feed") == [
+        f"feed         PAUSED for 11m40s ({cut}); 3 pauses since start"]
+    assert f"             held back by: {cut}; all 2 slots busy" in text.splitlines()
 
 
 @pytest.mark.parametrize("broken", [
@@ -234,7 +243,9 @@ async def test_the_feed_thread_publishes_positions_commits_and_high_watermarks(m
     consumer.partitions = set()
     await trio.to_thread.run_sync(feed._publish_progress, consumer)
     assert feed.progress == {}
-    consumer.partitions = {TP}  # assigned again: what this member committed before is forgotten
+    consumer.partitions = {TP}  # assigned again, not handed back (the gate has no position
+    # for it): what this member committed before is forgotten
+    await trio.to_thread.run_sync(feed._on_assigned, consumer, [TP])
     await trio.to_thread.run_sync(feed._publish_progress, consumer)
     assert feed.progress == {TP: PartitionProgress(10, 10, 10)}
 
