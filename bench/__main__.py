@@ -63,6 +63,12 @@ def summary(results: Results) -> list[str]:
                             f"couchdb {v('ratio.couchdb.invoker_over_store')}"),
         ("daemon CPU per activation, ms", f"sqlite {v('e2e.sqlite.cpu_per_activation')}   "
                                           f"couchdb {v('e2e.couchdb.cpu_per_activation')}"),
+        ("machine CPU per activation, ms", f"sqlite {v('e2e.sqlite.machine_cpu_per_activation')}"
+                                           f"   couchdb "
+                                           f"{v('e2e.couchdb.machine_cpu_per_activation')}"),
+        ("  ceiling if the daemon cost 0, act/s",
+         f"sqlite {v('e2e.sqlite.ceiling_without_daemon_cost')}   "
+         f"couchdb {v('e2e.couchdb.ceiling_without_daemon_cost')}"),
         *[(f"  stage {stage} p50, ms", f"sqlite {v(f'e2e.sqlite.stage.{stage}')}   couchdb "
                                         f"{v(f'e2e.couchdb.stage.{stage}')}")
           for stage in STAGES],

@@ -14,6 +14,7 @@ One daemon subprocess (default bounds, info logging) on fresh topics and a fresh
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,14 @@ from bench.infra import (
     stop_daemon,
     store_rate,
 )
+from bench.machine_cpu import MachineCpu
 from bench.stages import stage_figures
 from invoker.config import Config
 from invoker.loadgen import LoadSpec, Report, percentile, run_load
 from tests.support.daemon import Topics, load_spec, stored_records
 
 ACTION = "noop"
+CORES = os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,11 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
             raise RuntimeError(f"the warm-up run completed nothing; see {daemon.log_path}")
 
         before = metric_samples(daemon) or {}
+        machine = MachineCpu(daemon_pid=daemon.process.pid)
         report = run_load(_spec(topics, store_url, count=params.count,
                                 completion_timeout_s=params.completion_timeout_s,
                                 daemons=[daemon]))
+        split = machine.since()
         after = metric_samples(daemon) or {}
         cpu_before = before.get("process_cpu_seconds_total")
         cpu_after = after.get("process_cpu_seconds_total")
@@ -120,6 +125,9 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
             results.add(f"{prefix}.cpu_per_activation",
                         (cpu_after - cpu_before) * 1000 / report.completed, "ms",
                         "daemon CPU (all threads) over the throughput run / activations")
+        if report.completed:
+            _add_machine_split(results, prefix, split.per_activation_ms(report.completed),
+                               split.describe(report.completed))
         for stage, (p50, p99, n) in stage_figures(before, after).items():
             results.add(f"{prefix}.stage.{stage}", p50, "ms p50",
                         f"p99 {_fmt(p99)} ms; {n} observations")
@@ -171,6 +179,19 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
             Path(sqlite_dir).rmdir()
         if topics is not None:
             delete_topics(topics)
+
+
+def _add_machine_split(results: Results, prefix: str, per: dict[str, float],
+                       described: str) -> None:
+    """The machine's CPU per activation over the throughput run, and the throughput this host
+    could reach if the daemon cost nothing and everything else stayed as it is."""
+    machine = sum(per.values())
+    results.add(f"{prefix}.machine_cpu_per_activation", machine, "ms",
+                f"all {CORES} cores, every process: {described}")
+    rest = machine - per["daemon"]
+    results.add(f"{prefix}.ceiling_without_daemon_cost",
+                CORES * 1000 / rest if rest > 0 else None, "activations/s",
+                f"{CORES} cores / the {rest:.2f} ms per activation that is not the daemon's")
 
 
 def _fmt(value: float | None) -> str:

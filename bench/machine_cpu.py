@@ -1,0 +1,134 @@
+"""Where the machine's CPU goes during a run, by process group, from ``/proc``.
+
+The daemon's own CPU per activation is the figure that travels between machines; this says
+what the rest of the machine spends on the same activations (the Kafka broker, the load
+generator, Docker, the action runtimes, the kernel), and so how far the daemon alone can move
+the throughput of a run where everything shares one host.
+
+Linux only. A snapshot reads ``/proc/stat`` and every ``/proc/<pid>/stat`` (user + system
+time; a few ms for a few hundred processes); CPU of processes that ended between two snapshots
+is counted only in the machine's total (``unattributed``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+KTHREADD_PID = 2
+GROUPS = ("daemon", "load generator", "Kafka broker", "store server", "Docker",
+          "docker-proxy", "action runtimes", "kernel", "other")
+
+
+@dataclass(frozen=True, slots=True)
+class Process:
+    pid: int
+    ppid: int
+    comm: str
+    cpu_ticks: int  # user + system, since the process started
+    started: int  # clock ticks after boot: a pid reused meanwhile has another
+
+
+def read_processes(proc: str = "/proc") -> dict[int, Process]:
+    """Every process's parent, name and CPU; those that end while read are skipped."""
+    processes = {}
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # comm may hold spaces and parentheses: it ends at the last ")"
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        processes[int(entry)] = Process(int(entry), int(fields[1]), comm,
+                                        int(fields[11]) + int(fields[12]), int(fields[19]))
+    return processes
+
+
+def read_busy_ticks(proc: str = "/proc") -> int:
+    """The machine's non-idle CPU time so far (all cores), from ``/proc/stat``."""
+    with open(f"{proc}/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    return sum(values) - values[3] - values[4]  # minus idle and iowait
+
+
+def group_of(pid: int, processes: Mapping[int, Process], *, daemon_pid: int,
+             loadgen_pid: int) -> str:
+    """The group a process's CPU counts in: by its nearest known ancestor (the daemon's and
+    the load generator's children are theirs; what runs under a ``containerd-shim`` is an
+    action runtime), else by its name."""
+    own = processes.get(pid)
+    if own is None:
+        return "other"
+    current: Process | None = own
+    for _ in range(64):  # a bounded walk: /proc may change under it
+        if current is None:
+            break
+        if current.pid == daemon_pid:
+            return "daemon"
+        if current.pid == loadgen_pid:
+            return "load generator"
+        if current.pid == KTHREADD_PID or current.ppid == KTHREADD_PID:
+            return "kernel"
+        if current.comm.startswith("containerd-shim") and current is not own:
+            return "action runtimes"
+        current = processes.get(current.ppid)
+    if own.comm == "java":
+        return "Kafka broker"
+    if own.comm == "node":
+        return "store server"  # pouchdb-server (the CouchDB API); runtimes are caught above
+    if own.comm == "docker-proxy":
+        return "docker-proxy"  # the userland proxy of a published port
+    if own.comm.startswith(("containerd", "dockerd", "docker")):
+        return "Docker"
+    return "other"
+
+
+@dataclass(frozen=True)
+class CpuSplit:
+    seconds: dict[str, float]  # CPU seconds by group (GROUPS, then "unattributed")
+    busy_s: float  # the machine's, all cores
+
+    def per_activation_ms(self, activations: int) -> dict[str, float]:
+        n = max(activations, 1)
+        return {group: s * 1000 / n for group, s in self.seconds.items()}
+
+    def describe(self, activations: int) -> str:
+        """``daemon 1.9, Kafka broker 2.1, ...`` ms per activation, largest first."""
+        per = self.per_activation_ms(activations)
+        return ", ".join(f"{g} {ms:.2f}" for g, ms in sorted(per.items(), key=lambda i: -i[1])
+                         if ms >= 0.005)
+
+
+class MachineCpu:
+    """Snapshot now; :meth:`since` splits the machine's CPU used from then on by group."""
+
+    def __init__(self, *, daemon_pid: int, loadgen_pid: int | None = None) -> None:
+        self._daemon_pid = daemon_pid
+        self._loadgen_pid = os.getpid() if loadgen_pid is None else loadgen_pid
+        self._busy = read_busy_ticks()
+        self._before = read_processes()
+
+    def since(self) -> CpuSplit:
+        busy = read_busy_ticks() - self._busy
+        after = read_processes()
+        seconds = dict.fromkeys(GROUPS, 0.0)
+        attributed = 0
+        for pid, process in after.items():
+            earlier = self._before.get(pid)
+            # (a kernel worker's name changes with its work: compare start times)
+            same = earlier is not None and earlier.started == process.started
+            used = process.cpu_ticks - (earlier.cpu_ticks if same else 0)
+            if used <= 0:
+                continue
+            group = group_of(pid, after, daemon_pid=self._daemon_pid,
+                             loadgen_pid=self._loadgen_pid)
+            seconds[group] += used / TICKS_PER_S
+            attributed += used
+        seconds["unattributed"] = max(busy - attributed, 0) / TICKS_PER_S
+        return CpuSplit(seconds, busy / TICKS_PER_S)
