@@ -62,8 +62,10 @@ def render(doc: Mapping[str, Any], source: str, now: float | None = None) -> str
                                              for why in feed["held_back_by"]))
     ahead, channel = doc["read_ahead"], doc["record_channel"]
     row("read-ahead", f"{ahead['depth']} / {ahead['capacity']}")
-    row("records", f"{channel['depth']} / {channel['capacity']} in the record channel "
-                   f"(resumes at <= {channel['low_watermark']})")
+    overflowing = (doc.get("overflow") or {}).get("enabled")  # then full means overflow
+    row("records", f"{channel['depth']} / {channel['capacity']} in the record channel " + (
+        "(when full, records overflow to Kafka)" if overflowing
+        else f"(resumes at <= {channel['low_watermark']})"))
     offsets = doc["uncommitted_offsets"]
     row("offsets", f"{offsets['count']} taken, not yet committable (bound {offsets['max']})")
     lines.extend(_store_lines(doc["store"]))

@@ -79,7 +79,7 @@ def test_the_screen_shows_every_section_of_the_document():
             in text.splitlines())
     assert lines_with(text, "read-ahead") == ["read-ahead   64 / 64"]
     assert lines_with(text, "records") == [
-        "records      256 / 256 in the record channel (resumes at <= 128)"]
+        "records      256 / 256 in the record channel (when full, records overflow to Kafka)"]
     assert lines_with(text, "store") == [
         "store        p50 4.1 ms, p99 250.0 ms, max 12.5 s over the last 40 writes (60 s)"]
     assert ("             2 / 2 writes in flight; 1234 writes since start, mean 12.3 ms; 5 failed"
@@ -117,6 +117,8 @@ def test_a_recorder_has_no_slots_containers_nor_overflow_and_short_waits_are_not
     assert lines_with(text, "feed") == ["feed         fetching; 3 pauses since start"]
     assert lines_with(text, "store") == ["store        no write in the last 60 s"]
     assert lines_with(text, "partitions") == ["partitions   none owned"]
+    assert lines_with(text, "records") == [  # without overflow the feed pauses on the channel
+        "records      256 / 256 in the record channel (resumes at <= 128)"]
 
 
 def test_names_are_cut_and_made_printable():
