@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from invoker.loadgen.plot import plot_paths, render_html
+from invoker.loadgen.sampler import paused_spans as paused_spans  # the shading of its charts
 
 WIDTH_IN, HEIGHT_IN, DPI = 10.0, 5.0, 100  # the PNG: 1000 x 500 pixels
 # Break the y axis when the bound is this many times above the lines' own range
@@ -49,21 +50,6 @@ class BoundLine:
 
     mib: float
     label: str
-
-
-def paused_spans(samples: Sequence[tuple[float, float, float]]) -> list[tuple[float, float]]:
-    """Of (t, paused, pauses) samples (``paused`` 1 while the feed is paused, ``pauses`` the
-    cumulative count): (from, to) between consecutive samples when the feed was paused at
-    either end or a pause began in between, adjacent spans merged (as loadgen's plot shades)."""
-    spans: list[tuple[float, float]] = []
-    for (t0, paused0, pauses0), (t1, paused1, pauses1) in zip(samples, samples[1:],
-                                                            strict=False):
-        if paused0 or paused1 or pauses1 > pauses0:
-            if spans and spans[-1][1] == t0:
-                spans[-1] = (spans[-1][0], t1)
-            else:
-                spans.append((t0, t1))
-    return spans
 
 
 def write_memory_plot(target: str | os.PathLike[str], lines: Sequence[RssLine],

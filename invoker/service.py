@@ -348,7 +348,7 @@ class FeedService:
                       "failures": metric_count(m.store_write_failures)},
             "oldest_unfinished": None if oldest is None else {
                 "what": oldest.what, "seconds": round(oldest.seconds, 1),
-                "error": oldest.error[:300]},
+                "error": oldest.error},  # cut by StuckWatch
             "partitions": partitions, "partitions_omitted": omitted,
             "activations": metric_by_label(m.activations, "status"),
             **self.status_fields(),

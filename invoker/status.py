@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
+import trio
 
-from invoker.config import load_config
+from invoker.config import Config, load_config
+from invoker.loadgen.daemon_metrics import MetricsReadError, fetch_bounded, new_client
+from invoker.safejson import loads
 from invoker.status_report import CONTAINER_STATES, STATUS_VERSION
 
 FETCH_TIMEOUT_S = 5.0
@@ -28,6 +32,7 @@ MAX_STATUS_BYTES = 1 << 20
 SHOW_UNFINISHED_S = 1.0  # a write or publish unfinished this long is shown
 DEFAULT_WATCH_S = 2.0
 MIN_WATCH_S = 0.1
+MAX_WATCH_S = 3600.0
 _NAME_WIDTH = 48  # action and partition names are cut to this on screen
 # health and pause reasons, what holds the feed back: they may carry a store's error text
 _REASON_WIDTH = 300
@@ -88,7 +93,9 @@ def render(doc: Mapping[str, Any], source: str, now: float | None = None) -> str
     if activations:
         row("activations", ", ".join(f"{_num(count)} {status}"
                                      for status, count in sorted(activations.items())))
-    return "\n".join(lines)
+    # Whatever the daemon sent (names, errors, numbers of a forged document) reaches the
+    # terminal as printable characters only: no escape sequences.
+    return "\n".join(_printable(line) for line in lines)
 
 
 def _store_lines(store: Mapping[str, Any]) -> list[str]:
@@ -156,8 +163,12 @@ def _num(value: float | None) -> str:
 
 
 def _cut(text: str, width: int = _NAME_WIDTH) -> str:
-    printable = "".join(ch if ch.isprintable() else "?" for ch in text)
-    return printable if len(printable) <= width else printable[:width - 3] + "..."
+    text = _printable(text)  # before cutting: a cut counts the characters shown
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
 def _duration(seconds: float) -> str:
@@ -212,33 +223,51 @@ def default_base_url(args: argparse.Namespace) -> str:
 
 
 def fetch_status(url: str, timeout_s: float = FETCH_TIMEOUT_S) -> dict[str, Any]:
-    """The document at ``url``. Blocks up to ``timeout_s`` per read, about twice that in all;
-    raises StatusUnavailable."""
-    deadline = time.monotonic() + 2 * timeout_s
-    body = bytearray()
+    """The document at ``url``. Blocks at most ``2 * timeout_s`` in all (connecting, a
+    server that drips its answer); raises StatusUnavailable."""
+
+    async def read() -> bytes:
+        # the load generator's bounded read of a daemon: no compression, size checked as sent
+        async with new_client() as client:
+            with trio.fail_after(2 * timeout_s):
+                return await fetch_bounded(client, url, MAX_STATUS_BYTES)
+
     try:
-        # trust_env off: the endpoint is reached directly, never through a proxy of the env
-        with httpx.Client(timeout=timeout_s, trust_env=False) as client, \
-                client.stream("GET", url) as response:
-            if response.status_code != 200:
-                raise StatusUnavailable(f"{url} answered HTTP {response.status_code} "
-                                        "(is this an invoker's ops endpoint?)")
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > MAX_STATUS_BYTES:
-                    raise StatusUnavailable(f"{url} answered more than {MAX_STATUS_BYTES} bytes")
-                if time.monotonic() > deadline:
-                    raise StatusUnavailable(f"{url} took more than {2 * timeout_s:g} s to answer")
-    except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-        raise StatusUnavailable(f"cannot read {url}: {_one_line(exc)}") from None
+        body = trio.run(read)
+    except trio.TooSlowError:
+        raise StatusUnavailable(f"{url} took more than {2 * timeout_s:g} s to answer") from None
+    except httpx.HTTPStatusError as exc:
+        raise StatusUnavailable(f"{url} answered HTTP {exc.response.status_code} "
+                                "(is this an invoker's ops endpoint?)") from None
+    except MetricsReadError:
+        raise StatusUnavailable(f"{url} answered more than {MAX_STATUS_BYTES} bytes") from None
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, OSError, ValueError) as exc:
+        raise StatusUnavailable(f"cannot read {url}: {_why(exc)}") from None
     try:
-        doc = json.loads(body)
+        doc = loads(body, Config.max_json_depth)  # NaN, Infinity, deep nesting: refused
     except ValueError:
         raise StatusUnavailable(f"{url} did not answer JSON") from None
     if not isinstance(doc, dict) or doc.get("version") != STATUS_VERSION:
         raise StatusUnavailable(f"{url} answered JSON that is not a status document of "
                                 f"version {STATUS_VERSION}")
     return doc
+
+
+def _why(exc: BaseException) -> str:
+    """One line: the first OS error with an errno among the causes of ``exc`` ("[Errno 111]
+    Connection refused" rather than trio's "all attempts to connect ... failed"), else
+    ``exc``."""
+    todo: list[BaseException] = [exc]
+    for _ in range(32):  # a bounded walk: causes may form a long chain
+        if not todo:
+            break
+        current = todo.pop(0)
+        if isinstance(current, OSError) and current.errno is not None:
+            return f"[Errno {current.errno}] {os.strerror(current.errno)}"
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return _one_line(exc)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -275,8 +304,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _handle(args: argparse.Namespace) -> int:
-    if args.watch is not None and not args.watch >= MIN_WATCH_S:
-        raise ValueError(f"--watch must be at least {MIN_WATCH_S:g} seconds")
+    if args.watch is not None and not MIN_WATCH_S <= args.watch <= MAX_WATCH_S:
+        raise ValueError(f"--watch must be between {MIN_WATCH_S:g} and {MAX_WATCH_S:g} seconds")
     if args.count is not None and (args.count < 1 or args.watch is None):
         raise ValueError("--count needs --watch and must be at least 1")
     base = args.url or default_base_url(args)  # ValueError (bad settings): the CLI exits 2

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+MAX_ERROR_CHARS = 300  # of an operation's last error, as /healthz and /status show it
+
 
 @dataclass(frozen=True, slots=True)
 class Stuck:
@@ -54,7 +56,7 @@ class StuckWatch:
         """The operation failed once and will be retried."""
         operation = self._running.get(token)
         if operation is not None:
-            operation.error = error
+            operation.error = error[:MAX_ERROR_CHARS]  # a peer's text: /healthz stays small
 
     def end(self, token: int) -> None:
         """The operation succeeded or was given up (either way it no longer waits)."""

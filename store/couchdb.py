@@ -124,7 +124,7 @@ class CouchStore:
     def _json(self, resp: httpx.Response, what: str) -> Any:
         try:
             return resp.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past Python's stack
             self._fail(what, f"HTTP {resp.status_code} with a body that is not JSON")
 
     def _unexpected(self, resp: httpx.Response, what: str) -> NoReturn:
@@ -235,7 +235,8 @@ class CouchStore:
                 out[doc_id] = DocResult(doc_id, Outcome.ALREADY_STORED)
             else:
                 error = item.get("error")
-                reason = f"{error}: {str(item.get('reason'))[:_REASON_CHARS]}"
+                reason = (f"{str(error)[:_REASON_CHARS]}: "
+                          f"{str(item.get('reason'))[:_REASON_CHARS]}")
                 permanent = isinstance(error, str) and error in _PERMANENT_DOC_ERRORS
                 out[doc_id] = DocResult(doc_id, Outcome.FAILED if permanent else Outcome.RETRY,
                                         reason)
@@ -334,7 +335,7 @@ def _is_document_problem(resp: httpx.Response) -> bool:
         try:
             error: object = resp.json().get("error")
             return error == "doc_validation"
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             return False
     return False
 
@@ -343,10 +344,10 @@ def _status_detail(resp: httpx.Response) -> str:
     detail = f"HTTP {resp.status_code}"
     try:
         body = resp.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         body = None
     if isinstance(body, dict) and ("error" in body or "reason" in body):
-        detail += f" {body.get('error')}: {str(body.get('reason'))[:200]}"
+        detail += f" {str(body.get('error'))[:200]}: {str(body.get('reason'))[:200]}"
     if resp.status_code == 401:
         detail += " (check the user and password in the store URL)"
     return detail

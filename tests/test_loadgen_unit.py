@@ -325,6 +325,9 @@ def test_metrics_from_a_daemon_registry() -> None:
                           "invoker_overflow_records_total 7.0\n"
                           "invoker_process_peak_rss_bytes 5.0\n"
                           "invoker_feed_pauses_total 1.0\n")
+    # a value that is not a number of anything (NaN, Inf) is no figure: it is left out
+    assert parse_metrics("invoker_feed_pauses_total NaN\n"
+                         "invoker_process_peak_rss_bytes +Inf\n") == {}
     total = combine_metrics([figures, other])
     assert total == {"peak_rss": 123_456_789, "pauses": 4, "paused_seconds": 2.5,
                      "overflowed": 7}
@@ -510,7 +513,7 @@ def test_completion_matcher() -> None:
     spaced = json.dumps({"namespace": "ns", "activationId": ours}).encode()
     assert match(ours.encode(), spaced) == ours
     assert match(ours.encode(), json.dumps({"activationId": other}).encode()) is None
-    for junk in [b"", b"not json", b"[1]", b'{"activationId": 7}', None]:
+    for junk in [b"", b"not json", b"[1]", b'{"activationId": 7}', None, b"[" * 100_000]:
         assert match(ours.encode(), junk) is None
         assert match(None, junk) is None
     assert match(b"\xff" * 32, completion_bytes(ours, "ns")) is None

@@ -31,7 +31,7 @@ from store import (
     encode_json,
     open_store,
 )
-from store.couchdb import CouchStore
+from store.couchdb import CouchStore, _status_detail
 from tests.support.faultproxy import FaultProxy
 from tests.support.records import record, rid
 from tests.support.unencodable import unencodable_records
@@ -449,3 +449,10 @@ async def test_proxy_process_driven_by_control_file(
             proc.terminate()  # SIGTERM: the proxy exits cleanly, with status 0
             with trio.fail_after(10):
                 assert await proc.wait() == 0
+
+
+def test_an_error_answer_nested_past_pythons_stack_is_described_not_raised():
+    resp = httpx.Response(500, content=b"[" * 100_000)
+    assert _status_detail(resp) == "HTTP 500"
+    huge = httpx.Response(500, json={"error": "e" * 1_000_000, "reason": "r"})
+    assert len(_status_detail(huge)) < 500

@@ -50,6 +50,9 @@ _CONTAINER_PATH = re.compile(r"/containers/([0-9a-f]{64})/")
 
 _STREAMS = {1: "stdout", 2: "stderr"}
 _MAX_FRAME = 1 << 20  # Docker splits log messages at 16 KiB; anything larger is discarded
+# Each kept log line counts at least this much against the limit when lines are counted, so
+# that a run of empty lines (no text to count) is bounded too: at most limit // 4 lines.
+MIN_LINE_BYTES = 4
 
 
 class DockerError(Exception):
@@ -138,7 +141,16 @@ class CollectedLogs:
     lines: list[LogLine] = field(default_factory=list)
     truncated: bool = False  # stopped keeping lines because of the byte limit
     complete: bool = False  # the sentinel was seen on both streams (or not waited for)
-    kept_bytes: int = 0
+    kept_bytes: int = 0  # of text (UTF-8)
+
+    def keep(self, time: str, stream: str, text: str, size: int, limit: int) -> None:
+        """Keep a line of ``size`` bytes of text, unless the kept text would pass ``limit``
+        bytes or the lines ``limit // MIN_LINE_BYTES``: the logs are then truncated."""
+        if self.kept_bytes + size > limit or (len(self.lines) + 1) * MIN_LINE_BYTES > limit:
+            self.truncated = True
+            return
+        self.kept_bytes += size
+        self.lines.append(LogLine(time, stream, text))
 
 
 def since_param(epoch_ns: int) -> str:
@@ -544,14 +556,8 @@ class DockerBackend:
                     continue
                 if out.truncated:
                     continue  # draining up to the sentinels, keeping nothing
-                if out.kept_bytes + len(text) > limit:
-                    out.truncated = True
-                    continue
-                out.kept_bytes += len(text)
-                out.lines.append(
-                    LogLine(ts.decode("ascii", "replace"), stream,
-                            text.decode("utf-8", "replace").rstrip())
-                )
+                out.keep(ts.decode("ascii", "replace"), stream,
+                         text.decode("utf-8", "replace").rstrip(), len(text), limit)
         finally:
             res.close()
         out.lines.sort(key=lambda line: line.time)  # stable: keeps stream order on ties

@@ -35,7 +35,7 @@ from operator import attrgetter
 
 import trio
 
-from invoker.containers.engine import SENTINEL, CollectedLogs, LogLine
+from invoker.containers.engine import SENTINEL, CollectedLogs
 
 CHUNK_BYTES = 64 * 1024
 # Docker splits output at 16 KiB, so a longer entry is not Docker's: it is skipped, never buffered.
@@ -109,7 +109,8 @@ class ContainerLog:
         sentinels.
 
         Memory: one chunk, one unfinished entry (≤ MAX_ENTRY_BYTES + one chunk) and the kept
-        lines. Does not checkpoint when the first read finds everything (the common case).
+        lines (``limit_bytes`` of text in at most ``limit_bytes // MIN_LINE_BYTES`` lines).
+        Does not checkpoint when the first read finds everything (the common case).
         Raises OSError when the file cannot be read, RuntimeError if already collecting or
         closed.
         """
@@ -234,6 +235,9 @@ def _take_entries(data: bytes | bytearray, out: CollectedLogs, seen: set[str], l
     finished when waiting and this read the second stream's sentinel, which ends the
     consumed bytes."""
     start = 0
+    if out.truncated and data.find(SENTINEL) < 0:
+        # Draining to the sentinels, none in sight: skip the complete entries unparsed.
+        return data.rfind(b"\n") + 1, False
     while (end := data.find(b"\n", start)) >= 0:
         line = data[start:end]
         start = end + 1
@@ -265,11 +269,7 @@ def _take_entries(data: bytes | bytearray, out: CollectedLogs, seen: set[str], l
             # Lone surrogates (from "\ud800" escapes) become "?": the text must encode later.
             encoded = text.encode("utf-8", "replace")
             size, text = len(encoded), encoded.decode("utf-8")
-        if out.kept_bytes + size > limit:
-            out.truncated = True
-            continue
-        out.kept_bytes += size
-        out.lines.append(LogLine(_api_time(time), stream, text.rstrip()))
+        out.keep(_api_time(time), stream, text.rstrip(), size, limit)
     return start, False
 
 

@@ -961,8 +961,9 @@ class ContainerPool:
             collected = await self._grab_logs(c, since_ns, log_limit, True)
             self._stages["log_read"].observe(trio.current_time() - logs_began)
             logs = self._format_logs(collected, log_limit, True)
-            if collected is None or not (collected.complete or collected.truncated):
-                # The runtime did not finish its logs: later activations could see stale lines.
+            if collected is None or not collected.complete:
+                # The runtime's sentinels were not reached (truncated logs drain to them): the
+                # log file's next read would start in this activation's lines.
                 logger.debug("log sentinels missing; container not reused", container=c.name)
                 self._destroy(c, reason="log sentinels missing")
         if status in (Status.DEVELOPER_ERROR, Status.INTERNAL_ERROR):

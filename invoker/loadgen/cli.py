@@ -116,9 +116,7 @@ def spec_from_args(args: argparse.Namespace,
 def _handle(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)  # ValueError: the CLI exits 2
     try:
-        report = run_load(spec)
-    except ValueError:
-        raise
+        report = run_load(spec)  # the spec was validated above: any error now is the run's
     except KeyboardInterrupt:
         print("invoker loadgen: interrupted", file=sys.stderr)
         return 130

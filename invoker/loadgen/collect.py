@@ -15,8 +15,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from invoker.config import Config
 from invoker.loadgen.clients import TOPIC_METADATA_TIMEOUT_S, assign_all, new_consumer
 from invoker.loadgen.spec import LoadgenError
+from invoker.safejson import loads
 
 POLL_TIMEOUT_MS = 100  # how soon the collector thread sees close()
 
@@ -26,8 +28,8 @@ def decode_completion(raw: bytes | None) -> dict[str, Any] | None:
     if not raw:
         return None
     try:
-        doc = json.loads(raw)
-    except ValueError:
+        doc = loads(raw, Config.max_json_depth)  # deep nesting is refused, not a crash
+    except ValueError:  # JsonRejected
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("activationId"), str):
         return None

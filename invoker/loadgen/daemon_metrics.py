@@ -19,14 +19,16 @@ daemons; a daemon that does not answer in time is reported as such.
 from __future__ import annotations
 
 import ipaddress
-import json
+import math
 import re
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from invoker.config import Config
 from invoker.loadgen.report import DaemonFigures, Report
+from invoker.safejson import loads
 
 if TYPE_CHECKING:
     import httpx
@@ -83,7 +85,7 @@ def parse_metrics(text: str) -> dict[str, float]:
     for family in text_string_to_metric_families("\n".join(lines) + "\n"):
         for sample in family.samples:
             key = FIGURES.get(sample.name)
-            if key is not None:
+            if key is not None and math.isfinite(sample.value):  # NaN, Inf: not a figure
                 found[key] = found.get(key, 0.0) + float(sample.value)
     return found
 
@@ -210,8 +212,9 @@ def new_client() -> httpx.AsyncClient:
     """The client for reading daemons: no compression (a page's size is bounded as sent)."""
     import httpx
 
+    # trust_env off: a daemon is reached directly, never through a proxy of the environment
     return httpx.AsyncClient(timeout=METRICS_TIMEOUT_S, follow_redirects=False,
-                             headers={"Accept-Encoding": "identity"})
+                             headers={"Accept-Encoding": "identity"}, trust_env=False)
 
 
 async def fetch_bounded(client: httpx.AsyncClient, url: str, limit: int) -> bytes:
@@ -246,8 +249,8 @@ async def fetch_identity(client: httpx.AsyncClient, endpoint: Endpoint
                 body += chunk
                 if len(body) > MAX_HEALTH_BYTES:
                     return None, None
-        doc = json.loads(body)
-    except (httpx.HTTPError, httpx.StreamError, ValueError):
+        doc = loads(bytes(body), Config.max_json_depth)
+    except (httpx.HTTPError, httpx.StreamError, ValueError):  # JsonRejected is a ValueError
         return None, None
     if not isinstance(doc, dict):
         return None, None

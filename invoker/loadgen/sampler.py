@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -72,16 +72,23 @@ class DaemonSeries:
             self.interval_s *= 2
 
     def paused_spans(self) -> list[tuple[float, float]]:
-        """(from, to) between consecutive samples when the feed was paused at either end or a
-        pause began in between (the pause counter went up); adjacent spans merged."""
-        spans: list[tuple[float, float]] = []
-        for before, after in zip(self.samples, self.samples[1:], strict=False):
-            if before.paused or after.paused or after.pauses > before.pauses:
-                if spans and spans[-1][1] == before.t:
-                    spans[-1] = (spans[-1][0], after.t)
-                else:
-                    spans.append((before.t, after.t))
-        return spans
+        """When the feed was paused (see :func:`paused_spans`)."""
+        return paused_spans([(s.t, s.paused, s.pauses) for s in self.samples])
+
+
+def paused_spans(samples: Sequence[tuple[float, float, float]]) -> list[tuple[float, float]]:
+    """Of (t, paused, pauses) samples (``paused`` 1 while the feed is paused, ``pauses`` the
+    cumulative count): (from, to) between consecutive samples when the feed was paused at
+    either end or a pause began in between, adjacent spans merged."""
+    spans: list[tuple[float, float]] = []
+    for (t0, paused0, pauses0), (t1, paused1, pauses1) in zip(samples, samples[1:],
+                                                            strict=False):
+        if paused0 or paused1 or pauses1 > pauses0:
+            if spans and spans[-1][1] == t0:
+                spans[-1] = (spans[-1][0], t1)
+            else:
+                spans.append((t0, t1))
+    return spans
 
 
 class MetricsSampler:

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from invoker.containers.engine import SENTINEL
+from invoker.containers.engine import MIN_LINE_BYTES, SENTINEL
 from invoker.containers.logs import CHUNK_BYTES, MAX_ENTRY_BYTES, ContainerLog
 
 END = SENTINEL.decode()
@@ -177,6 +177,14 @@ async def test_while_draining_only_real_sentinels_end_the_activation(docker_log,
     got = await collect(log, limit=10)
     assert (texts(got), got.truncated, got.complete) == ([], True, True)
     assert texts(await collect(log, wait=False)) == ["next"]
+
+
+async def test_a_flood_of_empty_lines_is_bounded_by_the_limit_too(docker_log, log):
+    docker_log.write(*[""] * 5000)  # no text to count: without a line bound, 5000 kept lines
+    docker_log.end()
+    got = await collect(log, limit=100)
+    assert (got.truncated, got.complete, got.kept_bytes) == (True, True, 0)
+    assert len(got.lines) == 100 // MIN_LINE_BYTES
 
 
 async def test_limit_counts_utf8_bytes_and_replaces_lone_surrogates(docker_log, log):

@@ -23,7 +23,7 @@ from invoker.kafka_io import (
     record_batch_bytes,
     value_room,
 )
-from invoker.stuck import StuckWatch
+from invoker.stuck import MAX_ERROR_CHARS, StuckWatch
 from overflow.recorder import Recorder
 
 SHAPES = [
@@ -125,6 +125,14 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def test_a_peers_error_text_is_kept_short():
+    watch = StuckWatch(Clock())
+    token = watch.begin("store write")
+    watch.failed(token, "x" * 1_000_000)  # e.g. a store's error member, megabytes of it
+    oldest = watch.oldest()
+    assert oldest is not None and len(oldest.error) == MAX_ERROR_CHARS
 
 
 def test_stuck_watch_reports_the_oldest_unfinished_operation():

@@ -145,6 +145,16 @@ def test_reasons_are_cut_and_made_printable():
     assert f"             held back by: {cut}; all 2 slots busy" in text.splitlines()
 
 
+def test_nothing_a_forged_document_holds_reaches_the_terminal_as_an_escape_sequence():
+    doc = copy.deepcopy(DOC)
+    doc["role"] = "\x1b]0;owned\x07invoker"
+    doc["read_ahead"]["depth"] = "\x1b[2J"
+    doc["oldest_unfinished"]["what"] = "\x1b[31mstore write"
+    text = render(doc, "u")
+    assert "\x1b" not in text and "\x07" not in text
+    assert lines_with(text, "read-ahead") == ["read-ahead   ?[2J / 64"]
+
+
 @pytest.mark.parametrize("broken", [
     {"feed": None}, {"partitions": [{"topic": "t"}]}, {"slots": {"used": "many"}},
     {"store": {"recent": {"count": 3}}},
@@ -303,7 +313,11 @@ def endpoint() -> Iterator[tuple[str, dict[str, tuple[int, bytes]]]]:
             self.send_response(code)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except ConnectionError:
+                pass  # the client stopped reading (an answer over its limit): the test's stderr
+                # is the command's, not this server's
 
         def log_message(self, *args: object) -> None:
             pass
@@ -339,6 +353,8 @@ def test_a_daemon_that_is_not_there_is_one_line_and_exit_1(capsys):
     ((200, b'{"version": 1, "role": "x"}'), "a status document of another shape"),
     ((200, b"0" * (MAX_STATUS_BYTES + 1)), f"more than {MAX_STATUS_BYTES} bytes"),
     ((503, b"{}"), "answered HTTP 503"),
+    ((200, b"[" * 100_000), "did not answer JSON"),  # nested past the parser's stack
+    ((200, b'{"version": 1, "uptime_s": Infinity}'), "did not answer JSON"),
 ])
 def test_a_garbage_answer_is_one_line_and_exit_1(capsys, endpoint, answer, says):
     url, answers = endpoint
