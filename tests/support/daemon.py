@@ -183,8 +183,25 @@ def group_lag(topics: Topics) -> int:
     return topic_lag(topics.group, topics.feed)
 
 
-def topic_lag(group: str, topic: str, bootstrap: str = KAFKA) -> int:
-    """Messages on ``topic`` beyond ``group``'s committed offsets (0 = all committed)."""
+def topic_lag(group: str, topic: str, bootstrap: str = KAFKA, retry_s: float = 30.0) -> int:
+    """Messages on ``topic`` beyond ``group``'s committed offsets (0 = all committed).
+
+    Retries for up to ``retry_s`` on errors Kafka marks retriable: just after a broker restart
+    the group's coordinator answers NOT_COORDINATOR or COORDINATOR_LOAD_IN_PROGRESS for a while,
+    which says nothing about the lag."""
+    from kafka.errors import KafkaError
+
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return _topic_lag_once(group, topic, bootstrap)
+        except KafkaError as error:
+            if not error.retriable or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _topic_lag_once(group: str, topic: str, bootstrap: str) -> int:
     from kafka import KafkaConsumer
     from kafka.structs import TopicPartition
 
