@@ -58,7 +58,7 @@ class PendingRecord:
 
     # An EncodedRecord as the invoker and the recorder make them (the stores write its bytes);
     # a plain dict once replaced by the record read back from the store (already stored)
-    record: dict[str, Any]
+    record: Mapping[str, Any]
     token: OffsetToken[TopicPartition] | None  # the feed message whose offset waits for it
     blocking: bool
     invoker_id: str | None = None  # who ran it, when not the service storing it (recorder)

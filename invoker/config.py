@@ -35,6 +35,15 @@ from store import mask_url
 ENV_PREFIX = "INVOKER_"
 # Room for everything in a record besides its result and logs (ids, annotations, JSON syntax).
 RECORD_OVERHEAD_BYTES = 16 * 1024
+# What a built record keeps as objects besides its JSON (store.EncodedRecord: its scalars; ~0.8
+# KiB measured, tests/unit/test_records.py holds it to this).
+RECORD_OBJECT_BYTES = 2048
+# A running activation's collected log lines (objects and their formatted text) over its log
+# limit, at most (3.8 measured: tests/unit/test_container_log.py holds it to this).
+LOG_OBJECTS_FACTOR = 4
+# Parsed JSON's size over its text at worst: [{},{},...] (24x measured). One message or answer
+# is parsed at a time (on the trio thread), and only its JSON is kept.
+PARSED_JSON_FACTOR = 25
 # Bound of revoke_wait_ms: a fifth of the group's rebalance timeout (max_poll_interval_ms).
 REVOKE_WAIT_MAX_MS = 60_000
 
@@ -443,18 +452,26 @@ class Config:
         buffer is added in bytes. A message waits whole before it is decoded, so a waiting one
         may be as large as its topic allows (assumed at most ``kafka_max_message_bytes``, as
         on the topics the daemon creates); one that runs has passed the ``max_message_bytes``
-        check, and keeps its params encoded. A record counts twice ``max_record_bytes``: it
-        carries its encoding (made once, when built) besides its objects. A completion is at
-        most a record's size (its result and a few fields).
+        check, and keeps its params encoded; at its end it holds the runtime's answer and its
+        result encoded again, its collected log lines (as objects, at most
+        ``LOG_OBJECTS_FACTOR`` times the log limit) and its record. A record counts its
+        encoding (made once, when built) and ``RECORD_OBJECT_BYTES``: it keeps no object an
+        action controls. A completion is at most a record's size (its result and a few
+        fields). Parsing one message or answer at a time costs up to ``PARSED_JSON_FACTOR``
+        times its size while it lasts.
         """
         waiting = self.max_poll_records + self.read_ahead  # messages only
         running = self.max_activations  # a message and, at the end, its record
         writing = self.record_channel_size + self.max_writes_in_flight * self.batch_size
         publishing = self.max_publishes_in_flight * self.batch_size  # completions
         size = (waiting * max(self.max_message_bytes, self.kafka_max_message_bytes)
-                + running * (self.max_message_bytes + 2 * self.max_record_bytes)
-                + writing * 2 * self.max_record_bytes + publishing * self.max_record_bytes
-                + self.fetch_max_bytes)
+                + running * (self.max_message_bytes  # params kept encoded
+                             + 2 * self.max_result_bytes  # the answer, and its result encoded
+                             + LOG_OBJECTS_FACTOR * self.max_logs_kb * 1024
+                             + self.max_record_bytes + RECORD_OBJECT_BYTES)
+                + writing * (self.max_record_bytes + RECORD_OBJECT_BYTES)
+                + publishing * self.max_record_bytes + self.fetch_max_bytes
+                + PARSED_JSON_FACTOR * max(self.max_message_bytes, self.max_result_bytes))
         return waiting + running + writing + publishing, size
 
     @property

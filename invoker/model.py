@@ -9,6 +9,7 @@ import enum
 import hashlib
 import json
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -109,13 +110,24 @@ class PoolKey(NamedTuple):
     concurrency: int
 
 
-@dataclass(frozen=True, slots=True)
-class RawJson:
-    """A JSON object kept encoded (compact UTF-8). A decoded message's params are kept so: as
-    Python objects they can take ~25 times their encoded size (``[{},{},...]``), which would
-    break the worst-case memory bound for every running activation."""
+@dataclass(frozen=True, slots=True, eq=False)
+class RawJson(Mapping[str, Any]):
+    """A JSON object kept encoded (compact UTF-8, as :func:`invoker.safejson.dumps` makes it).
+    A decoded message's params and an action's result are kept so: as Python objects they can
+    take ~25 times their encoded size (``[{},{},...]``), which would break the worst-case
+    memory bound for every running activation. Read as a mapping, it is decoded on each
+    access (tests and error paths do; the hot path splices ``data``)."""
 
     data: bytes
+
+    def __getitem__(self, key: str) -> Any:
+        return json.loads(self.data)[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(json.loads(self.data))
+
+    def __len__(self) -> int:
+        return len(json.loads(self.data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +152,7 @@ class InvocationResult:
     """
 
     status: Status
-    result: dict[str, Any]
+    result: dict[str, Any] | RawJson  # RawJson when the action answered it
     start_ms: int
     end_ms: int
     logs: list[str] = field(default_factory=list)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from invoker.messages import Rejection
-from invoker.model import Activation, InvocationResult, Status
+from invoker.model import Activation, InvocationResult, RawJson, Status
 from store import EncodedRecord, doc_id_for, encode_json
 
 LOGS_DROPPED_MARKER = "Logs were dropped because the record exceeded its size limit."
@@ -61,9 +61,10 @@ def build_rejection_record(rejection: Rejection, invoker_id: str, now_ms: int,
 
 
 def _record(activation_id: str, namespace: str, name: str, version: str, start_ms: int,
-            end_ms: int, status: Status, result: dict[str, Any], logs: list[str],
+            end_ms: int, status: Status, result: dict[str, Any] | RawJson, logs: list[str],
             annotations: list[dict[str, Any]], max_record_bytes: int) -> EncodedRecord:
-    result_json = encode_json(result)  # its length is the record's response.size
+    # Its length is the record's response.size.
+    result_json = result.data if isinstance(result, RawJson) else encode_json(result)
     head: dict[str, Any] = {
         "activationId": activation_id,
         "namespace": namespace,
@@ -78,19 +79,20 @@ def _record(activation_id: str, namespace: str, name: str, version: str, start_m
     response = {"status": status.label, "statusCode": int(status),
                 "success": status is Status.SUCCESS, "result": result, "size": len(result_json)}
     record = {**head, "response": response, "logs": logs, "annotations": annotations}
-    return _within(encode(record, result_json), result_json, max_record_bytes)
+    return _within(record, result_json, max_record_bytes)
 
 
-def _within(record: EncodedRecord, result_json: bytes, max_bytes: int) -> EncodedRecord:
-    """``record`` kept under ``max_bytes`` as the stores write it (:func:`stored_size`): logs
-    are dropped first, then the result, each time encoded again.
+def _within(record: dict[str, Any], result_json: bytes, max_bytes: int) -> EncodedRecord:
+    """``record`` encoded, kept under ``max_bytes`` as the stores write it
+    (:func:`stored_size`): logs are dropped first, then the result, each time encoded again.
 
     The pool already caps results and logs, so only a record of limits configured
     inconsistently, or with a huge error text, is over; this is what makes the daemon's
     worst-case byte bound hold regardless.
     """
-    if stored_size(record) <= max_bytes:
-        return record
+    encoded = encode(record, result_json)
+    if stored_size(encoded) <= max_bytes:
+        return encoded
     without_logs = {**record, "logs": [LOGS_DROPPED_MARKER]}
     encoded = encode(without_logs, result_json)
     if stored_size(encoded) <= max_bytes:
@@ -139,7 +141,8 @@ def _members_around(obj: Mapping[str, Any], key: str) -> tuple[bytes, bytes]:
 def completion_message(record: Mapping[str, Any], invoker_id: str,
                        blocking: bool) -> dict[str, Any]:
     """What goes to the completions topic once ``record`` is durably stored."""
-    response = record["response"]
+    response = (record.response_head if isinstance(record, EncodedRecord) and not blocking
+                else record["response"])  # the head alone: nothing decoded on the hot path
     message = {
         "activationId": record["activationId"],
         "namespace": record["namespace"],

@@ -13,6 +13,7 @@ its feed messages.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ _STATUS_CODES = frozenset(int(status) for status in Status)
 
 @dataclass(frozen=True, slots=True)
 class OverflowedRecord:
-    record: dict[str, Any]
+    record: Mapping[str, Any]
     blocking: bool
     invoker_id: str
 

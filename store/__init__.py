@@ -17,7 +17,8 @@ pouchdb-server). All methods are called from trio.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, runtime_checkable
 
@@ -112,29 +113,68 @@ class UnencodableRecord(ValueError):
     """A record that cannot be written as JSON text: it fails alone, retrying cannot help."""
 
 
-class EncodedRecord(dict[str, Any]):
-    """An activation record that carries its encoding: a read-only dict, and ``data``, its
-    compact UTF-8 JSON exactly as :func:`encode_json` makes it. Made once, when the record is
-    built; the stores write ``data``, the overflow topic carries it, and a completion takes the
-    result from it: ``result`` is the slice of ``data`` that holds ``response.result``'s JSON
-    (None when the record has none).
+class EncodedRecord(Mapping[str, Any]):
+    """An activation record that carries its encoding: ``data``, its compact UTF-8 JSON exactly
+    as :func:`encode_json` makes it, made once when the record is built. The stores write
+    ``data``, the overflow topic carries it, and a completion takes the result from it:
+    ``result`` is the slice of ``data`` that holds ``response.result``'s JSON (None when the
+    record has none).
 
-    Read-only at the top level (which is what builders hand over whole; nested values are the
-    builder's and are not changed after): a change would leave ``data`` stale.
+    In memory a record costs its bytes and a few scalars: the top-level scalars (ids, names,
+    times) and :attr:`response_head` are kept as objects; the result, logs and annotations
+    (what an action controls) are decoded from ``data`` each time they are read. Parsed,
+    ``{"a":[{},{},...]}`` takes ~25 times its JSON, which would break the stated worst case
+    for every buffered record. Read-only: a change would leave ``data`` stale.
     """
 
-    __slots__ = ("data", "result")
+    __slots__ = ("data", "result", "_fields", "_response_head")
 
     def __init__(self, record: Mapping[str, Any], data: bytes, result: slice | None) -> None:
-        super().__init__(record)
         self.data = data
         self.result = result
+        self._fields = {key: value if _is_scalar(value) else _IN_DATA
+                        for key, value in record.items()}
+        response = record.get("response")
+        self._response_head: Mapping[str, Any] = (
+            {k: v for k, v in response.items() if k != "result" and _is_scalar(v)}
+            if isinstance(response, Mapping) else {})
+
+    @property
+    def response_head(self) -> Mapping[str, Any]:
+        """The response's scalar members (status, statusCode, success, size), read without
+        decoding anything; the result is ``self["response"]["result"]``."""
+        return self._response_head
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._fields[key]
+        if value is _IN_DATA:
+            return json.loads(self.data)[key]
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._fields
+
+    def __repr__(self) -> str:
+        return f"EncodedRecord({self._fields.get('activationId')!r}, {len(self.data)} bytes)"
 
     def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise TypeError("an EncodedRecord is read-only: its data would no longer match it")
 
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only
     __ior__ = _read_only
+
+
+_IN_DATA = object()  # an EncodedRecord's member read from its data when asked for
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or isinstance(value, (str, int, float))  # bool is an int
 
 
 def encode_json(value: Any) -> bytes:

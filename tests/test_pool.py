@@ -26,6 +26,7 @@ import docker.errors
 import pytest
 import trio
 
+from invoker.containers.engine import LINE_OVERHEAD_BYTES
 from invoker.containers.pool import ContainerPool, PoolConfig
 from invoker.metrics import Metrics
 from invoker.model import Action, Activation, InvocationResult, Limits, Status
@@ -302,7 +303,7 @@ def main(args):
         assert r.logs[-1] == ("Logs were truncated because the total bytes size exceeds the "
                               "limit of 10240 bytes.")
         kept = texts(r.logs[:-1])
-        assert kept == [("stdout", "y" * 99)] * (10240 // 99)
+        assert kept == [("stdout", "y" * 99)] * (10240 // (99 + LINE_OVERHEAD_BYTES))
         # the next activation in the same container sees only its own lines
         r2, name2 = await invoke(pool, action, {"lines": 0})
         assert (r2.start_kind, name2) == ("warm", name)

@@ -50,9 +50,11 @@ _CONTAINER_PATH = re.compile(r"/containers/([0-9a-f]{64})/")
 
 _STREAMS = {1: "stdout", 2: "stderr"}
 _MAX_FRAME = 1 << 20  # Docker splits log messages at 16 KiB; anything larger is discarded
-# Each kept log line counts at least this much against the limit when lines are counted, so
-# that a run of empty lines (no text to count) is bounded too: at most limit // 4 lines.
-MIN_LINE_BYTES = 4
+# What Docker's json-file driver writes around a line's text ({"log":"<text>\n","stream":
+# "stdout","time":"<30 characters>"} and a newline). A kept line is charged it besides its text,
+# as OpenWhisk charges a line its json-file entry: a flood of short or empty lines is bounded in
+# lines (at most limit // 71), hence in the objects that hold them.
+LINE_OVERHEAD_BYTES = 71
 
 
 class DockerError(Exception):
@@ -141,15 +143,16 @@ class CollectedLogs:
     lines: list[LogLine] = field(default_factory=list)
     truncated: bool = False  # stopped keeping lines because of the byte limit
     complete: bool = False  # the sentinel was seen on both streams (or not waited for)
-    kept_bytes: int = 0  # of text (UTF-8)
+    kept_bytes: int = 0  # charged against the limit: text (UTF-8) and LINE_OVERHEAD_BYTES a line
 
     def keep(self, time: str, stream: str, text: str, size: int, limit: int) -> None:
-        """Keep a line of ``size`` bytes of text, unless the kept text would pass ``limit``
-        bytes or the lines ``limit // MIN_LINE_BYTES``: the logs are then truncated."""
-        if self.kept_bytes + size > limit or (len(self.lines) + 1) * MIN_LINE_BYTES > limit:
+        """Keep a line of ``size`` bytes of text, charged ``size + LINE_OVERHEAD_BYTES``,
+        unless the charges would pass ``limit`` bytes: the logs are then truncated."""
+        charge = size + LINE_OVERHEAD_BYTES
+        if self.kept_bytes + charge > limit:
             self.truncated = True
             return
-        self.kept_bytes += size
+        self.kept_bytes += charge
         self.lines.append(LogLine(time, stream, text))
 
 

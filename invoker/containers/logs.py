@@ -109,7 +109,7 @@ class ContainerLog:
         sentinels.
 
         Memory: one chunk, one unfinished entry (≤ MAX_ENTRY_BYTES + one chunk) and the kept
-        lines (``limit_bytes`` of text in at most ``limit_bytes // MIN_LINE_BYTES`` lines).
+        lines (at most ``limit_bytes // LINE_OVERHEAD_BYTES``, ``limit_bytes`` with their text).
         Does not checkpoint when the first read finds everything (the common case).
         Raises OSError when the file cannot be read, RuntimeError if already collecting or
         closed.

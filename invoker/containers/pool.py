@@ -99,7 +99,7 @@ from invoker.containers.scheduler import (
     Waiter,
 )
 from invoker.metrics import Metrics
-from invoker.model import Action, Activation, InvocationResult, PoolKey, Status, now_ms
+from invoker.model import Action, Activation, InvocationResult, PoolKey, RawJson, Status, now_ms
 from invoker.networks import LABEL_NETWORK, ActionNetworks
 from invoker.ownership import ProcessOwner
 
@@ -792,7 +792,7 @@ class ContainerPool:
             await c.init_done.wait()
         if c.init_failure is not None:
             f = c.init_failure
-            return InvocationResult(status=f.status, result=dict(f.result), start_ms=f.start_ms,
+            return InvocationResult(status=f.status, result=f.result, start_ms=f.start_ms,
                                     end_ms=f.end_ms, logs=[], start_kind=f.start_kind)
         # A container destroyed after this activation got its slot still serves it (_destroy).
         if c.phase not in (READY, RETIRING) or c.conn is None:
@@ -810,8 +810,10 @@ class ContainerPool:
         init_time_ms: int | None = None
         destroy = True
 
-        def fail(status: Status, message: str, logs: list[str] | None = None) -> InvocationResult:
-            return InvocationResult(status=status, result={"error": message}, start_ms=start_ms,
+        def fail(status: Status, error: str | dict[str, Any] | RawJson,
+                 logs: list[str] | None = None) -> InvocationResult:
+            result = {"error": error} if isinstance(error, str) else error
+            return InvocationResult(status=status, result=result, start_ms=start_ms,
                                     end_ms=now_ms(), logs=logs or [], start_kind=start_kind,
                                     init_time_ms=init_time_ms)
 
@@ -871,7 +873,7 @@ class ContainerPool:
                 bad = interpret_init(resp, self.config.max_result_bytes,
                                      self.config.max_json_depth)
                 if bad is not None:
-                    failure = fail(bad[0], bad[1]["error"])
+                    failure = fail(*bad)
             if failure is not None:
                 logs = await self._grab_logs(c, started_ns, limits.logs_kb * 1024, False)
                 failure.logs = self._format_logs(logs, limits.logs_kb * 1024, False)

@@ -437,11 +437,14 @@ def truncated_result(length: int, max_bytes: int) -> tuple[Status, dict[str, Any
     return Status.APPLICATION_ERROR, {"error": MSG_TRUNCATED.format(n=length, max=max_bytes)}
 
 
-def interpret_run(resp: RuntimeResponse, max_bytes: int,
-                  max_depth: int = Config.max_json_depth) -> tuple[Status, dict[str, Any]]:
+def interpret_run(resp: RuntimeResponse, max_bytes: int, max_depth: int = Config.max_json_depth,
+                  ) -> tuple[Status, dict[str, Any] | RawJson]:
     """OpenWhisk's rules for a /run answer. A result that is not JSON as
     :func:`invoker.safejson.loads` takes it (NaN, nested deeper than ``max_depth``, an
-    integer of thousands of digits, invalid UTF-8...) is a developer error saying why."""
+    integer of thousands of digits, invalid UTF-8...) is a developer error saying why.
+
+    What the action answered comes back encoded again (:class:`RawJson`): its parsed objects
+    live only during this call, which does not yield, so at most one answer's are alive."""
     if resp.truncated:
         return truncated_result(resp.length, max_bytes)
     obj, why = _json_object(resp.body, max_depth)
@@ -449,16 +452,16 @@ def interpret_run(resp: RuntimeResponse, max_bytes: int,
         if obj is None:
             return Status.DEVELOPER_ERROR, {"error": _invalid_json(resp.body, why)}
         if "error" in obj:
-            return Status.APPLICATION_ERROR, obj
-        return Status.SUCCESS, obj
+            return Status.APPLICATION_ERROR, RawJson(dumps(obj))
+        return Status.SUCCESS, RawJson(dumps(obj))
     if obj is not None and "error" in obj:
-        return Status.DEVELOPER_ERROR, {"error": obj["error"]}
+        return Status.DEVELOPER_ERROR, RawJson(dumps({"error": obj["error"]}))
     return Status.DEVELOPER_ERROR, {"error": MSG_INVALID_RUN.format(text=_text(resp.body))}
 
 
 def interpret_init(resp: RuntimeResponse, max_bytes: int,
                    max_depth: int = Config.max_json_depth,
-                   ) -> tuple[Status, dict[str, Any]] | None:
+                   ) -> tuple[Status, dict[str, Any] | RawJson] | None:
     """None when /init succeeded, else the DEVELOPER_ERROR status and result."""
     if resp.status_code == 200 and not resp.truncated:
         return None
@@ -470,5 +473,5 @@ def interpret_init(resp: RuntimeResponse, max_bytes: int,
         }
     obj, _ = _json_object(resp.body, max_depth)
     if obj is not None and "error" in obj:
-        return Status.DEVELOPER_ERROR, {"error": obj["error"]}
+        return Status.DEVELOPER_ERROR, RawJson(dumps({"error": obj["error"]}))
     return Status.DEVELOPER_ERROR, {"error": MSG_INVALID_INIT.format(text=_text(resp.body))}

@@ -158,8 +158,8 @@ def auto_limits(action: ParsedAction) -> dict[str, int] | None:
             return {"timeout": min(needed, _config_default("max_timeout_ms"))}
     if action.kind == "logs" and action.arg is not None:
         default_kb = _config_default("default_logs_kb")
-        # "loadgen log line N of M" plus the daemon's timestamp/stream prefix, per line
-        needed = math.ceil(action.arg * (64 + 2 * len(str(action.arg))) / 1024) + 1
+        # "loadgen log line N of M" (21 + 2 digits) and the 71 bytes the pool charges a line
+        needed = math.ceil(action.arg * (100 + 2 * len(str(action.arg))) / 1024) + 1
         if needed > default_kb:
             return {"logs": min(needed, _config_default("max_logs_kb"))}
     return None

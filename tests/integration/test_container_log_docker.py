@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from invoker.containers.engine import LABEL_ID, SENTINEL
+from invoker.containers.engine import LABEL_ID, LINE_OVERHEAD_BYTES, SENTINEL
 from invoker.containers.logs import ContainerLog
 
 pytestmark = pytest.mark.integration
@@ -131,10 +131,10 @@ async def test_two_megabytes_are_drained_to_the_sentinels(printers):
     try:
         printer.activation("big", 2000, 1000)  # 2 MB of output
         started = trio.current_time()
-        got = await collect(log, limit=10 * 1024)
+        got = await collect(log, limit=10 * (1000 + LINE_OVERHEAD_BYTES))
         elapsed = trio.current_time() - started
         assert (got.complete, got.truncated, len(got.lines)) == (True, True, 10)
-        assert got.kept_bytes == 10 * 1000
+        assert got.kept_bytes == 10 * (1000 + LINE_OVERHEAD_BYTES)
         # The first lines Docker wrote of each stream (it copies the two streams separately).
         for stream in ("stdout", "stderr"):
             kept = [text for s, text in sorted_as_logged(got) if s == stream]

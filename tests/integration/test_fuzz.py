@@ -16,9 +16,8 @@ surrogates, huge integers, non-finite numbers, deep nesting), and the bulk API a
 document, so one bad record must fail alone.
 
 Memory: the daemon exports ``invoker_worst_case_buffered_bytes``, its README's bound on what it
-buffers: (max_poll_records + read_ahead) × max_message_bytes + max_activations ×
-(max_message_bytes + max_record_bytes) + (record_channel_size + max_writes_in_flight ×
-batch_size) × max_record_bytes + fetch_max_bytes (about 37 MiB with SETTINGS). The baseline is
+buffers ("Worst-case memory": messages, running activations, records, completions, the fetch
+buffer and one parse; tens of MiB with SETTINGS, printed by the test). The baseline is
 the daemon's RSS after a warm-up of every valid action (the peak so far if higher): the formula
 bounds buffered data, not the interpreter and the clients that load on first use (first
 container, store write, publish), as in test_daemon's slow-store test. Its peak RSS over the

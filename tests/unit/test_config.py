@@ -4,7 +4,15 @@ import json
 import pytest
 
 from invoker.cli import main
-from invoker.config import Config, add_config_arguments, load_config, mask_url
+from invoker.config import (
+    LOG_OBJECTS_FACTOR,
+    PARSED_JSON_FACTOR,
+    RECORD_OBJECT_BYTES,
+    Config,
+    add_config_arguments,
+    load_config,
+    mask_url,
+)
 
 
 def parse(argv):
@@ -50,11 +58,14 @@ def test_worst_case_bound_adds_every_buffer():
                  kafka_max_message_bytes=400)
     records, size = cfg.worst_case_buffered()
     assert records == 2 + 3 + 4 + 5 + 2 * 6 + 3 * 6
-    # waiting messages may be as large as the topic takes (400), running ones max_message_bytes;
-    # a record holds its objects and its encoding, a completion awaiting its ack at most as much
-    # as a record's encoding
-    assert size == (5 * 400 + 4 * (100 + 2 * cfg.max_record_bytes)
-                    + 17 * 2 * cfg.max_record_bytes + 18 * cfg.max_record_bytes + 10_000)
+    # waiting messages may be as large as the topic takes (400), running ones max_message_bytes
+    # and, at the end, the answer twice, the log lines as objects and the record; a record holds
+    # its encoding and a few objects, a completion awaiting its ack at most a record's encoding;
+    # one message or answer (the larger limit: 1000) is parsed at a time
+    record = cfg.max_record_bytes + RECORD_OBJECT_BYTES
+    assert size == (5 * 400 + 4 * (100 + 2 * 1000 + LOG_OBJECTS_FACTOR * 1024 + record)
+                    + 17 * record + 18 * cfg.max_record_bytes + 10_000
+                    + PARSED_JSON_FACTOR * 1000)
 
 
 def test_mask_url():

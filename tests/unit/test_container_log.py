@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from invoker.containers.engine import MIN_LINE_BYTES, SENTINEL
+from invoker.containers.engine import LINE_OVERHEAD_BYTES, SENTINEL
 from invoker.containers.logs import CHUNK_BYTES, MAX_ENTRY_BYTES, ContainerLog
 
 END = SENTINEL.decode()
@@ -90,7 +90,8 @@ async def test_activations_in_a_row_each_start_after_the_previous_sentinels(dock
     first = await collect(log)
     assert (texts(first), first.complete, first.truncated) == (
         ["init output", "first", "  padded"], True, False)
-    assert first.kept_bytes == len("init output") + len("first") + len("  padded  ")
+    assert first.kept_bytes == (len("init output") + len("first") + len("  padded  ")
+                                + 3 * LINE_OVERHEAD_BYTES)
     second = await collect(log)
     assert (texts(second), second.complete) == (["second"], True)
     docker_log.end()
@@ -160,9 +161,10 @@ async def test_truncates_at_the_limit_and_drains_to_the_sentinels(docker_log, lo
     docker_log.end()
     docker_log.write("next")
     docker_log.end()
-    got = await collect(log, limit=100)
+    line_cost = 9 + LINE_OVERHEAD_BYTES
+    got = await collect(log, limit=11 * line_cost + line_cost - 1)
     assert texts(got) == [f"line {i:04d}" for i in range(11)]
-    assert (got.kept_bytes, got.truncated, got.complete) == (99, True, True)
+    assert (got.kept_bytes, got.truncated, got.complete) == (11 * line_cost, True, True)
     assert texts(await collect(log)) == ["next"]
 
 
@@ -180,20 +182,21 @@ async def test_while_draining_only_real_sentinels_end_the_activation(docker_log,
 
 
 async def test_a_flood_of_empty_lines_is_bounded_by_the_limit_too(docker_log, log):
-    docker_log.write(*[""] * 5000)  # no text to count: without a line bound, 5000 kept lines
+    docker_log.write(*[""] * 5000)  # no text to count: without a line charge, 5000 kept lines
     docker_log.end()
-    got = await collect(log, limit=100)
-    assert (got.truncated, got.complete, got.kept_bytes) == (True, True, 0)
-    assert len(got.lines) == 100 // MIN_LINE_BYTES
+    got = await collect(log, limit=1000)
+    assert (got.truncated, got.complete) == (True, True)
+    assert len(got.lines) == 1000 // LINE_OVERHEAD_BYTES
+    assert got.kept_bytes == len(got.lines) * LINE_OVERHEAD_BYTES
 
 
 async def test_limit_counts_utf8_bytes_and_replaces_lone_surrogates(docker_log, log):
     docker_log.append(b'{"log":"\\ud800 x\\n","stream":"stdout","time":"2024-05-01T10:00:00Z"}\n')
     docker_log.write("é" * 4, "ok")  # 8 bytes, then 2
     docker_log.end()
-    got = await collect(log, limit=12)
+    got = await collect(log, limit=12 + 2 * LINE_OVERHEAD_BYTES)
     assert texts(got) == ["? x", "éééé"]
-    assert (got.kept_bytes, got.truncated) == (11, True)
+    assert (got.kept_bytes, got.truncated) == (11 + 2 * LINE_OVERHEAD_BYTES, True)
 
 
 async def test_megabytes_of_output_do_not_stall_other_tasks(docker_log, log):
@@ -212,7 +215,8 @@ async def test_megabytes_of_output_do_not_stall_other_tasks(docker_log, log):
         nursery.start_soon(ticker)
         got = await collect(log, limit=10 * 1024, timeout_s=30)
         nursery.cancel_scope.cancel()
-    assert (got.truncated, got.complete, len(got.lines)) == (True, True, 10 * 1024 // 200)
+    assert (got.truncated, got.complete, len(got.lines)) == (
+        True, True, 10 * 1024 // (200 + LINE_OVERHEAD_BYTES))
     assert ticks >= docker_log.size() // CHUNK_BYTES - 1
 
 
@@ -456,3 +460,32 @@ async def test_without_sentinels_lines_written_shortly_after_are_read_too(docker
         nursery.start_soon(late_writer)
         got = await collect(log, wait=False)
     assert (texts(got), got.complete) == (["before the crash", "the runtime's last words"], True)
+
+
+@pytest.mark.parametrize("text", ["", "x" * 10, "y" * 1000])
+def test_collected_lines_take_at_most_their_stated_share_of_memory(text):
+    """What the worst-case bound counts for a running activation's logs: the kept lines and
+    their formatted copies, at most LOG_OBJECTS_FACTOR times the log limit, however short the
+    lines (each is charged LINE_OVERHEAD_BYTES besides its text)."""
+    import gc
+    import tracemalloc
+
+    from invoker.config import LOG_OBJECTS_FACTOR
+    from invoker.containers.engine import CollectedLogs
+    from invoker.containers.pool import ContainerPool
+
+    limit = 1 << 20
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        out = CollectedLogs()
+        while not out.truncated:
+            stamp = f"2024-05-01T10:00:00.{len(out.lines):09d}Z"  # each its own, as Docker's
+            out.keep(stamp, "stdout", text, len(text), limit)
+        formatted = ContainerPool._format_logs(out, limit, True)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(formatted) == len(out.lines) + 1  # and the truncation notice
+    assert used <= LOG_OBJECTS_FACTOR * limit

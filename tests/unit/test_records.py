@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from invoker.config import RECORD_OBJECT_BYTES
 from invoker.messages import Rejection
 from invoker.model import Action, Activation, InvocationResult, Limits, Status
 from invoker.records import (
@@ -69,7 +70,7 @@ def test_record_over_size_cap_drops_logs_then_result():
     r = build_record(ACT, result(logs=logs), "inv0", 20_000)
     assert r["logs"] == [LOGS_DROPPED_MARKER] and r["response"]["result"] == {"ok": 1}
     big = build_record(ACT, result(res={"blob": "y" * 50_000}, logs=logs), "inv0", 20_000)
-    assert len(json.dumps(big)) <= 20_000
+    assert len(json.dumps(dict(big))) <= 20_000
     assert big["response"]["statusCode"] == 1 and "exceeded" in big["response"]["result"]["error"]
 
 
@@ -221,3 +222,46 @@ def test_what_safejson_dumps_refuses_the_store_encoding_refuses_too():
     for value in (float("nan"), float("inf"), "a\ud800", {1, 2}, b"raw", 10**5000, circular):
         with pytest.raises(UnencodableRecord, match="record is not JSON"):
             encode_json(value)
+
+
+def _retained_bytes(make):
+    """Bytes still allocated after ``make()`` while its value is kept (tracemalloc)."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = make()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before, kept
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_record_of_a_hostile_result_costs_its_bytes_not_its_objects():
+    """``{"a":[{},{},...]}`` parses to ~25 times its JSON; a built record (and the result the
+    runtime interpretation hands on) keeps the JSON only, which the worst case counts."""
+    from invoker.containers.runtime import RuntimeResponse, interpret_run
+
+    body = b'{"a":[' + b",".join([b"{}"] * 300_000) + b"]}"  # 900 KB
+    retained, (status, answer) = _retained_bytes(
+        lambda: interpret_run(RuntimeResponse(200, body), 1 << 20))
+    assert status is Status.SUCCESS and len(answer["a"]) == 300_000
+    assert retained < 1.2 * len(body)
+    retained, record = _retained_bytes(
+        lambda: build_record(ACT, result(res=answer), "inv0", 2 << 20))
+    assert record["response"]["result"] == json.loads(body)
+    assert record.data == encoded_before(dict(record))
+    assert retained < len(record.data) + RECORD_OBJECT_BYTES
+
+
+def test_an_encoded_record_reads_like_the_record_it_was_built_from():
+    built = json.loads(build_record(ACT, result(logs=["l1", "l2"]), "inv0", 1 << 20).data)
+    record = encode(built)
+    assert record == built and dict(record) == built and list(record) == list(built)
+    assert "logs" in record and "nope" not in record and len(record) == len(built)
+    assert record.response_head == {k: v for k, v in built["response"].items() if k != "result"}
+    assert completion_message(record, "inv0", blocking=False) == completion_message(
+        built, "inv0", blocking=False)
