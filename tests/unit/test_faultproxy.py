@@ -74,7 +74,7 @@ async def test_freeze_passes_bytes_only_in_the_open_part_of_each_period() -> Non
         start = trio.current_time()
         await stream.send_all(b"ping\n")
         await _read_answer(stream)
-        assert trio.current_time() - start < 0.15
+        assert trio.current_time() - start < 0.3  # a frozen period would hold it 0.8 s
 
 
 @pytest.mark.parametrize("freeze", [[1.0, 1.0], [1.0, 0.0], [2.0], "ab"])
