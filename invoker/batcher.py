@@ -13,8 +13,10 @@ Stored truth: when the store already had a record (a re-execution after a crash 
 rebalance), what is handed to ``on_stored`` is the stored record, read back with one
 ``get_many`` for all such records of the batch, not the re-run's: the completion then tells
 what the store says. A failed read is retried like a failed write (and counted among
-``store_write_failures``). While the read returns, a batch holds both the re-runs and the
-stored records (at most twice ``batch_size`` records per write slot); then only the stored.
+``store_write_failures``) for up to ``doc_retry_limit_s``; past it the re-runs are handed on
+(the records are stored; what is lost is only which run the completion tells). While the read
+returns, a batch holds both the re-runs and the stored records, encoded (at most twice
+``batch_size`` records per write slot); then only the stored.
 
 Latency: a record that finds the batcher idle (no write in flight, nothing else waiting) is
 written at once. Only while a write is in flight does the next batch linger, up to
@@ -40,11 +42,13 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+from invoker.config import READ_BACK_CHUNK
 from invoker.metrics import Metrics
 from invoker.offsets import OffsetToken
+from invoker.records import encode
 from invoker.status_report import RecentDurations
 from invoker.stuck import StuckWatch
-from store import DocResult, Outcome, Store, StoreUnavailable
+from store import DocResult, Outcome, Store, StoreUnavailable, UnencodableRecord
 
 if TYPE_CHECKING:
     from kafka.structs import TopicPartition
@@ -181,7 +185,8 @@ class Batcher:
 
     async def _attempt(self, token: int, left: _Left) -> _Attempt:
         """Write what is left to write and read back what was already stored, once."""
-        outcome = _Attempt(left=_Left(retrying_since=left.retrying_since))
+        outcome = _Attempt(left=_Left(retrying_since=left.retrying_since,
+                                      read_failing_since=left.read_failing_since))
         to_read = left.to_read
         if left.to_write:
             results = await self._write_once(token, left.to_write)
@@ -219,8 +224,22 @@ class Batcher:
         if to_read:
             stored = await self._read_once(token, [doc_id for _, doc_id in to_read])
             if stored is None:
-                outcome.left.to_read = to_read
+                now = trio.current_time()
+                if outcome.left.read_failing_since is None:
+                    outcome.left.read_failing_since = now
+                since = outcome.left.read_failing_since
+                if now - since <= self._settings.doc_retry_limit_s:
+                    outcome.left.to_read = to_read
+                else:
+                    # The records are stored; only the first run's outcome is unknown. A store
+                    # that keeps failing this read (or an answer no parser takes) must not hold
+                    # the partition for good: the completion tells the re-run's.
+                    log.error("could not read back already stored records; completing them "
+                              "with the re-run's", records=len(to_read),
+                              for_s=round(now - since, 1))
+                    outcome.done.extend(pending for pending, _ in to_read)
             else:
+                outcome.left.read_failing_since = None
                 for pending, doc_id in to_read:
                     record = stored.get(doc_id)
                     if record is None:
@@ -255,10 +274,17 @@ class Batcher:
         return results
 
     async def _read_once(self, token: int, doc_ids: list[str]
-                         ) -> dict[str, dict[str, Any]] | None:
-        """The stored records of ``doc_ids`` (those present); None if the read failed."""
+                         ) -> dict[str, Mapping[str, Any]] | None:
+        """The stored records of ``doc_ids`` (those present), kept encoded; None if the read
+        failed. Reads ``READ_BACK_CHUNK`` at a time: a record parsed takes up to
+        ``PARSED_JSON_FACTOR`` times its size until it is encoded again, here, at once."""
+        found: dict[str, Mapping[str, Any]] = {}
         try:
-            return await self._store.get_many(doc_ids)
+            for start in range(0, len(doc_ids), READ_BACK_CHUNK):
+                chunk = await self._store.get_many(doc_ids[start:start + READ_BACK_CHUNK])
+                found.update((doc_id, _kept_encoded(doc)) for doc_id, doc in chunk.items())
+                del chunk
+            return found
         except StoreUnavailable as exc:
             self._metrics.store_write_failures.inc()
             self.stuck.failed(token, str(exc))
@@ -274,6 +300,7 @@ class _Left:
     to_write: list[PendingRecord] = field(default_factory=list)
     to_read: list[tuple[PendingRecord, str]] = field(default_factory=list)  # with store ids
     retrying_since: dict[str, float] = field(default_factory=dict)  # store id -> first RETRY
+    read_failing_since: float | None = None  # the read back has failed since
 
     def __bool__(self) -> bool:
         return bool(self.to_write or self.to_read)
@@ -288,13 +315,22 @@ class _Attempt:
     left: _Left = field(default_factory=_Left)
 
 
+def _kept_encoded(doc: dict[str, Any]) -> Mapping[str, Any]:
+    """A record read back, as an EncodedRecord (its JSON and a few scalars); one no encoder can
+    write (a lone surrogate the store kept) as an empty mapping: no record of any activation."""
+    try:
+        return encode(doc)
+    except UnencodableRecord:
+        return {}
+
+
 def _same_activation(stored: Mapping[str, Any], record: Mapping[str, Any]) -> bool:
     """Whether ``stored`` is an activation record of ``record``'s activation, complete enough
     for a completion message (a status text, an integer code and a result)."""
     response = stored.get("response")
     return (stored.get("activationId") == record.get("activationId")
             and stored.get("namespace") == record.get("namespace")
-            and isinstance(response, dict)
+            and isinstance(response, Mapping)
             and isinstance(response.get("status"), str)
             and type(response.get("statusCode")) is int
             and "result" in response)

@@ -44,6 +44,9 @@ LOG_OBJECTS_FACTOR = 4
 # Parsed JSON's size over its text at worst: [{},{},...] (24x measured). One message or answer
 # is parsed at a time (on the trio thread), and only its JSON is kept.
 PARSED_JSON_FACTOR = 25
+# Records already stored that the batcher reads back at once (re-executions): each is parsed
+# whole before it is kept encoded.
+READ_BACK_CHUNK = 8
 # Bound of revoke_wait_ms: a fifth of the group's rebalance timeout (max_poll_interval_ms).
 REVOKE_WAIT_MAX_MS = 60_000
 
@@ -457,21 +460,24 @@ class Config:
         ``LOG_OBJECTS_FACTOR`` times the log limit) and its record. A record counts its
         encoding (made once, when built) and ``RECORD_OBJECT_BYTES``: it keeps no object an
         action controls. A completion is at most a record's size (its result and a few
-        fields). Parsing one message or answer at a time costs up to ``PARSED_JSON_FACTOR``
-        times its size while it lasts.
+        fields). A write of re-executions also holds the stored records it read back, encoded.
+        One parse runs at a time (a message, an answer, or ``READ_BACK_CHUNK`` records read
+        back), costing up to ``PARSED_JSON_FACTOR`` times its size while it lasts.
         """
         waiting = self.max_poll_records + self.read_ahead  # messages only
         running = self.max_activations  # a message and, at the end, its record
         writing = self.record_channel_size + self.max_writes_in_flight * self.batch_size
+        read_back = self.max_writes_in_flight * self.batch_size  # copies: bytes only
         publishing = self.max_publishes_in_flight * self.batch_size  # completions
         size = (waiting * max(self.max_message_bytes, self.kafka_max_message_bytes)
                 + running * (self.max_message_bytes  # params kept encoded
                              + 2 * self.max_result_bytes  # the answer, and its result encoded
                              + LOG_OBJECTS_FACTOR * self.max_logs_kb * 1024
                              + self.max_record_bytes + RECORD_OBJECT_BYTES)
-                + writing * (self.max_record_bytes + RECORD_OBJECT_BYTES)
+                + (writing + read_back) * (self.max_record_bytes + RECORD_OBJECT_BYTES)
                 + publishing * self.max_record_bytes + self.fetch_max_bytes
-                + PARSED_JSON_FACTOR * max(self.max_message_bytes, self.max_result_bytes))
+                + PARSED_JSON_FACTOR * max(self.max_message_bytes, self.max_result_bytes,
+                                           READ_BACK_CHUNK * self.max_record_bytes))
         return waiting + running + writing + publishing, size
 
     @property

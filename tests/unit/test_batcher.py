@@ -6,9 +6,15 @@ import pytest
 import trio
 import trio.testing
 
-from invoker.batcher import Batcher, BatcherSettings, PendingRecord, backoff_delay
+from invoker.batcher import (
+    Batcher,
+    BatcherSettings,
+    PendingRecord,
+    backoff_delay,
+)
+from invoker.config import READ_BACK_CHUNK
 from invoker.metrics import Metrics
-from store import DocResult, Outcome, StoreUnavailable, doc_id_for
+from store import DocResult, EncodedRecord, Outcome, StoreUnavailable, doc_id_for
 
 
 class ScriptedStore:
@@ -384,3 +390,36 @@ async def test_each_batch_write_is_timed_once_in_the_store_write_stage():
     count = metrics.registry.get_sample_value(
         "invoker_stage_seconds_count", {"stage": "store_write"})
     assert count == len(store.calls) == 3
+
+
+async def test_a_read_back_that_keeps_failing_hands_on_the_re_run_after_the_retry_limit(
+        autojump_clock):
+    """The records are stored: a store that cannot answer the read back (or answers what no
+    parser takes) must not hold the partition for good."""
+    store = ScriptedStore(fail_reads=10**9)
+    store.docs[key(1)] = record(1, result={"first": True})
+    handed = []
+    started = trio.current_time()
+    with trio.fail_after(600):  # virtual time: retrying for good fails rather than hangs
+        stored, refused = await drain(
+            store, [rec(i) for i in range(3)],
+            BatcherSettings(batch_size=3, backoff_initial_s=1, backoff_max_s=4,
+                            doc_retry_limit_s=60),
+            handed=handed)
+    assert sorted(stored) == [f"{i:032x}" for i in range(3)] and refused == []
+    assert [p.record for p in handed if p.record["activationId"] == f"{1:032x}"] == [record(1)]
+    assert 60 < trio.current_time() - started < 70
+    assert len(store.calls) == 1  # never written twice
+
+
+async def test_records_read_back_are_read_in_chunks_and_kept_encoded():
+    store = ScriptedStore()
+    count = 2 * READ_BACK_CHUNK + 1
+    for i in range(count):
+        store.docs[key(i)] = record(i, result={"first": i})
+    handed = []
+    await drain(store, [rec(i) for i in range(count)], BatcherSettings(batch_size=count),
+                handed=handed)
+    assert [len(ids) for ids in store.reads] == [READ_BACK_CHUNK, READ_BACK_CHUNK, 1]
+    assert all(isinstance(p.record, EncodedRecord) for p in handed)
+    assert sorted(p.record["response"]["result"]["first"] for p in handed) == list(range(count))

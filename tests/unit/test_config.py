@@ -7,6 +7,7 @@ from invoker.cli import main
 from invoker.config import (
     LOG_OBJECTS_FACTOR,
     PARSED_JSON_FACTOR,
+    READ_BACK_CHUNK,
     RECORD_OBJECT_BYTES,
     Config,
     add_config_arguments,
@@ -61,11 +62,12 @@ def test_worst_case_bound_adds_every_buffer():
     # waiting messages may be as large as the topic takes (400), running ones max_message_bytes
     # and, at the end, the answer twice, the log lines as objects and the record; a record holds
     # its encoding and a few objects, a completion awaiting its ack at most a record's encoding;
-    # one message or answer (the larger limit: 1000) is parsed at a time
+    # and, for re-executions, the stored records read back (2 writes of 6); one parse at a
+    # time: here READ_BACK_CHUNK records read back are the largest
     record = cfg.max_record_bytes + RECORD_OBJECT_BYTES
     assert size == (5 * 400 + 4 * (100 + 2 * 1000 + LOG_OBJECTS_FACTOR * 1024 + record)
-                    + 17 * record + 18 * cfg.max_record_bytes + 10_000
-                    + PARSED_JSON_FACTOR * 1000)
+                    + (17 + 12) * record + 18 * cfg.max_record_bytes + 10_000
+                    + PARSED_JSON_FACTOR * READ_BACK_CHUNK * cfg.max_record_bytes)
 
 
 def test_mask_url():
