@@ -460,7 +460,8 @@ class Config:
         ``LOG_OBJECTS_FACTOR`` times the log limit) and its record. A record counts its
         encoding (made once, when built) and ``RECORD_OBJECT_BYTES``: it keeps no object an
         action controls. A completion is at most a record's size (its result and a few
-        fields). A write of re-executions also holds the stored records it read back, encoded.
+        fields). A write of re-executions also holds the stored records it read back, encoded;
+        a CouchDB bulk write its documents and its request body (a copy each).
         One parse runs at a time (a message, an answer, or ``READ_BACK_CHUNK`` records read
         back), costing up to ``PARSED_JSON_FACTOR`` times its size while it lasts.
         """
@@ -468,6 +469,8 @@ class Config:
         running = self.max_activations  # a message and, at the end, its record
         writing = self.record_channel_size + self.max_writes_in_flight * self.batch_size
         read_back = self.max_writes_in_flight * self.batch_size  # copies: bytes only
+        # A CouchDB bulk write holds its documents (a record with its _id) and its request body.
+        bulk_bodies = self.max_writes_in_flight * self.batch_size * 2 * self.max_record_bytes
         publishing = self.max_publishes_in_flight * self.batch_size  # completions
         size = (waiting * max(self.max_message_bytes, self.kafka_max_message_bytes)
                 + running * (self.max_message_bytes  # params kept encoded
@@ -475,7 +478,7 @@ class Config:
                              + LOG_OBJECTS_FACTOR * self.max_logs_kb * 1024
                              + self.max_record_bytes + RECORD_OBJECT_BYTES)
                 + (writing + read_back) * (self.max_record_bytes + RECORD_OBJECT_BYTES)
-                + publishing * self.max_record_bytes + self.fetch_max_bytes
+                + publishing * self.max_record_bytes + self.fetch_max_bytes + bulk_bodies
                 + PARSED_JSON_FACTOR * max(self.max_message_bytes, self.max_result_bytes,
                                            READ_BACK_CHUNK * self.max_record_bytes))
         return waiting + running + writing + publishing, size

@@ -67,6 +67,7 @@ def test_worst_case_bound_adds_every_buffer():
     record = cfg.max_record_bytes + RECORD_OBJECT_BYTES
     assert size == (5 * 400 + 4 * (100 + 2 * 1000 + LOG_OBJECTS_FACTOR * 1024 + record)
                     + (17 + 12) * record + 18 * cfg.max_record_bytes + 10_000
+                    + 12 * 2 * cfg.max_record_bytes  # CouchDB: documents and body
                     + PARSED_JSON_FACTOR * READ_BACK_CHUNK * cfg.max_record_bytes)
 
 
