@@ -263,6 +263,7 @@ class Feed:
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=max(s.session_timeout_ms // 4, 500),
             max_poll_interval_ms=s.max_poll_interval_ms,
+            metrics_enabled=False,  # never read; recording them costs CPU on every fetch
         )
         self._wait_for_topic(consumer)
         consumer.subscribe([s.topic], listener=_Listener(self, consumer))

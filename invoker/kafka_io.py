@@ -186,6 +186,7 @@ class Publisher:
             allow_auto_create_topics=False,
             max_block_ms=int(ack_timeout_s * 1000),
             request_timeout_ms=int(ack_timeout_s * 1000),
+            metrics_enabled=False,  # never read; recording them costs CPU on every request
         )
         self._limits = _TopicLimits(bootstrap, client_id + "-admin", max_message_bytes)
         self._rng = random.Random()
