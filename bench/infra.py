@@ -7,7 +7,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -202,7 +202,7 @@ def load_problems(report: Report, what: str) -> list[str]:
     return problems
 
 
-def store_rate(url: str, template: dict[str, Any], batch_size: int, total: int,
+def store_rate(url: str, template: Mapping[str, Any], batch_size: int, total: int,
                time_limit_s: float, writers: int = 1) -> tuple[int, float]:
     """(records written, seconds): copies of ``template`` (new ids, fresh namespace) written
     with store.write_batch in batches of ``batch_size``, ``writers`` writes at a time, until

@@ -36,7 +36,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ from invoker.loadgen import Report, activation_message, produce_messages, run_lo
 from invoker.model import Action, Activation, InvocationResult, Limits, Status
 from invoker.records import build_record
 from overflow.envelope import OverflowedRecord, encode
+from store import EncodedRecord
 from tests.support.daemon import COUCHDB, KAFKA, Daemon, Topics, counter_total, load_spec
 from tests.support.faultproxy import ProxyProcess
 
@@ -104,7 +105,7 @@ class Throughput:
 class Drain:
     rate: float | None
     note: str
-    template: dict[str, Any] = field(default_factory=dict)
+    template: Mapping[str, Any] = field(default_factory=dict)
     store_url: str = ""
 
 
@@ -246,7 +247,7 @@ def _throughput(variant: str, params: OverflowParams, proxy: ProxyProcess, work:
 
 # --- 2./3. recorder drain --------------------------------------------------------------------
 
-def _records(namespace: str, count: int) -> list[dict[str, Any]]:
+def _records(namespace: str, count: int) -> list[EncodedRecord]:
     """Records as the invoker builds them for a no-op activation (one log line)."""
     limits = Limits(timeout_ms=60_000, memory_mb=256, logs_kb=10, concurrency=1)
     action = Action(name="noop", version="0.0.1", kind="python:3",
@@ -480,7 +481,7 @@ def _drain(recorders: int, prefill: bool, params: OverflowParams, work: Path,
         if count != params.drain_records or messages < params.drain_records:
             errors(f"{what}: {count} records in the store, {messages} completion messages, "
                    f"for {params.drain_records} envelopes")
-        record_bytes = len(json.dumps(records[0], separators=(",", ":")))
+        record_bytes = len(records[0].data)
         pouch_note = ("n/a" if pouch_cpu0 is None or pouch_cpu1 is None or seconds <= 0
                       else f"{(pouch_cpu1 - pouch_cpu0) / seconds:.2f} cores")
         per = "/".join
