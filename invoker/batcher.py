@@ -10,9 +10,9 @@ reason, so its owner can dead-letter it instead of stalling the partition (and h
 slot) forever.
 
 Stored truth: when the store already had a record (a re-execution after a crash or a
-rebalance), what is handed to ``on_stored`` is the stored record, read back with one
-``get_many`` for all such records of the batch, not the re-run's: the completion then tells
-what the store says. A failed read is retried like a failed write (and counted among
+rebalance), what is handed to ``on_stored`` is the stored record, read back with ``get_many``
+(``READ_BACK_CHUNK`` records at a time) and kept encoded, not the re-run's: the completion
+then tells what the store says. A failed read is retried like a failed write (and counted among
 ``store_write_failures``) for up to ``doc_retry_limit_s``; past it the re-runs are handed on
 (the records are stored; what is lost is only which run the completion tells). While the read
 returns, a batch holds both the re-runs and the stored records, encoded (at most twice
@@ -48,7 +48,14 @@ from invoker.offsets import OffsetToken
 from invoker.records import encode
 from invoker.status_report import RecentDurations
 from invoker.stuck import StuckWatch
-from store import DocResult, Outcome, Store, StoreUnavailable, UnencodableRecord
+from store import (
+    DocResult,
+    EncodedRecord,
+    Outcome,
+    Store,
+    StoreUnavailable,
+    UnencodableRecord,
+)
 
 if TYPE_CHECKING:
     from kafka.structs import TopicPartition
@@ -60,8 +67,8 @@ log = structlog.get_logger(__name__)
 class PendingRecord:
     """A finished activation's record on its way to the store."""
 
-    # An EncodedRecord as the invoker and the recorder make them (the stores write its bytes);
-    # a plain dict once replaced by the record read back from the store (already stored)
+    # An EncodedRecord as the invoker and the recorder make them (the stores write its bytes),
+    # or as the batcher keeps the record it read back from the store (already stored)
     record: Mapping[str, Any]
     token: OffsetToken[TopicPartition] | None  # the feed message whose offset waits for it
     blocking: bool
@@ -238,6 +245,7 @@ class Batcher:
                               "with the re-run's", records=len(to_read),
                               for_s=round(now - since, 1))
                     outcome.done.extend(pending for pending, _ in to_read)
+                    outcome.left.read_failing_since = None  # a later read gets its own time
             else:
                 outcome.left.read_failing_since = None
                 for pending, doc_id in to_read:
@@ -327,10 +335,15 @@ def _kept_encoded(doc: dict[str, Any]) -> Mapping[str, Any]:
 def _same_activation(stored: Mapping[str, Any], record: Mapping[str, Any]) -> bool:
     """Whether ``stored`` is an activation record of ``record``'s activation, complete enough
     for a completion message (a status text, an integer code and a result)."""
-    response = stored.get("response")
+    response: object
+    if isinstance(stored, EncodedRecord):  # its head: nothing decoded
+        response, has_result = stored.response_head, stored.result is not None
+    else:
+        response = stored.get("response")
+        has_result = isinstance(response, Mapping) and "result" in response
     return (stored.get("activationId") == record.get("activationId")
             and stored.get("namespace") == record.get("namespace")
             and isinstance(response, Mapping)
             and isinstance(response.get("status"), str)
             and type(response.get("statusCode")) is int
-            and "result" in response)
+            and has_result)

@@ -39,11 +39,13 @@ RECORD_OVERHEAD_BYTES = 16 * 1024
 # KiB measured, tests/unit/test_records.py holds it to this).
 RECORD_OBJECT_BYTES = 2048
 # A running activation's collected log lines (objects and their formatted text) over its log
-# limit, at most (3.8 measured: tests/unit/test_container_log.py holds it to this).
-LOG_OBJECTS_FACTOR = 4
-# Parsed JSON's size over its text at worst: [{},{},...] (24x measured). One message or answer
-# is parsed at a time (on the trio thread), and only its JSON is kept.
-PARSED_JSON_FACTOR = 25
+# limit, at most: 3.8 measured for ASCII, 7.9 for lines that one emoji makes Python keep at 4
+# bytes a character (tests/unit/test_container_log.py holds it to this).
+LOG_OBJECTS_FACTOR = 9
+# Parsed JSON's size over its text at worst, while it is parsed: nested empty lists ([[[]]]...,
+# 44.5x measured), [{},{},...] 25x (tests/unit/test_safejson.py holds shapes to it). One message
+# or answer is parsed at a time (on the trio thread), and only its JSON is kept.
+PARSED_JSON_FACTOR = 48
 # Records already stored that the batcher reads back at once (re-executions): each is parsed
 # whole before it is kept encoded.
 READ_BACK_CHUNK = 8
@@ -455,7 +457,8 @@ class Config:
         buffer is added in bytes. A message waits whole before it is decoded, so a waiting one
         may be as large as its topic allows (assumed at most ``kafka_max_message_bytes``, as
         on the topics the daemon creates); one that runs has passed the ``max_message_bytes``
-        check, and keeps its params encoded; at its end it holds the runtime's answer and its
+        check and is held three times (as consumed, its params kept encoded, the ``/run``
+        body made of them); at its end it holds the runtime's answer and its
         result encoded again, its collected log lines (as objects, at most
         ``LOG_OBJECTS_FACTOR`` times the log limit) and its record. A record counts its
         encoding (made once, when built) and ``RECORD_OBJECT_BYTES``: it keeps no object an
@@ -473,7 +476,7 @@ class Config:
         bulk_bodies = self.max_writes_in_flight * self.batch_size * 2 * self.max_record_bytes
         publishing = self.max_publishes_in_flight * self.batch_size  # completions
         size = (waiting * max(self.max_message_bytes, self.kafka_max_message_bytes)
-                + running * (self.max_message_bytes  # params kept encoded
+                + running * (3 * self.max_message_bytes  # as consumed, params, /run body
                              + 2 * self.max_result_bytes  # the answer, and its result encoded
                              + LOG_OBJECTS_FACTOR * self.max_logs_kb * 1024
                              + self.max_record_bytes + RECORD_OBJECT_BYTES)

@@ -69,7 +69,10 @@ class Recorder(FeedService):
             self.complete(token)
             return
         # Encoded once here: the store writes these bytes, the completion takes its result from
-        # them (what the envelope's decoder took is always encodable).
-        await self.enqueue(PendingRecord(encode(item.record), token, item.blocking,
-                                         invoker_id=item.invoker_id))
+        # them (what the envelope's decoder took is always encodable). The parsed envelope (up
+        # to PARSED_JSON_FACTOR times its size) goes before waiting on a full channel.
+        pending = PendingRecord(encode(item.record), token, item.blocking,
+                                invoker_id=item.invoker_id)
+        del item
+        await self.enqueue(pending)
         handoff.done = True

@@ -120,45 +120,55 @@ class EncodedRecord(Mapping[str, Any]):
     ``result`` is the slice of ``data`` that holds ``response.result``'s JSON (None when the
     record has none).
 
-    In memory a record costs its bytes and a few scalars: the top-level scalars (ids, names,
-    times) and :attr:`response_head` are kept as objects; the result, logs and annotations
-    (what an action controls) are decoded from ``data`` each time they are read. Parsed,
+    In memory a record costs its bytes and a few scalars: its ids, names and times and
+    :attr:`response_head`, when short, and its keys, when few and short, are kept as objects;
+    everything else (the result, logs, annotations: what an action controls; any member of a
+    record from an untrusted producer) is decoded from ``data`` each time it is read. Parsed,
     ``{"a":[{},{},...]}`` takes ~25 times its JSON, which would break the stated worst case
     for every buffered record. Read-only: a change would leave ``data`` stale.
     """
 
-    __slots__ = ("data", "result", "_fields", "_response_head")
+    __slots__ = ("data", "result", "_keys", "_fields", "_response_head")
 
     def __init__(self, record: Mapping[str, Any], data: bytes, result: slice | None) -> None:
         self.data = data
         self.result = result
-        self._fields = {key: value if _is_scalar(value) else _IN_DATA
-                        for key, value in record.items()}
+        # A record from an untrusted producer (the overflow topic) may have any members: only
+        # a record's own short scalars are kept, and its keys when they are few.
+        self._keys = (tuple(record) if len(record) <= _MAX_KEPT_KEYS
+                      and all(isinstance(key, str) and len(key) <= _MAX_KEPT_CHARS
+                              for key in record) else None)
+        self._fields = {key: record[key] for key in _KEPT_MEMBERS
+                        if key in record and _is_small_scalar(record[key])}
         response = record.get("response")
         self._response_head: Mapping[str, Any] = (
-            {k: v for k, v in response.items() if k != "result" and _is_scalar(v)}
+            {key: response[key] for key in _KEPT_RESPONSE_MEMBERS
+             if key in response and _is_small_scalar(response[key])}
             if isinstance(response, Mapping) else {})
 
     @property
     def response_head(self) -> Mapping[str, Any]:
-        """The response's scalar members (status, statusCode, success, size), read without
-        decoding anything; the result is ``self["response"]["result"]``."""
+        """The response's status members (status, statusCode, success, size) that are short
+        scalars, read without decoding anything; the result is ``self["response"]["result"]``."""
         return self._response_head
 
     def __getitem__(self, key: str) -> Any:
-        value = self._fields[key]
-        if value is _IN_DATA:
-            return json.loads(self.data)[key]
-        return value
+        if key in self._fields:
+            return self._fields[key]
+        if self._keys is not None and key not in self._keys:
+            raise KeyError(key)
+        return json.loads(self.data)[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._fields)
+        return iter(self._keys if self._keys is not None else json.loads(self.data))
 
     def __len__(self) -> int:
-        return len(self._fields)
+        return len(self._keys if self._keys is not None else json.loads(self.data))
 
     def __contains__(self, key: object) -> bool:
-        return key in self._fields
+        if self._keys is not None:
+            return key in self._keys
+        return key in json.loads(self.data)
 
     def __repr__(self) -> str:
         return f"EncodedRecord({self._fields.get('activationId')!r}, {len(self.data)} bytes)"
@@ -170,11 +180,21 @@ class EncodedRecord(Mapping[str, Any]):
     __ior__ = _read_only
 
 
-_IN_DATA = object()  # an EncodedRecord's member read from its data when asked for
+# What an EncodedRecord keeps as objects: the members of a record that are read per activation
+# (ids, names, times, status), when they are short scalars; the rest is read from its data.
+_KEPT_MEMBERS = ("activationId", "namespace", "name", "version", "subject", "publish", "start",
+                 "end", "duration")
+_KEPT_RESPONSE_MEMBERS = ("status", "statusCode", "success", "size")
+_MAX_KEPT_KEYS = 32
+_MAX_KEPT_CHARS = 256
 
 
-def _is_scalar(value: object) -> bool:
-    return value is None or isinstance(value, (str, int, float))  # bool is an int
+def _is_small_scalar(value: object) -> bool:
+    if isinstance(value, str):
+        return len(value) <= _MAX_KEPT_CHARS
+    if isinstance(value, int):  # bool is an int
+        return -(2**63) <= value < 2**63
+    return value is None or isinstance(value, float)
 
 
 def encode_json(value: Any) -> bytes:

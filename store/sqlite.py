@@ -120,7 +120,7 @@ class SqliteStore:
     async def write_batch(self, docs: Sequence[Mapping[str, Any]]) -> list[DocResult]:
         conn = self._require()
         # Serialize outside the worker thread's critical path; bad docs fail alone.
-        rows: list[tuple[str, str, str, str] | DocResult] = []
+        rows: list[tuple[str, str, str, bytes] | DocResult] = []
         for doc in docs:
             doc_id = record_doc_id(doc)
             if doc_id is None:
@@ -133,19 +133,20 @@ class SqliteStore:
                 )
                 continue
             try:
-                # As text: valid UTF-8 (a lone surrogate fails here, not at bind time).
-                text = encode_record(doc).decode()
+                # Valid UTF-8 (a lone surrogate fails here, not at bind time); made text one
+                # row at a time in the worker: as a str it can take 4 bytes a character.
+                data = encode_record(doc)
             except UnencodableRecord as exc:
                 rows.append(DocResult(doc_id, Outcome.FAILED, str(exc)))
                 continue
-            rows.append((doc_id, doc["namespace"], doc["activationId"], text))
+            rows.append((doc_id, doc["namespace"], doc["activationId"], data))
         if not any(isinstance(r, tuple) for r in rows):
             return [r for r in rows if isinstance(r, DocResult)]
         return await self._run(self._write_sync, conn, rows)
 
     @staticmethod
     def _write_sync(
-        conn: sqlite3.Connection, rows: list[tuple[str, str, str, str] | DocResult]
+        conn: sqlite3.Connection, rows: list[tuple[str, str, str, bytes] | DocResult]
     ) -> list[DocResult]:
         results: list[DocResult] = []
         now = time.time()
@@ -158,12 +159,12 @@ class SqliteStore:
                 if isinstance(row, DocResult):
                     results.append(row)
                     continue
-                doc_id, namespace, activation_id, text = row
+                doc_id, namespace, activation_id, data = row
                 try:
                     cur.execute(
                         "INSERT INTO activations (doc_id, namespace, activation_id, doc,"
                         " stored_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (doc_id) DO NOTHING",
-                        (doc_id, namespace, activation_id, text, now),
+                        (doc_id, namespace, activation_id, data.decode(), now),
                     )
                 except sqlite3.DataError as exc:
                     # This row only (e.g. longer than SQLite's length limit); the statement
@@ -185,7 +186,7 @@ class SqliteStore:
     async def get(self, doc_id: str) -> dict[str, Any] | None:
         conn = self._require()
         row = await self._run(self._get_sync, conn, doc_id)
-        return None if row is None else json.loads(row)
+        return None if row is None else self._parsed(doc_id, row)
 
     @staticmethod
     def _get_sync(conn: sqlite3.Connection, doc_id: str) -> str | None:
@@ -198,7 +199,21 @@ class SqliteStore:
         if not ids:
             return {}
         rows = await self._run(self._get_many_sync, conn, ids)
-        return {doc_id: json.loads(text) for doc_id, text in rows}
+        return {doc_id: self._parsed(doc_id, text) for doc_id, text in rows}
+
+    def _parsed(self, doc_id: str, text: str) -> dict[str, Any]:
+        """A stored record as written; StoreUnavailable when the file holds what no parser
+        takes (written by something else: an integer of thousands of digits, nesting past the
+        interpreter's stack, not an object), like a store answering what it cannot mean."""
+        try:
+            doc = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise StoreUnavailable(f"SQLite store {self.describe()}: the stored record "
+                                   f"{doc_id[:100]!r} is not JSON ({type(exc).__name__})") from None
+        if not isinstance(doc, dict):
+            raise StoreUnavailable(f"SQLite store {self.describe()}: the stored record "
+                                   f"{doc_id[:100]!r} is not a JSON object")
+        return doc
 
     @staticmethod
     def _get_many_sync(conn: sqlite3.Connection, ids: list[str]) -> list[tuple[str, str]]:

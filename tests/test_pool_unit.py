@@ -32,6 +32,7 @@ from invoker.containers.runtime import (
     interpret_init,
     interpret_run,
     run_body,
+    truncated_result,
 )
 from invoker.metrics import Metrics
 from invoker.model import Action, Activation, Limits, RawJson, Status
@@ -633,3 +634,17 @@ def test_default_invoker_id_is_unique_per_process() -> None:
         check=True, capture_output=True, text=True).stdout.strip()
     assert mine.endswith(f"-{os.getpid()}") and other.startswith("invoker-")
     assert mine != other and mine.rsplit("-", 1)[0] == other.rsplit("-", 1)[0]
+
+
+def test_an_answer_longer_once_encoded_again_is_truncated_at_the_limit() -> None:
+    """What is kept is the answer encoded again; 1e15 becomes 1000000000000000.0 (4.5 times
+    longer), so a body under the limit may not be under it any more."""
+    body = b'{"a":[' + b",".join([b"1e15"] * 100) + b"]}"
+    encoded_length = len(b'{"a":[' + b",".join([b"1000000000000000.0"] * 100) + b"]}")
+    assert len(body) < 1000 < encoded_length
+    assert interpret_run(RuntimeResponse(200, body), 1000) == truncated_result(encoded_length,
+                                                                               1000)
+    status, result = interpret_run(RuntimeResponse(200, body), encoded_length)
+    assert status is Status.SUCCESS and result["a"] == [1e15] * 100
+    status, result = interpret_run(RuntimeResponse(502, b'{"error":[' + body + b"]}"), 1000)
+    assert status is Status.DEVELOPER_ERROR and "exceeded the allowed length" in result["error"]

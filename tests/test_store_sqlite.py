@@ -247,3 +247,24 @@ async def test_unopenable_path_is_store_unavailable(tmp_path: Path) -> None:
     s = open_store(f"sqlite://{tmp_path}/file/records.sqlite3")
     with pytest.raises(StoreUnavailable):
         await s.open()
+
+
+@pytest.mark.parametrize("stored", ['{"n":' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000,
+                                    "[1,2]", "not json"])
+async def test_a_stored_record_no_parser_takes_is_the_store_failing_not_a_crash(
+        tmp_path: Path, stored: str) -> None:
+    """Written by something else into the file: reading it back (what the batcher does for a
+    re-execution) says the store failed, which the batcher retries for a while and gives up."""
+    path = tmp_path / "records.sqlite3"
+    s = open_store(f"sqlite://{path}")
+    await s.open()
+    try:
+        r = record()
+        await s.write_batch([r])
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE activations SET doc = ?", (stored,))
+        for read in (lambda: s.get(rid(r)), lambda: s.get_many([rid(r)])):
+            with pytest.raises(StoreUnavailable, match="stored record"):
+                await read()
+    finally:
+        await s.aclose()

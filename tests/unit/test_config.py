@@ -60,12 +60,13 @@ def test_worst_case_bound_adds_every_buffer():
     records, size = cfg.worst_case_buffered()
     assert records == 2 + 3 + 4 + 5 + 2 * 6 + 3 * 6
     # waiting messages may be as large as the topic takes (400), running ones max_message_bytes
-    # and, at the end, the answer twice, the log lines as objects and the record; a record holds
-    # its encoding and a few objects, a completion awaiting its ack at most a record's encoding;
-    # and, for re-executions, the stored records read back (2 writes of 6); one parse at a
-    # time: here READ_BACK_CHUNK records read back are the largest
+    # (three times: as consumed, params, /run body) and, at the end, the answer twice, the log
+    # lines as objects and the record; a record holds its encoding and a few objects, a
+    # completion awaiting its ack at most a record's encoding; and, for re-executions, the
+    # stored records read back (2 writes of 6); one parse at a time: here READ_BACK_CHUNK
+    # records read back are the largest
     record = cfg.max_record_bytes + RECORD_OBJECT_BYTES
-    assert size == (5 * 400 + 4 * (100 + 2 * 1000 + LOG_OBJECTS_FACTOR * 1024 + record)
+    assert size == (5 * 400 + 4 * (3 * 100 + 2 * 1000 + LOG_OBJECTS_FACTOR * 1024 + record)
                     + (17 + 12) * record + 18 * cfg.max_record_bytes + 10_000
                     + 12 * 2 * cfg.max_record_bytes  # CouchDB: documents and body
                     + PARSED_JSON_FACTOR * READ_BACK_CHUNK * cfg.max_record_bytes)

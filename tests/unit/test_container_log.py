@@ -464,11 +464,13 @@ async def test_without_sentinels_lines_written_shortly_after_are_read_too(docker
     assert (texts(got), got.complete) == (["before the crash", "the runtime's last words"], True)
 
 
-@pytest.mark.parametrize("text", ["", "x" * 10, "y" * 1000])
+@pytest.mark.parametrize("text", ["", "x" * 10, "y" * 1000, "\U0001f600",
+                                  "z" * 1000 + "\U0001f600"])
 def test_collected_lines_take_at_most_their_stated_share_of_memory(text):
     """What the worst-case bound counts for a running activation's logs: the kept lines and
     their formatted copies, at most LOG_OBJECTS_FACTOR times the log limit, however short the
-    lines (each is charged LINE_OVERHEAD_BYTES besides its text)."""
+    lines (each is charged LINE_OVERHEAD_BYTES besides its text), and when one character
+    outside the BMP makes Python keep the whole line at 4 bytes a character."""
     import gc
     import tracemalloc
 
@@ -484,7 +486,8 @@ def test_collected_lines_take_at_most_their_stated_share_of_memory(text):
         out = CollectedLogs()
         while not out.truncated:
             stamp = f"2024-05-01T10:00:00.{len(out.lines):09d}Z"  # each its own, as Docker's
-            out.keep(stamp, "stdout", text, len(text), limit)
+            line = (text + "\n")[:-1]  # a string of its own, as each line read is
+            out.keep(stamp, "stdout", line, len(line.encode()), limit)
         formatted = ContainerPool._format_logs(out, limit, True)
         used = tracemalloc.get_traced_memory()[0] - before
     finally:

@@ -169,3 +169,24 @@ def test_quote_bounds_what_it_shows():
     assert len(quote(10**400)) < QUOTE_CHARS + 30
     limit = sys.get_int_max_str_digits()
     assert quote(10 ** (limit + 10)) == "a number too long to print"
+
+
+@pytest.mark.parametrize("unit", [b"{}", b"[]", b'{"":0}', b'{"":{"":{}}}', b"[1.5]",
+                                  b'{"":' * 40 + b"{}" + b"}" * 40, b"[" * 62 + b"]" * 62])
+def test_a_parse_takes_at_most_its_stated_multiple_of_the_text(unit):
+    """PARSED_JSON_FACTOR, which the worst-case bound charges one parse at a time, holds for
+    the shapes that cost most per byte (tracemalloc's peak during the parse)."""
+    import gc
+    import tracemalloc
+
+    from invoker.config import PARSED_JSON_FACTOR
+
+    text = b'{"a":[' + b",".join([unit] * (200_000 // len(unit))) + b"]}"
+    gc.collect()
+    tracemalloc.start()
+    try:
+        value = loads(text, 64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert value["a"] and peak <= PARSED_JSON_FACTOR * len(text)
