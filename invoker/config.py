@@ -289,8 +289,9 @@ class Config:
         30.0, group="containers", unit="s", commands=(RUN,),
         help="a new container must accept connections within this")
     max_result_bytes: int = setting(
-        1024 * 1024, group="containers", unit="bytes", commands=(RUN,),
-        help="largest action result; a larger one makes an application error")
+        1024 * 1024, group="containers", unit="bytes",
+        help="largest action result; a larger one makes an application error (the recorder "
+             "refuses a record larger than an invoker with these limits builds)")
     # ActionLoop runtimes write the action under /action/<n>/ and exec it, hence exec tmpfs.
     container_user: str = setting(
         "65534:65534", group="containers", commands=(RUN,), metavar="UID:GID",
@@ -333,8 +334,9 @@ class Config:
         512, group="action limits", unit="MiB", commands=(RUN,),
         help="largest memory limit an action may set")
     max_logs_kb: int = setting(
-        1024, group="action limits", unit="KiB", commands=(RUN,),
-        help="largest log limit an action may set")
+        1024, group="action limits", unit="KiB",
+        help="largest log limit an action may set (with max_result_bytes, the recorder's "
+             "largest record)")
     max_concurrency: int = setting(
         100, group="action limits", unit="activations", commands=(RUN,),
         help="largest concurrency an action may set")

@@ -21,7 +21,7 @@ from invoker.feed import FeedMessage
 from invoker.lastresort import HandOff, dead_letter_unexpected
 from invoker.metrics import Metrics
 from invoker.offsets import OffsetToken
-from invoker.records import encode
+from invoker.records import encode, stored_size
 from invoker.service import FeedService
 from overflow.envelope import decode
 from store import Store
@@ -60,19 +60,29 @@ class Recorder(FeedService):
 
     async def _take(self, message: FeedMessage, token: OffsetToken[TopicPartition],
                     handoff: HandOff) -> None:
-        """Into the record channel (blocks while it is full), or to the dead-letter topic."""
+        """Into the record channel (blocks while it is full), or to the dead-letter topic:
+        undecodable, or a record larger than an invoker of this configuration builds
+        (``max_record_bytes``)."""
         try:
             item = decode(message.value, self.config.max_json_depth)
         except ValueError as exc:
-            await self.dead_letter(message, str(exc))
-            handoff.done = True
-            self.complete(token)
+            await self._refuse(message, token, handoff, str(exc))
             return
         # Encoded once here: the store writes these bytes, the completion takes its result from
         # them (what the envelope's decoder took is always encodable). The parsed envelope (up
         # to PARSED_JSON_FACTOR times its size) goes before waiting on a full channel.
-        pending = PendingRecord(encode(item.record), token, item.blocking,
-                                invoker_id=item.invoker_id)
+        record, blocking, invoker_id = encode(item.record), item.blocking, item.invoker_id
         del item
-        await self.enqueue(pending)
+        size, limit = stored_size(record), self.config.max_record_bytes
+        if size > limit:
+            await self._refuse(message, token, handoff, f"overflowed record is {size} bytes, "
+                               f"over max_record_bytes ({limit})")
+            return
+        await self.enqueue(PendingRecord(record, token, blocking, invoker_id=invoker_id))
         handoff.done = True
+
+    async def _refuse(self, message: FeedMessage, token: OffsetToken[TopicPartition],
+                      handoff: HandOff, reason: str) -> None:
+        await self.dead_letter(message, reason)
+        handoff.done = True
+        self.complete(token)

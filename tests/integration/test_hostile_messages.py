@@ -144,7 +144,9 @@ def overflowed(index: int, result: dict | None = None) -> OverflowedRecord:
 
 def test_poison_overflow_messages_are_dead_lettered_and_the_recorder_keeps_going(
         daemons, topics, sqlite_url):
-    recorder = daemons(sqlite_url, command="recorder")
+    # An invoker with these limits builds records of at most 10,000 + 1,024 + 16 KiB bytes.
+    recorder = daemons(sqlite_url, command="recorder", max_result_bytes=10_000, max_logs_kb=1,
+                       default_logs_kb=1)
     raw_result = overflowed(100, {"v": "__RAW__"})
     bad_status = json.loads(encode(overflowed(101)))
     bad_status["record"]["response"]["statusCode"] = 7
@@ -156,6 +158,7 @@ def test_poison_overflow_messages_are_dead_lettered_and_the_recorder_keeps_going
         encode(raw_result).replace(b'"__RAW__"', nested_text(1000)):
             "nested deeper than 67 levels",
         json.dumps(bad_status).encode(): "statusCode is not one of 0-3",
+        encode(overflowed(102, {"v": "x" * 40_000})): "over max_record_bytes (27408)",
     }
     valid = [overflowed(i) for i in range(len(poison) + 1)]
     messages: list[bytes | dict] = [encode(valid[0])]

@@ -123,6 +123,8 @@ def test_recorder_help_lists_exactly_what_the_recorder_reads():
     read = set().union(*map(_attributes_read, [*sources, inspect.getsource(cli._serve)]))
     if "overflow_brokers" in read:  # a property: overflow_bootstrap, else kafka_bootstrap
         read |= {"overflow_bootstrap", "kafka_bootstrap"}
+    if "max_record_bytes" in read:  # a property of max_result_bytes and max_logs_kb
+        read |= {"max_result_bytes", "max_logs_kb"}
     names = {f.name for f in FIELDS}
     shown = {f.name for fields in settings_by_group(RECORDER).values() for f in fields}
     assert read & names == shown
