@@ -249,13 +249,13 @@ class Batcher:
             else:
                 outcome.left.read_failing_since = None
                 for pending, doc_id in to_read:
-                    record = stored.get(doc_id)
-                    if record is None:
+                    if doc_id not in stored:
                         # Reported as there, but gone (deleted meanwhile): write it again.
                         log.warning("already stored record not found; writing it again",
                                     doc_id=doc_id)
                         outcome.left.to_write.append(pending)
-                    elif _same_activation(record, pending.record):
+                    elif ((record := stored[doc_id]) is not None
+                          and _same_activation(record, pending.record)):
                         outcome.done.append(dataclasses.replace(pending, record=record))
                     else:
                         log.error("stored record is not an activation record of this id; "
@@ -282,16 +282,17 @@ class Batcher:
         return results
 
     async def _read_once(self, token: int, doc_ids: list[str]
-                         ) -> dict[str, Mapping[str, Any]] | None:
-        """The stored records of ``doc_ids`` (those present), kept encoded; None if the read
-        failed. Reads ``READ_BACK_CHUNK`` at a time: a record parsed takes up to
-        ``PARSED_JSON_FACTOR`` times its size until it is encoded again, here, at once."""
-        found: dict[str, Mapping[str, Any]] = {}
+                         ) -> dict[str, EncodedRecord | None] | None:
+        """The stored records of ``doc_ids`` (those present), kept encoded (None for one no
+        encoder can write: a lone surrogate the store kept); None if the read failed. Reads
+        ``READ_BACK_CHUNK`` at a time: a record parsed takes up to ``PARSED_JSON_FACTOR`` times
+        its size until it is encoded again, here, at once."""
+        found: dict[str, EncodedRecord | None] = {}
         try:
             for start in range(0, len(doc_ids), READ_BACK_CHUNK):
                 chunk = await self._store.get_many(doc_ids[start:start + READ_BACK_CHUNK])
                 found.update((doc_id, _kept_encoded(doc)) for doc_id, doc in chunk.items())
-                del chunk
+                del chunk  # before the next read: one chunk parsed at a time
             return found
         except StoreUnavailable as exc:
             self._metrics.store_write_failures.inc()
@@ -323,27 +324,22 @@ class _Attempt:
     left: _Left = field(default_factory=_Left)
 
 
-def _kept_encoded(doc: dict[str, Any]) -> Mapping[str, Any]:
-    """A record read back, as an EncodedRecord (its JSON and a few scalars); one no encoder can
-    write (a lone surrogate the store kept) as an empty mapping: no record of any activation."""
+def _kept_encoded(doc: dict[str, Any]) -> EncodedRecord | None:
+    """A record read back, as an EncodedRecord (its JSON and a few scalars); None for one no
+    encoder can write."""
     try:
         return encode(doc)
     except UnencodableRecord:
-        return {}
+        return None
 
 
-def _same_activation(stored: Mapping[str, Any], record: Mapping[str, Any]) -> bool:
+def _same_activation(stored: EncodedRecord, record: Mapping[str, Any]) -> bool:
     """Whether ``stored`` is an activation record of ``record``'s activation, complete enough
-    for a completion message (a status text, an integer code and a result)."""
-    response: object
-    if isinstance(stored, EncodedRecord):  # its head: nothing decoded
-        response, has_result = stored.response_head, stored.result is not None
-    else:
-        response = stored.get("response")
-        has_result = isinstance(response, Mapping) and "result" in response
+    for a completion message (a status text, an integer code and a result); reads its head
+    only, nothing decoded."""
+    head = stored.response_head
     return (stored.get("activationId") == record.get("activationId")
             and stored.get("namespace") == record.get("namespace")
-            and isinstance(response, Mapping)
-            and isinstance(response.get("status"), str)
-            and type(response.get("statusCode")) is int
-            and has_result)
+            and isinstance(head.get("status"), str)
+            and type(head.get("statusCode")) is int
+            and stored.result is not None)

@@ -20,7 +20,7 @@ from typing import Any
 from invoker.messages import valid_activation_id, valid_name
 from invoker.model import Status
 from invoker.safejson import JsonRejected, loads, quote
-from store import encode_json, encode_record
+from store import MAX_KEPT_CHARS, MAX_RECORD_MEMBERS, encode_json, encode_record
 
 VERSION = 1
 # Levels above a record's result: the envelope, the record, its response.
@@ -60,6 +60,9 @@ def decode(raw: bytes, max_json_depth: int) -> OverflowedRecord:
     record = doc.get("record")
     if not isinstance(record, dict):
         raise ValueError("overflow message has no record object")
+    if len(record) > MAX_RECORD_MEMBERS or any(len(key) > MAX_KEPT_CHARS for key in record):
+        raise ValueError(f"overflowed record has more than {MAX_RECORD_MEMBERS} members or a "
+                         f"member name longer than {MAX_KEPT_CHARS} characters")
     activation_id = record.get("activationId")
     if not valid_activation_id(activation_id):
         raise ValueError("overflowed record's activationId is not 32 lower-case hex "

@@ -26,6 +26,8 @@ from invoker.safejson import dumps
 
 __all__ = [
     "DEFAULT_SQLITE_PATH",
+    "MAX_KEPT_CHARS",
+    "MAX_RECORD_MEMBERS",
     "DocResult",
     "EncodedRecord",
     "Outcome",
@@ -135,8 +137,8 @@ class EncodedRecord(Mapping[str, Any]):
         self.result = result
         # A record from an untrusted producer (the overflow topic) may have any members: only
         # a record's own short scalars are kept, and its keys when they are few.
-        self._keys = (tuple(record) if len(record) <= _MAX_KEPT_KEYS
-                      and all(isinstance(key, str) and len(key) <= _MAX_KEPT_CHARS
+        self._keys = (tuple(record) if len(record) <= MAX_RECORD_MEMBERS
+                      and all(isinstance(key, str) and len(key) <= MAX_KEPT_CHARS
                               for key in record) else None)
         self._fields = {key: record[key] for key in _KEPT_MEMBERS
                         if key in record and _is_small_scalar(record[key])}
@@ -160,15 +162,16 @@ class EncodedRecord(Mapping[str, Any]):
         return json.loads(self.data)[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys if self._keys is not None else json.loads(self.data))
+        return iter(self._all_keys())
 
     def __len__(self) -> int:
-        return len(self._keys if self._keys is not None else json.loads(self.data))
+        return len(self._all_keys())
 
     def __contains__(self, key: object) -> bool:
-        if self._keys is not None:
-            return key in self._keys
-        return key in json.loads(self.data)
+        return key in self._all_keys()
+
+    def _all_keys(self) -> Sequence[str]:
+        return self._keys if self._keys is not None else list(json.loads(self.data))
 
     def __repr__(self) -> str:
         return f"EncodedRecord({self._fields.get('activationId')!r}, {len(self.data)} bytes)"
@@ -185,13 +188,16 @@ class EncodedRecord(Mapping[str, Any]):
 _KEPT_MEMBERS = ("activationId", "namespace", "name", "version", "subject", "publish", "start",
                  "end", "duration")
 _KEPT_RESPONSE_MEMBERS = ("status", "statusCode", "success", "size")
-_MAX_KEPT_KEYS = 32
-_MAX_KEPT_CHARS = 256
+# A record's members (activation records have 12) and a kept name or string, at most: the
+# overflow envelope's decoder refuses records beyond them, so only records made by other code
+# fall back to decoding their keys.
+MAX_RECORD_MEMBERS = 32
+MAX_KEPT_CHARS = 256
 
 
 def _is_small_scalar(value: object) -> bool:
     if isinstance(value, str):
-        return len(value) <= _MAX_KEPT_CHARS
+        return len(value) <= MAX_KEPT_CHARS
     if isinstance(value, int):  # bool is an int
         return -(2**63) <= value < 2**63
     return value is None or isinstance(value, float)

@@ -433,17 +433,13 @@ def _invalid_json(body: bytes, why: str) -> str:
     return MSG_INVALID_JSON.format(text=f"{text} ({why})" if why else text)
 
 
-def _encoded(value: dict[str, Any], max_bytes: int) -> RawJson | int:
-    """``value`` encoded again, or its length when that passes ``max_bytes``: encoded again it
-    may be longer than the answer was (``1e15`` is written ``1000000000000000.0``)."""
-    data = dumps(value)
-    return RawJson(data) if len(data) <= max_bytes else len(data)
-
-
 def _error_kept(error: object, max_bytes: int) -> dict[str, Any] | RawJson:
-    """The result of a runtime's error answer: its ``error`` member, kept encoded."""
-    kept = _encoded({"error": error}, max_bytes)
-    return {"error": MSG_TRUNCATED.format(n=kept, max=max_bytes)} if isinstance(kept, int) else kept
+    """The result of a runtime's error answer: its ``error`` member, kept encoded (cut like a
+    long answer when encoded again it passes ``max_bytes``)."""
+    data = dumps({"error": error})
+    if len(data) > max_bytes:
+        return {"error": MSG_TRUNCATED.format(n=len(data), max=max_bytes)}
+    return RawJson(data)
 
 
 def truncated_result(length: int, max_bytes: int) -> tuple[Status, dict[str, Any]]:
@@ -458,17 +454,18 @@ def interpret_run(resp: RuntimeResponse, max_bytes: int, max_depth: int = Config
 
     What the action answered comes back encoded again (:class:`RawJson`): its parsed objects
     live only during this call, which does not yield, so at most one answer's are alive. Encoded
-    again past ``max_bytes``, it is truncated like an answer that long."""
+    again it may be longer (``1e15`` is written ``1000000000000000.0``): past ``max_bytes`` it
+    is truncated like an answer that long."""
     if resp.truncated:
         return truncated_result(resp.length, max_bytes)
     obj, why = _json_object(resp.body, max_depth)
     if resp.status_code == 200:
         if obj is None:
             return Status.DEVELOPER_ERROR, {"error": _invalid_json(resp.body, why)}
-        kept = _encoded(obj, max_bytes)
-        if isinstance(kept, int):
-            return truncated_result(kept, max_bytes)
-        return (Status.APPLICATION_ERROR if "error" in obj else Status.SUCCESS), kept
+        data = dumps(obj)
+        if len(data) > max_bytes:
+            return truncated_result(len(data), max_bytes)
+        return (Status.APPLICATION_ERROR if "error" in obj else Status.SUCCESS), RawJson(data)
     if obj is not None and "error" in obj:
         return Status.DEVELOPER_ERROR, _error_kept(obj["error"], max_bytes)
     return Status.DEVELOPER_ERROR, {"error": MSG_INVALID_RUN.format(text=_text(resp.body))}

@@ -13,6 +13,7 @@ import trio.testing
 
 from invoker.containers.engine import LINE_OVERHEAD_BYTES, SENTINEL
 from invoker.containers.logs import CHUNK_BYTES, MAX_ENTRY_BYTES, ContainerLog
+from tests.support.memory import traced
 
 END = SENTINEL.decode()
 
@@ -471,26 +472,20 @@ def test_collected_lines_take_at_most_their_stated_share_of_memory(text):
     their formatted copies, at most LOG_OBJECTS_FACTOR times the log limit, however short the
     lines (each is charged LINE_OVERHEAD_BYTES besides its text), and when one character
     outside the BMP makes Python keep the whole line at 4 bytes a character."""
-    import gc
-    import tracemalloc
-
     from invoker.config import LOG_OBJECTS_FACTOR
     from invoker.containers.engine import CollectedLogs
     from invoker.containers.pool import ContainerPool
 
     limit = 1 << 20
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+
+    def collect_and_format() -> tuple[CollectedLogs, list[str]]:
         out = CollectedLogs()
         while not out.truncated:
             stamp = f"2024-05-01T10:00:00.{len(out.lines):09d}Z"  # each its own, as Docker's
             line = (text + "\n")[:-1]  # a string of its own, as each line read is
             out.keep(stamp, "stdout", line, len(line.encode()), limit)
-        formatted = ContainerPool._format_logs(out, limit, True)
-        used = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+        return out, ContainerPool._format_logs(out, limit, True)
+
+    (out, formatted), used, _ = traced(collect_and_format)
     assert len(formatted) == len(out.lines) + 1  # and the truncation notice
     assert used <= LOG_OBJECTS_FACTOR * limit

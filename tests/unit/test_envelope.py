@@ -83,6 +83,8 @@ def test_result_may_nest_max_json_depth_deep():
     (envelope(invoker="a b"), "no valid invoker id"),
     (envelope(invoker=7), "no valid invoker id"),
     (envelope(blocking="yes"), "blocking is not a boolean"),
+    (envelope(**{f"record.m{i}": i for i in range(21)}), "more than 32 members"),
+    (envelope(**{"record." + "k" * 257: 1}), "member name longer than 256"),
 ])
 def test_poison_envelopes_are_refused_with_a_short_reason(raw, text):
     with pytest.raises(ValueError) as info:

@@ -19,6 +19,7 @@ from overflow.envelope import OverflowedRecord
 from overflow.envelope import encode as encode_envelope
 from store import EncodedRecord, UnencodableRecord, doc_id_for, encode_json, encode_record
 from store.couchdb import _document
+from tests.support.memory import traced
 
 LIMITS = Limits(timeout_ms=1000, memory_mb=128, logs_kb=10, concurrency=1)
 ACTION = Action(name="hello", version="0.0.2", kind="python:3", image="img", code="x",
@@ -226,34 +227,17 @@ def test_what_safejson_dumps_refuses_the_store_encoding_refuses_too():
             encode_json(value)
 
 
-def _retained_bytes(make):
-    """Bytes still allocated after ``make()`` while its value is kept (tracemalloc)."""
-    import gc
-    import tracemalloc
-
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        kept = make()
-        gc.collect()
-        return tracemalloc.get_traced_memory()[0] - before, kept
-    finally:
-        tracemalloc.stop()
-
-
 def test_a_record_of_a_hostile_result_costs_its_bytes_not_its_objects():
     """``{"a":[{},{},...]}`` parses to ~25 times its JSON; a built record (and the result the
     runtime interpretation hands on) keeps the JSON only, which the worst case counts."""
     from invoker.containers.runtime import RuntimeResponse, interpret_run
 
     body = b'{"a":[' + b",".join([b"{}"] * 300_000) + b"]}"  # 900 KB
-    retained, (status, answer) = _retained_bytes(
+    (status, answer), retained, _ = traced(
         lambda: interpret_run(RuntimeResponse(200, body), 1 << 20))
     assert status is Status.SUCCESS and len(answer["a"]) == 300_000
     assert retained < 1.2 * len(body)
-    retained, record = _retained_bytes(
-        lambda: build_record(ACT, result(res=answer), "inv0", 2 << 20))
+    record, retained, _ = traced(lambda: build_record(ACT, result(res=answer), "inv0", 2 << 20))
     assert record["response"]["result"] == json.loads(body)
     assert record.data == encoded_before(dict(record))
     assert retained < len(record.data) + RECORD_OBJECT_BYTES
@@ -278,7 +262,7 @@ def test_a_hostile_record_keeps_only_its_bytes_and_a_few_short_scalars():
                     "name": "n" * 300_000, "start": 10 ** 4000, "x" * 100_000: 1,
                     "response": {"status": "s" * 100_000, "statusCode": 0, "result": {}}}
     for doc in (many_keys, long_members):
-        retained, record = _retained_bytes(lambda doc=doc: encode(doc))
+        record, retained, _ = traced(lambda doc=doc: encode(doc))
         assert retained < len(record.data) + RECORD_OBJECT_BYTES
         assert record == doc and len(record) == len(doc) and set(record) == set(doc)
         assert "k99" in record or "x" * 100_000 in record

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from invoker.safejson import QUOTE_CHARS, JsonRejected, dumps, loads, nesting_depth, quote
+from tests.support.memory import traced
 
 
 def nested(depth: int, opener: str = "[", closer: str = "]", inner: str = "1") -> bytes:
@@ -176,17 +177,8 @@ def test_quote_bounds_what_it_shows():
 def test_a_parse_takes_at_most_its_stated_multiple_of_the_text(unit):
     """PARSED_JSON_FACTOR, which the worst-case bound charges one parse at a time, holds for
     the shapes that cost most per byte (tracemalloc's peak during the parse)."""
-    import gc
-    import tracemalloc
-
     from invoker.config import PARSED_JSON_FACTOR
 
     text = b'{"a":[' + b",".join([unit] * (200_000 // len(unit))) + b"]}"
-    gc.collect()
-    tracemalloc.start()
-    try:
-        value = loads(text, 64)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    value, _, peak = traced(lambda: loads(text, 64))
     assert value["a"] and peak <= PARSED_JSON_FACTOR * len(text)
