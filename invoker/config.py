@@ -272,9 +272,9 @@ class Config:
     container_network: str = setting(
         "", group="containers", commands=(RUN,),
         help="empty: action containers share the bridge network invoker-actions (no "
-             "inter-container traffic) and publish their port on 127.0.0.1; a name (the daemon "
-             "runs in a container): each gets a link network of its own that the daemon joins, "
-             "and that named network for egress")
+             "inter-container traffic), where the daemon on the host reaches them by address; a "
+             "name (the daemon runs in a container): each gets a link network of its own that the "
+             "daemon joins, and that named network for egress")
     container_subnet_pool: str = setting(
         "10.213.0.0/16", group="containers", commands=(RUN,), metavar="CIDR",
         help="IPv4 network the link networks take their /29 subnets from (when "

@@ -81,8 +81,7 @@ class ContainerSpec:
     image: str
     memory_mb: int
     labels: Mapping[str, str]
-    network: str | None = None  # the network it joins; None: Docker's default bridge
-    publish: bool = False  # publish the action port on 127.0.0.1 (else: reached by IP)
+    network: str | None = None  # the network it joins (and is reached on); None: Docker's bridge
     pids_limit: int = 128
     cpus: float = 1.0
     user: str | None = None  # "uid:gid"; None keeps the image's user
@@ -209,7 +208,6 @@ class DockerBackend:
     async def create(self, spec: ContainerSpec) -> str:
         """Create (not start) a container; returns its id. Raises ImageNotFound, DockerError."""
         api = self._api
-        publish = spec.publish
         host_config = api.create_host_config(
             mem_limit=f"{spec.memory_mb}m",
             memswap_limit=f"{spec.memory_mb}m",  # equal to the memory limit: no swap
@@ -219,7 +217,6 @@ class DockerBackend:
             security_opt=["no-new-privileges"],
             read_only=spec.read_only,
             tmpfs=spec.tmpfs() or None,
-            port_bindings={ACTION_PORT: ("127.0.0.1", None)} if publish else None,
             network_mode=spec.network or "bridge",
             log_config=LogConfig(
                 type="json-file", config={"max-size": spec.log_max_size, "max-file": "2"}
@@ -233,7 +230,6 @@ class DockerBackend:
                     name=spec.name,
                     labels=dict(spec.labels),
                     host_config=host_config,
-                    ports=[ACTION_PORT] if publish else None,
                     user=spec.user,
                     environment=dict(spec.env) or None,
                     detach=True,
@@ -251,9 +247,8 @@ class DockerBackend:
             raise _wrap(exc) from exc
 
     async def start(self, container_id: str, network: str | None) -> StartedContainer:
-        """Start the container; return the base URL of its action port (the port published
-        on 127.0.0.1 when it has one (ContainerSpec.publish), else its address on ``network``)
-        and the path of its json-file log."""
+        """Start the container; return the base URL of its action port (its address on
+        ``network``: no port is published) and the path of its json-file log."""
         api = self._api
 
         def _start() -> StartedContainer:
@@ -261,15 +256,11 @@ class DockerBackend:
             info = api.inspect_container(container_id)
             log_path = info.get("LogPath") or ""
             settings = info.get("NetworkSettings") or {}
-            bindings = (settings.get("Ports") or {}).get(f"{ACTION_PORT}/tcp") or []
-            for b in bindings:
-                if b.get("HostPort"):
-                    return StartedContainer(f"http://127.0.0.1:{b['HostPort']}", log_path)
             net = (settings.get("Networks") or {}).get(network or "bridge") or {}
             ip = net.get("IPAddress")
             if not ip:
-                raise DockerError(f"container {container_id[:12]} has no published port and "
-                                  f"no address on network {network}")
+                raise DockerError(
+                    f"container {container_id[:12]} has no address on network {network}")
             return StartedContainer(f"http://{ip}:{ACTION_PORT}", log_path)
 
         return await self._call(_start)

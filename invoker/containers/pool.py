@@ -132,8 +132,8 @@ class PoolConfig:
     kind_images: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({"python:3": "invoker-action-python:latest"})
     )
-    # Networks (invoker.networks): None: host-port mode, every container on shared_network
-    # (inter-container traffic off), its port published on 127.0.0.1. A name: network mode,
+    # Networks (invoker.networks): None: host mode, every container on shared_network
+    # (inter-container traffic off), reached at its address there. A name: network mode,
     # each container on a network of its own (a /29 of subnet_pool), labelled with the name.
     network: str | None = None
     shared_network: str = "invoker-actions"
@@ -630,7 +630,7 @@ class ContainerPool:
         self._replenish_stems()  # the next one, if any is missing
 
     # ---------------------------------------------------------------- containers
-    def _spec(self, c: ContainerRecord, network: str | None, publish: bool) -> ContainerSpec:
+    def _spec(self, c: ContainerRecord, network: str | None) -> ContainerSpec:
         cfg = self.config
         runtime = cfg.runtime(c.kind)
         return ContainerSpec(
@@ -647,7 +647,6 @@ class ContainerPool:
                 **({LABEL_NETWORK: cfg.network} if cfg.network else {}),
             },
             network=network,
-            publish=publish,
             pids_limit=cfg.pids_limit,
             cpus=cfg.cpus,
             user=runtime.user,
@@ -663,12 +662,12 @@ class ContainerPool:
         t0 = trio.current_time()
         networks = self._networks
         if networks is None:  # unmanaged (see _open_with)
-            network, publish = self.config.network, self.config.network is None
+            network = self.config.network
         else:
-            network, publish = await networks.create(c.name), networks.publish
+            network = await networks.create(c.name)
         network_s = trio.current_time() - t0
         try:
-            cid = await self._backend.create(self._spec(c, network, publish))
+            cid = await self._backend.create(self._spec(c, network))
         except BaseException:
             if networks is not None:
                 await networks.discard(network)
