@@ -151,7 +151,11 @@ class Invoker(FeedService):
 
         The slot comes first: a message taken (registered) starts at once, so a revocation
         waits only for work that runs, and one waiting for a slot when its partition is revoked
-        is skipped (the partition's next reader, perhaps this member again, reads it)."""
+        is skipped (the partition's next reader, perhaps this member again, reads it).
+
+        Whatever else already waits in the read-ahead starts in the same turn of the scheduler,
+        while slots are free: every await is a checkpoint, and at one message per turn the
+        dispatcher, not the slots, bounded throughput (read-ahead full, 2 of 32 slots used)."""
         async for message in messages:
             if not self.tracker.accepts(message.partition, message.epoch):
                 continue  # its partition was revoked: skipped without waiting for a slot
@@ -161,6 +165,15 @@ class Invoker(FeedService):
                 self._slots.release()
                 continue  # its partition was revoked; its next owner reads it
             work.start_soon(self._handle, message, token)
+            while self._slots.value and not self.registering_waits():
+                try:
+                    message = messages.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                token = self.tracker.register(message.partition, message.epoch, message.offset)
+                if token is not None:  # None: revoked, as above
+                    self._slots.acquire_nowait()
+                    work.start_soon(self._handle, message, token)
 
     async def _handle(self, message: FeedMessage, token: OffsetToken[TopicPartition]) -> None:
         """One activation, holding its slot until its record is enqueued (or overflowed).

@@ -476,9 +476,13 @@ class FeedService:
         at the head of a partition), which backs up into the read-ahead and pauses the feed.
         """
         while (self.tracker.accepts(message.partition, message.epoch)
-               and self.tracker.outstanding() >= self.config.max_uncommitted_offsets):
+               and self.registering_waits()):
             await self._offsets_moved.wait()
         return self.tracker.register(message.partition, message.epoch, message.offset)
+
+    def registering_waits(self) -> bool:
+        """Whether :meth:`register` would wait (``max_uncommitted_offsets`` reached)."""
+        return self.tracker.outstanding() >= self.config.max_uncommitted_offsets
 
     def offsets_moved(self) -> None:
         self._offsets_moved.set()
