@@ -248,28 +248,48 @@ class Scheduler:
         coming = sum(c.memory_mb for c in self.records if c.phase == REMOVING)
         memory_blocked = False
         ahead_of_key: collections.Counter[PoolKey] = collections.Counter()
+        # What this pass learnt per key and per stem cell shape. A pass is run on every arrival
+        # and its waiters are mostly of a few keys: without it, a queue of 30 waiters made the
+        # scheduler a quarter of the trio thread's time (each waiter scanned every record).
+        no_free_slot: set[PoolKey] = set()  # slots are only taken in a pass (until changed)
+        no_stem: set[tuple[str, str, int]] = set()  # stem cells are only taken in a pass
+        outlooks: dict[PoolKey, _Outlook] = {}
         for waiter in list(self.waiters):
-            c = self._free_slot(waiter.key) or self._stem_for(waiter.action)
+            key = waiter.key
+            c = None if key in no_free_slot else self._free_slot(key)
+            if c is None:
+                no_free_slot.add(key)
+                shape = (waiter.action.kind, waiter.action.image, waiter.action.limits.memory_mb)
+                c = None if shape in no_stem else self._stem_for(waiter.action)
+                if c is None:
+                    no_stem.add(shape)
             if c is not None:
                 if c.phase == STEM:
                     self._assign_stem(c, waiter)
+                    no_free_slot.discard(key)  # key has one more container: slots may be free
+                    outlooks.pop(key, None)
                 self.waiters.remove(waiter)
                 self._grant(waiter, c)
                 continue
-            ahead = ahead_of_key[waiter.key]
-            ahead_of_key[waiter.key] += 1
+            ahead = ahead_of_key[key]
+            ahead_of_key[key] += 1
             need = waiter.action.limits.memory_mb
-            if self._worth_waiting(waiter.key, ahead, now, short_of_memory=need > free):
+            outlook = outlooks.get(key)
+            if outlook is None:
+                outlook = outlooks[key] = self._outlook(key, now)
+            if outlook.worth_waiting(ahead, self.cold_start_s, short_of_memory=need > free):
                 waiter.wants_memory = False
                 continue
             # Growing: its action has containers, all busy (or it would have waited).
-            grow = any(True for _ in self._of_key(waiter.key))
+            grow = outlook.slots > 0
             if memory_blocked:
                 waiter.wants_memory = not grow
                 continue
             if free >= need:
                 self.waiters.remove(waiter)
                 self._grant(waiter, self._reserve(waiter))
+                no_free_slot.discard(key)
+                outlooks.pop(key, None)
                 free -= need
                 continue
             missing = need - max(free, 0)
@@ -290,17 +310,15 @@ class Scheduler:
             for victim in victims:
                 logger.debug("evicting idle container", container=victim.name,
                              for_action=waiter.action.name)
+                if victim.pool_key is not None:
+                    outlooks.pop(victim.pool_key, None)
                 self._evict(victim)
             coming = sum(v.memory_mb for v in victims) - (missing - coming)
             free = 0
             waiter.wants_memory = True
 
-    def _worth_waiting(self, key: PoolKey, ahead: int, now: float, short_of_memory: bool
-                       ) -> bool:
-        """Whether the containers of ``key`` are expected to serve a waiter with ``ahead``
-        waiters of its key before it sooner than a new container could (see the module
-        docstring). Without a shortage of memory, only a container being started is waited
-        for: a busy ready one is joined by a new one."""
+    def _outlook(self, key: PoolKey, now: float) -> _Outlook:
+        """What the containers of ``key`` offer its waiters (see :meth:`_Outlook.worth_waiting`)."""
         slots = 0
         starting_left: float | None = None
         holds = []
@@ -311,11 +329,8 @@ class Scheduler:
             if c.phase in _BEING_STARTED:
                 left = max(self.cold_start_s - (now - c.serving_since), 0.0)
                 starting_left = left if starting_left is None else min(starting_left, left)
-        if slots == 0 or (starting_left is None and not short_of_memory):
-            return False
         hold = sum(holds) / len(holds) if holds else DEFAULT_HOLD_S
-        expected = (starting_left or 0.0) + (ahead // slots + 1) * hold
-        return expected <= self.cold_start_s
+        return _Outlook(slots, hold, starting_left)
 
     def _stem_for(self, action: Action) -> ContainerRecord | None:
         if action.blackbox:
@@ -358,3 +373,23 @@ class Scheduler:
             victims.append(c)
             missing_mb -= c.memory_mb
         return victims if missing_mb <= 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outlook:
+    """The containers of one key: their slots, the average time a lease holds one, and how
+    long the soonest one being started still needs (None: none is being started)."""
+
+    slots: int
+    hold_s: float
+    starting_left_s: float | None
+
+    def worth_waiting(self, ahead: int, cold_start_s: float, *, short_of_memory: bool) -> bool:
+        """Whether these containers are expected to serve a waiter with ``ahead`` waiters of
+        its key before it sooner than a new container could (see the module docstring).
+        Without a shortage of memory, only a container being started is waited for: a busy
+        ready one is joined by a new one."""
+        if self.slots == 0 or (self.starting_left_s is None and not short_of_memory):
+            return False
+        expected = (self.starting_left_s or 0.0) + (ahead // self.slots + 1) * self.hold_s
+        return expected <= cold_start_s
