@@ -208,7 +208,7 @@ async def test_a_refused_removal_is_retried_later_and_leftovers_are_removed_at_o
     assert name in backend.networks
 
 
-async def test_host_port_mode_uses_the_shared_network():
+async def test_host_mode_uses_the_shared_network():
     class Shared:
         async def ensure_network(self, name: str, labels: dict[str, str]) -> str:
             assert name == "invoker-actions"
@@ -218,7 +218,7 @@ async def test_host_port_mode_uses_the_shared_network():
                               group=None, shared_name="invoker-actions",
                               subnet_pool="10.213.0.0/16")
     await networks.open()
-    assert networks.publish and not networks.per_container
+    assert not networks.per_container
     assert await networks.create("c0") == "invoker-actions"
     assert peer_refused("198.18.99.20")  # the ops endpoint now refuses that network
 
