@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,11 @@ from tests.support.daemon import Topics, load_spec, stored_records
 
 ACTION = "noop"
 CORES = os.cpu_count() or 1
+# Where the pipeline holds its work during the throughput run (sampled from /metrics): what
+# is full while the rest waits shows the stage that bounds throughput.
+OCCUPANCY = {"invoker_readahead_depth": "read-ahead", "invoker_slots_used": "slots used",
+             "invoker_in_flight": "in /run", "invoker_record_channel_depth": "record channel"}
+OCCUPANCY_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -102,9 +108,10 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
 
         before = metric_samples(daemon) or {}
         machine = MachineCpu(daemon_pid=daemon.process.pid)
-        report = run_load(_spec(topics, store_url, count=params.count,
-                                completion_timeout_s=params.completion_timeout_s,
-                                daemons=[daemon]))
+        with _Occupancy(daemon) as occupancy:
+            report = run_load(_spec(topics, store_url, count=params.count,
+                                    completion_timeout_s=params.completion_timeout_s,
+                                    daemons=[daemon]))
         split = machine.since()
         after = metric_samples(daemon) or {}
         cpu_before = before.get("process_cpu_seconds_total")
@@ -120,7 +127,7 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
                     f"{report.completed} of {report.produced} no-op activations, "
                     f"lost {report.lost}, duplicates {report.duplicate_records}{cpu}; feed "
                     f"paused {report.daemon_pauses} times, {report.daemon_paused_seconds:.1f} s "
-                    f"in all")
+                    f"in all; p50 while busy: {occupancy.describe(before)}")
         if cpu_before is not None and cpu_after is not None and report.completed:
             results.add(f"{prefix}.cpu_per_activation",
                         (cpu_after - cpu_before) * 1000 / report.completed, "ms",
@@ -192,6 +199,47 @@ def _add_machine_split(results: Results, prefix: str, per: dict[str, float],
     results.add(f"{prefix}.ceiling_without_daemon_cost",
                 CORES * 1000 / rest if rest > 0 else None, "activations/s",
                 f"{CORES} cores / the {rest:.2f} ms per activation that is not the daemon's")
+
+
+class _Occupancy:
+    """Samples the daemon's OCCUPANCY gauges every OCCUPANCY_INTERVAL_S on a thread, for as
+    long as the ``with`` block lasts."""
+
+    def __init__(self, daemon: Any) -> None:
+        self._daemon = daemon
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="bench-occupancy",
+                                        daemon=True)
+        self.samples: list[dict[str, float]] = []
+
+    def __enter__(self) -> _Occupancy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(OCCUPANCY_INTERVAL_S):
+            figures = metric_samples(self._daemon)
+            if figures:
+                self.samples.append(figures)
+
+    def describe(self, limits: dict[str, float]) -> str:
+        """p50 of each gauge over the samples taken while something ran, with its bound."""
+        busy = [s for s in self.samples if s.get("invoker_slots_used")]
+        if not busy:
+            return "no samples"
+        bounds = {"invoker_readahead_depth": Config().read_ahead, "invoker_slots_used":
+                  limits.get("invoker_slots_total"), "invoker_in_flight": None,
+                  "invoker_record_channel_depth": limits.get("invoker_record_channel_capacity")}
+        parts = []
+        for name, label in OCCUPANCY.items():
+            p50 = percentile([s.get(name, 0.0) for s in busy], 50) or 0.0
+            bound = bounds[name]
+            parts.append(f"{label} {p50:.0f}" + (f" of {bound:.0f}" if bound else ""))
+        return ", ".join(parts) + f" ({len(busy)} samples)"
 
 
 def _fmt(value: float | None) -> str:
