@@ -155,7 +155,10 @@ class Invoker(FeedService):
 
         Whatever else already waits in the read-ahead starts in the same turn of the scheduler,
         while slots are free: every await is a checkpoint, and at one message per turn the
-        dispatcher, not the slots, bounded throughput (read-ahead full, 2 of 32 slots used)."""
+        dispatcher, not the slots, bounded throughput (read-ahead full, 2 of 32 slots used).
+        The handlers of one turn reach the container pool in the order trio runs them, which
+        may be reversed: within a batch, activations are not served first come, first served
+        (offsets still commit in order, as the tracker commits only a contiguous prefix)."""
         async for message in messages:
             if not self.tracker.accepts(message.partition, message.epoch):
                 continue  # its partition was revoked: skipped without waiting for a slot
@@ -170,10 +173,12 @@ class Invoker(FeedService):
                     message = messages.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
+                self._slots.acquire_nowait()  # the slot first, as above
                 token = self.tracker.register(message.partition, message.epoch, message.offset)
-                if token is not None:  # None: revoked, as above
-                    self._slots.acquire_nowait()
-                    work.start_soon(self._handle, message, token)
+                if token is None:  # revoked, as above
+                    self._slots.release()
+                    continue
+                work.start_soon(self._handle, message, token)
 
     async def _handle(self, message: FeedMessage, token: OffsetToken[TopicPartition]) -> None:
         """One activation, holding its slot until its record is enqueued (or overflowed).

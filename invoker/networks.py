@@ -4,8 +4,10 @@ Host mode (no ``container_network``; the daemon runs on the host): every action 
 joins one shared bridge network (``invoker-actions``) created with inter-container traffic off
 (``com.docker.network.bridge.enable_icc=false``), and the daemon reaches it at its address
 there (the host routes to its bridges). No port is published: a published port is served by a
-docker-proxy process that copies every request and answer, which cost 0.12 ms of CPU per
-activation on this project's 2-core machine.
+docker-proxy process that copies every request and answer, which cost 0.12-0.15 ms of CPU
+per activation on this project's 2-core machine. The host must route to its bridges: rootful
+Docker on Linux does; with rootless Docker, Docker Desktop or a remote engine, run the daemon
+in a container (network mode).
 
 Network mode (``container_network`` set; the daemon runs in a container): on a shared network
 with that option the daemon could not reach the actions either. So each action container gets
@@ -95,7 +97,7 @@ class ActionNetworks:
         return self._group is not None
 
     async def open(self) -> None:
-        """Host-port mode: the shared network, created if missing. Network mode: finds this
+        """Host mode: the shared network, created if missing. Network mode: finds this
         process's container and removes leftover networks."""
         if self._group is None:
             subnet = await self._backend.ensure_network(self._shared_name,

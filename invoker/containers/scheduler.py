@@ -252,17 +252,21 @@ class Scheduler:
         # and its waiters are mostly of a few keys: without it, a queue of 30 waiters made the
         # scheduler a quarter of the trio thread's time (each waiter scanned every record).
         no_free_slot: set[PoolKey] = set()  # slots are only taken in a pass (until changed)
-        no_stem: set[tuple[str, str, int]] = set()  # stem cells are only taken in a pass
+        # Stem cells are only taken in a pass; blackbox actions never take one (their kind and
+        # image may still look like a runtime's), so they never mark a shape as having none.
+        no_stem: set[tuple[str, str, int]] = set()
         outlooks: dict[PoolKey, _Outlook] = {}
         for waiter in list(self.waiters):
             key = waiter.key
             c = None if key in no_free_slot else self._free_slot(key)
             if c is None:
                 no_free_slot.add(key)
-                shape = (waiter.action.kind, waiter.action.image, waiter.action.limits.memory_mb)
-                c = None if shape in no_stem else self._stem_for(waiter.action)
-                if c is None:
-                    no_stem.add(shape)
+                action = waiter.action
+                shape = (action.kind, action.image, action.limits.memory_mb)
+                if not action.blackbox and shape not in no_stem:
+                    c = self._stem_for(action)
+                    if c is None:
+                        no_stem.add(shape)
             if c is not None:
                 if c.phase == STEM:
                     self._assign_stem(c, waiter)

@@ -174,7 +174,8 @@ def test_actions_reach_neither_each_other_nor_the_ops_endpoint(daemon):
     target = container_of(daemon, "python:3")
     target_ip = target["NetworkSettings"]["Networks"]["invoker-actions"]["IPAddress"]
     # nothing of it listens on the host (a published port would be open on the gateway too)
-    assert not any(target["NetworkSettings"]["Ports"].values()), target["NetworkSettings"]
+    ports = target["NetworkSettings"]["Ports"] or {}
+    assert not any(ports.values()), target["NetworkSettings"]
     (network,) = docker_json("network", "inspect", "invoker-actions")
     assert network["Options"]["com.docker.network.bridge.enable_icc"] == "false"
     assert LABEL_NETWORK not in network["Labels"]  # the shared one, not a per-container one

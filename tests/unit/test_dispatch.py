@@ -55,9 +55,9 @@ async def _dispatching(invoker: _Recording, messages: list[FeedMessage],
 async def test_what_waits_starts_in_one_turn_up_to_the_free_slots() -> None:
     invoker = _Recording(Config(max_activations=5))
     invoker.tracker.assign(TP, 1)
-    # The dispatcher's first message takes it three turns (receive, slot, start) and the
-    # handlers start one turn later. At one message per turn (each await a checkpoint), two
-    # or three would have started by then; the slots, not the turns, bound it.
+    # The dispatcher's first message takes it a few turns (receive, slot, start) and the
+    # handlers start one turn later; 6 turns leave one to spare. At one message per turn (each
+    # await a checkpoint) only the first would have started by then; the slots bound it.
     started, free = await _dispatching(invoker, [_message(n) for n in range(8)], turns=6)
     assert started == [0, 1, 2, 3, 4]
     assert free == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from invoker.containers.scheduler import (
     GROWTH_EVICTS_IDLE_S,
     NEW,
@@ -190,3 +192,36 @@ def test_a_growing_action_does_not_evict_others_warm_containers() -> None:
     assert w.evicted == [b1.container]
     w.removed(b1.container)
     assert a2.container is not None and a2.container.phase == NEW
+
+
+def _queued(w: World, *actions: Action) -> list[Waiter]:
+    """Waiters already queued when one pass looks at them (as after memory was short)."""
+    waiters = [Waiter(a, a.pool_key("ns")) for a in actions]
+    w.s.waiters.extend(waiters)
+    w.s.assign()
+    return waiters
+
+
+def test_a_blackbox_waiter_does_not_hide_a_stem_cell_from_a_runtime_one() -> None:
+    w = World(512)
+    stem = w.s.new_record(image="img", kind="python:3", memory_mb=128, label="prewarm",
+                          pool_key=None, phase=STEM)
+    # A blackbox action naming the runtime's kind and image looks like it, but takes no stem.
+    blackbox = dataclasses.replace(action("bb"), code=None, blackbox=True)
+    boxed, plain = _queued(w, blackbox, action("a"))
+    assert plain.container is stem
+    assert boxed.container is not None and boxed.container.phase == NEW
+    assert w.s.used_memory_mb == 256  # the stem cell and the blackbox one's new container
+
+
+def test_one_pass_packs_a_stem_cell_given_to_a_concurrent_action() -> None:
+    w = World(1024)
+    stem = w.s.new_record(image="img", kind="python:3", memory_mb=256, label="prewarm",
+                          pool_key=None, phase=STEM)
+    a = action("a", concurrency=3)
+    waiters = _queued(w, a, a, a, a)
+    # The first takes the stem cell; the next two find its free slots in the same pass (the
+    # key had none before); the fourth gets a new container.
+    assert [x.container for x in waiters[:3]] == [stem] * 3
+    assert waiters[3].container is not None and waiters[3].container is not stem
+    assert stem.active == 3 and len(w.s.records) == 2
