@@ -163,7 +163,10 @@ class _Gate:
         drained = threading.Event()
         service.revocation = _Revocation(frozenset(partitions), drained)
         service.revocation.check(service.tracker)
-        if service.work_finished.is_set():  # stopping: nothing in flight will finish any more
+        # Stopping, once the records are flushed: nothing in flight will finish any more. (Not
+        # as soon as no activation runs: records still being written and their completions
+        # would complete offsets the partition's next owner runs again.)
+        if service.writing_finished.is_set():
             drained.set()
         service.offsets_moved()  # a dispatcher waiting to register may skip its message now
         return drained
@@ -220,6 +223,7 @@ class FeedService:
         # work, the last writes and completions, removing containers (see _process).
         self.shutdown_deadline = math.inf
         self.work_finished = trio.Event()  # no activation runs any more (set when stopping)
+        self.writing_finished = trio.Event()  # no record is written any more (set when stopping)
         # Every publish (completions, dead letters, overflow) and store write not finished yet:
         # /healthz names the oldest once it is older than health_stuck_s.
         self.stuck = StuckWatch()
@@ -366,6 +370,7 @@ class FeedService:
                                           cfg.kafka_max_message_bytes)
         if not await self._open_store():
             self.work_finished.set()
+            self.writing_finished.set()
             await self.store.aclose()
             log.info(f"{self.role} stopped before it started")
             task_status.started()
@@ -384,12 +389,14 @@ class FeedService:
                 self._started = True
                 task_status.started()
                 await self._process()
+                self.writing_finished.set()
                 if self.revocation is not None:  # nothing in flight will finish any more
                     self.revocation.drained.set()
                 self.feed.close()
                 services.cancel_scope.cancel()
         finally:
             self.work_finished.set()
+            self.writing_finished.set()
             await in_thread(self.publisher.close)
             await self.store.aclose()
             log.info(f"{self.role} stopped")

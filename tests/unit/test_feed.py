@@ -324,3 +324,28 @@ async def test_work_still_in_flight_across_a_hand_back_commits_under_the_new_ass
     assert gate.assigned([(TP, 2)]) == {TP: 8}
     service.complete(slow)
     assert service.feed._commits[TP][0] == 8
+
+
+async def test_a_revocation_while_stopping_waits_for_the_records_still_being_written(tmp_path):
+    # Stopping: no activation runs any more, but the writer still flushes records. Their
+    # offsets must complete before the partition moves (else its next owner runs them again
+    # and both publish a completion); once the writer is done, nothing can complete any more.
+    from invoker.config import Config
+    from invoker.service import FeedService
+
+    service = FeedService(Config(store_url=f"sqlite:///{tmp_path}/r.sqlite3"), topic="feed",
+                          group_id="g", client_id="c", metrics_port=0)
+    gate = service.feed._gate
+    gate.assigned([(TP, 1)])
+    flushing = service.tracker.register(TP, 1, 4)
+    service.work_finished.set()
+    drained = gate.revoking([TP])
+    assert not drained.is_set()
+    service.complete(flushing)  # stored and its completion acknowledged
+    assert drained.is_set()
+    assert gate.revoked([TP]) == {TP: (5, 0)}
+
+    gate.assigned([(TP, 2)])
+    assert service.tracker.register(TP, 2, 5) is not None  # cut off: it never completes
+    service.writing_finished.set()
+    assert gate.revoking([TP]).is_set()  # the writer is done: nothing to wait for
