@@ -14,6 +14,7 @@ One daemon subprocess (default bounds, info logging) on fresh topics and a fresh
 
 from __future__ import annotations
 
+import collections
 import os
 import tempfile
 import threading
@@ -42,9 +43,15 @@ ACTION = "noop"
 CORES = os.cpu_count() or 1
 # Where the pipeline holds its work during the throughput run (sampled from /metrics): what
 # is full while the rest waits shows the stage that bounds throughput.
-OCCUPANCY = {"invoker_readahead_depth": "read-ahead", "invoker_slots_used": "slots used",
-             "invoker_in_flight": "in /run", "invoker_record_channel_depth": "record channel"}
+# Gauge -> (label, its bound: the gauge that gives it, or the default setting, or None).
+OCCUPANCY: dict[str, tuple[str, str | int | None]] = {
+    "invoker_readahead_depth": ("read-ahead", Config().read_ahead),
+    "invoker_slots_used": ("slots used", "invoker_slots_total"),
+    "invoker_in_flight": ("in /run", None),
+    "invoker_record_channel_depth": ("record channel", "invoker_record_channel_capacity"),
+}
 OCCUPANCY_INTERVAL_S = 0.5
+OCCUPANCY_MAX_SAMPLES = 2000  # the newest kept: 1000 s of a run
 
 
 @dataclass(frozen=True)
@@ -210,7 +217,8 @@ class _Occupancy:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="bench-occupancy",
                                         daemon=True)
-        self.samples: list[dict[str, float]] = []
+        self.samples: collections.deque[dict[str, float]] = collections.deque(
+            maxlen=OCCUPANCY_MAX_SAMPLES)  # the OCCUPANCY gauges only
 
     def __enter__(self) -> _Occupancy:
         self._thread.start()
@@ -224,20 +232,17 @@ class _Occupancy:
         while not self._stop.wait(OCCUPANCY_INTERVAL_S):
             figures = metric_samples(self._daemon)
             if figures:
-                self.samples.append(figures)
+                self.samples.append({name: figures.get(name, 0.0) for name in OCCUPANCY})
 
     def describe(self, limits: dict[str, float]) -> str:
         """p50 of each gauge over the samples taken while something ran, with its bound."""
-        busy = [s for s in self.samples if s.get("invoker_slots_used")]
+        busy = [s for s in self.samples if s["invoker_slots_used"]]
         if not busy:
             return "no samples"
-        bounds = {"invoker_readahead_depth": Config().read_ahead, "invoker_slots_used":
-                  limits.get("invoker_slots_total"), "invoker_in_flight": None,
-                  "invoker_record_channel_depth": limits.get("invoker_record_channel_capacity")}
         parts = []
-        for name, label in OCCUPANCY.items():
-            p50 = percentile([s.get(name, 0.0) for s in busy], 50) or 0.0
-            bound = bounds[name]
+        for name, (label, limit) in OCCUPANCY.items():
+            p50 = percentile([s[name] for s in busy], 50) or 0.0
+            bound = limits.get(limit) if isinstance(limit, str) else limit
             parts.append(f"{label} {p50:.0f}" + (f" of {bound:.0f}" if bound else ""))
         return ", ".join(parts) + f" ({len(busy)} samples)"
 

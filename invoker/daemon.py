@@ -163,22 +163,24 @@ class Invoker(FeedService):
             if not self.tracker.accepts(message.partition, message.epoch):
                 continue  # its partition was revoked: skipped without waiting for a slot
             await self._slots.acquire()
-            token = await self.register(message)
-            if token is None:
-                self._slots.release()
-                continue  # its partition was revoked; its next owner reads it
-            work.start_soon(self._handle, message, token)
+            self._start(message, await self.register(message), work)
             while self._slots.value and not self.registering_waits():
                 try:
                     message = messages.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-                self._slots.acquire_nowait()  # the slot first, as above
-                token = self.tracker.register(message.partition, message.epoch, message.offset)
-                if token is None:  # revoked, as above
-                    self._slots.release()
-                    continue
-                work.start_soon(self._handle, message, token)
+                self._slots.acquire_nowait()
+                self._start(message, self.tracker.register(message.partition, message.epoch,
+                                                           message.offset), work)
+
+    def _start(self, message: FeedMessage, token: OffsetToken[TopicPartition] | None,
+               work: trio.Nursery) -> None:
+        """Run ``message`` in the slot just taken; None: its partition was revoked (its next
+        owner reads it), the slot is given back."""
+        if token is None:
+            self._slots.release()
+            return
+        work.start_soon(self._handle, message, token)
 
     async def _handle(self, message: FeedMessage, token: OffsetToken[TopicPartition]) -> None:
         """One activation, holding its slot until its record is enqueued (or overflowed).
