@@ -195,7 +195,11 @@ format_storage() {
         return 0
     fi
     local cluster_id
-    cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+    # A base64url UUID; one starting with "-" would be read as an option (1 in 64 formats).
+    cluster_id="-"
+    while [[ "$cluster_id" == -* ]]; do
+        cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+    done
     log "formatting storage in $DATA_DIR (cluster id $cluster_id)"
     # shellcheck disable=SC2046
     if ! timeout 120 java $(java_opts) -cp "$LIBS_DIR/*" kafka.tools.StorageTool format \
