@@ -187,8 +187,9 @@ class Config:
     # --- pipeline bounds
     read_ahead: int = setting(
         64, group="pipeline bounds", unit="messages",
-        help="messages handed over by the consumer thread and not yet dispatched; the feed "
-             "pauses when full (a pause drops what kafka-python had fetched, hence the room)")
+        help="messages handed over by the consumer thread and not yet dispatched; while it is "
+             "full the consumer thread holds its poll and fetches no more (it pauses, dropping "
+             "what kafka-python had fetched, only if it stays full for a second)")
     max_poll_records: int = setting(
         64, group="pipeline bounds", unit="messages",
         help="messages taken per poll(); they wait in the consumer thread while the read-ahead "

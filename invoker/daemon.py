@@ -35,7 +35,7 @@ from invoker.metrics import Metrics
 from invoker.model import Activation, now_ms
 from invoker.offsets import OffsetToken
 from invoker.records import build_record, build_rejection_record
-from invoker.service import FeedService, in_thread
+from invoker.service import FeedService, ReadAhead, in_thread
 from invoker.status_report import containers_status, metric_count
 from overflow.envelope import OverflowedRecord
 from overflow.sender import OverflowSender
@@ -145,8 +145,7 @@ class Invoker(FeedService):
             await self.work_finished.wait()
             self._pool.close_deadline = self.shutdown_deadline
 
-    async def dispatch(self, messages: trio.MemoryReceiveChannel[FeedMessage],
-                       work: trio.Nursery) -> None:
+    async def dispatch(self, messages: ReadAhead, work: trio.Nursery) -> None:
         """Blocks for a slot, then to register the message (see :meth:`FeedService.register`).
 
         The slot comes first: a message taken (registered) starts at once, so a revocation

@@ -8,7 +8,9 @@ close) happens on the feed thread. The trio side talks to it only through:
   pending call at most). The pump, on the trio thread, offers the inbox to the
   :class:`FeedGate`, removes what the gate took and notes whether the gate is saturated. So the
   thread never waits for trio to schedule a hand-off; it waits only when the inbox is full
-  (trio has not taken the last polls yet), and then at most ``POLL_TIMEOUT_MS`` per turn;
+  (the read-ahead had no room for it), and then at most ``POLL_TIMEOUT_MS`` per turn. The trio
+  side also runs the pump as it takes messages (:meth:`Feed.refill`): the room it makes is
+  filled at once, and the thread, waiting for room, polls again once half the inbox is gone;
 - other :class:`FeedGate` methods, which the thread calls with ``trio.from_thread.run_sync``
   (they run on the trio thread and never block) when a wait does not matter: while paused
   (to decide whether to resume) and on rebalances (see below);
@@ -22,10 +24,15 @@ partition's position, last commit and high watermark (:attr:`Feed.progress`, a d
 whole and never changed, so the trio side reads it without a lock); only calls that do not
 block (``position`` with timeout 0, ``highwater``).
 
-When the pump finds the pipeline saturated (the gate could not take every message, or says it
-is full), the thread pauses every assigned partition and keeps polling (so the consumer stays
-in its group), holding at most ``max_poll_records`` messages, and resumes when its inbox is
-empty and the gate says the pipeline drained below its low watermarks.
+When the gate says the pipeline is saturated (the record channel reached its bound), the
+thread pauses every assigned partition and keeps polling (so the consumer stays in its group),
+holding at most ``max_poll_records`` messages, and resumes when its inbox is empty and the gate
+says the pipeline drained below its low watermark. A full read-ahead alone does not pause at
+once: the thread holds its full inbox without polling, which fetches nothing more either, while
+a pause costs a fetch (kafka-python drops what it fetched for paused partitions, up to
+``fetch_max_bytes``, and fetches it again on resume; at ~90 pauses in 10 s of full load that
+was most of the feed thread's and the broker's work). Only an inbox full for
+``hold_before_pause_s`` pauses, so that the consumer polls (and takes part in rebalances) again.
 
 Rebalances (kafka-python 2.x is eager: every group change revokes all partitions, then assigns)
 run inside ``poll()`` on this thread, which is what lets the revocation block poll, as Kafka
@@ -130,6 +137,9 @@ class FeedSettings:
     max_message_bytes: int
     commit_interval_s: float = 0.2
     revoke_wait_s: float = 5.0  # well below max_poll_interval_ms, the rebalance timeout
+    # How long a full inbox is held without polling before the thread pauses to poll again:
+    # a rebalance that begins meanwhile waits for the next poll.
+    hold_before_pause_s: float = 1.0
     session_timeout_ms: int = 10_000
     max_poll_interval_ms: int = 300_000
 
@@ -165,6 +175,7 @@ class Feed:
         self._inbox_changed = threading.Condition()
         self._inbox: deque[FeedMessage] = deque()
         self._saturated = False  # what the gate said at the pump's last hand-off
+        self._full_since: float | None = None  # feed thread: since when the inbox is full
         self.ready = trio.Event()
 
     # --- trio side -----------------------------------------------------------------------
@@ -219,10 +230,16 @@ class Feed:
         """Hand over nothing more; messages not yet handed over are left to be redelivered."""
         self._stop_fetching.set()
 
+    def refill(self) -> None:
+        """The trio side took from the read-ahead: hand over what the thread holds, if anything,
+        now rather than at the thread's next turn. Trio thread; blocks only as :meth:`_pump`."""
+        if self._inbox:
+            self._pump()
+
     def _pump(self) -> None:
         """Offer the inbox to the gate (on the trio thread, scheduled by the feed thread with
-        ``run_sync_soon``). Blocks only while the thread holds the inbox lock for a list
-        operation."""
+        ``run_sync_soon``, or by :meth:`refill`). Blocks only while the thread holds the inbox
+        lock for a list operation."""
         with self._inbox_changed:
             if self._stop_fetching.is_set():
                 return
@@ -317,11 +334,9 @@ class Feed:
         elif self._saturated:
             self._pause(consumer, "pipeline saturated")
         elif self._held() >= limit:
-            # The pump has not run since the last poll: wait for it rather than poll into no
-            # room (it either takes messages or says the pipeline is saturated).
-            with self._inbox_changed:
-                self._inbox_changed.wait_for(
-                    lambda: len(self._inbox) < limit or self._saturated, POLL_TIMEOUT_MS / 1000)
+            self._hold(consumer, now, limit)
+        else:
+            self._full_since = None
         room = limit - self._held()
         if room > 0 or self._paused:
             # While paused, poll only briefly: it returns nothing, and resuming waits for it.
@@ -353,6 +368,20 @@ class Feed:
             progress[tp] = PartitionProgress(position, committed, consumer.highwater(tp))
         self.progress = progress
 
+    def _hold(self, consumer: KafkaConsumer, now: float, limit: int) -> None:
+        """The inbox is full: wait (not polling, so fetching nothing more) until the trio side
+        took half of it, or the gate says the pipeline is saturated, at most POLL_TIMEOUT_MS.
+        Once it has been full for ``hold_before_pause_s``, pause instead."""
+        if self._full_since is None:
+            self._full_since = now
+        elif now - self._full_since >= self._settings.hold_before_pause_s:
+            self._pause(consumer, "read-ahead full")
+            return
+        with self._inbox_changed:
+            self._inbox_changed.wait_for(
+                lambda: len(self._inbox) <= limit // 2 or self._saturated,
+                POLL_TIMEOUT_MS / 1000)
+
     def _held(self) -> int:
         with self._inbox_changed:
             return len(self._inbox)
@@ -366,6 +395,7 @@ class Feed:
     def _pause(self, consumer: KafkaConsumer, reason: str) -> None:
         consumer.pause(*consumer.assignment())
         self._paused_since = time.monotonic()  # first: /healthz reads both from the trio thread
+        self._full_since = None
         self._pause_reason = reason
         self._paused = True
         self._metrics.paused.set(1)

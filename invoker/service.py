@@ -84,20 +84,49 @@ async def in_thread(fn: Callable[[], Any]) -> Any:
         return await trio.to_thread.run_sync(fn)
 
 
+class ReadAhead:
+    """The dispatcher's end of the read-ahead. Each message taken makes room that the feed's
+    inbox fills at once (:meth:`invoker.feed.Feed.refill`), not at the feed thread's next turn:
+    a full read-ahead then never waits on the thread while the thread holds messages."""
+
+    def __init__(self, channel: trio.MemoryReceiveChannel[FeedMessage],
+                 refill: Callable[[], None]) -> None:
+        self._channel = channel
+        self._refill = refill
+
+    def receive_nowait(self) -> FeedMessage:
+        """The next message; raises trio.WouldBlock if none waits (or trio.EndOfChannel)."""
+        message = self._channel.receive_nowait()
+        self._refill()
+        return message
+
+    async def receive(self) -> FeedMessage:
+        """Blocks until a message comes."""
+        message = await self._channel.receive()
+        self._refill()
+        return message
+
+    def __aiter__(self) -> ReadAhead:
+        return self
+
+    async def __anext__(self) -> FeedMessage:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+
 class _Gate:
     """The trio side of the feed (see :class:`invoker.feed.FeedGate`). Never blocks.
 
-    Saturated means: the read-ahead refused a message (no free slot downstream) and has not yet
-    drained to half, or — unless overflow takes over — the record channel reached its bound and
-    has not yet drained to its low watermark. A read-ahead that merely filled up is not
-    saturated while it takes what the feed has: the dispatcher usually empties it at once.
+    Saturated means — unless overflow takes over — the record channel reached its bound and has
+    not yet drained to its low watermark. A full read-ahead is not saturation: the feed thread
+    holds what it polled (and fetches nothing more) until the dispatcher takes messages.
     """
 
     def __init__(self, service: FeedService, pause_on_record_channel: bool) -> None:
         self._service = service
         cfg = service.config
-        self._readahead_low = cfg.read_ahead // 2
-        self._readahead_blocked = False
         self._channel = (Hysteresis(high=cfg.record_channel_size,
                                     low=cfg.record_channel_low_watermark)
                          if pause_on_record_channel else None)
@@ -108,32 +137,23 @@ class _Gate:
             try:
                 self._service.readahead_tx.send_nowait(message)
             except trio.WouldBlock:
-                self._readahead_blocked = True
                 break
             taken += 1
-        return taken, self._saturated()
+        return taken, self.saturated()
 
     def holding_back(self) -> list[str]:
-        """What makes the pipeline saturated now, for GET /status. Never blocks."""
+        """What holds the feed back now, for GET /status. Never blocks."""
         cfg = self._service.config
         reasons = []
-        if self._readahead_blocked:
-            reasons.append(f"read-ahead full until it drains to {self._readahead_low}")
+        if self._service.readahead_depth() >= cfg.read_ahead:
+            reasons.append(f"read-ahead full ({cfg.read_ahead})")
         if self._channel is not None and self._channel.saturated:
             reasons.append(f"record channel reached {cfg.record_channel_size} until it drains "
                            f"to {cfg.record_channel_low_watermark}")
         return reasons
 
     def saturated(self) -> bool:
-        if self._service.readahead_depth() >= self._service.config.read_ahead:
-            self._readahead_blocked = True  # full while nothing new came: nothing is moving
-        return self._saturated()
-
-    def _saturated(self) -> bool:
-        if self._readahead_blocked and self._service.readahead_depth() <= self._readahead_low:
-            self._readahead_blocked = False
-        channel = self._channel.update(self._service.record_depth()) if self._channel else False
-        return self._readahead_blocked or channel
+        return self._channel.update(self._service.record_depth()) if self._channel else False
 
     def assigned(self, partitions: Sequence[tuple[TopicPartition, int]]
                  ) -> dict[TopicPartition, int]:
@@ -255,8 +275,7 @@ class FeedService:
 
     # --- to be provided by subclasses ----------------------------------------------------
 
-    async def dispatch(self, messages: trio.MemoryReceiveChannel[FeedMessage],
-                       work: trio.Nursery) -> None:
+    async def dispatch(self, messages: ReadAhead, work: trio.Nursery) -> None:
         """Take messages until cancelled; start per-message work in ``work`` if it may wait.
 
         Every message must end in :meth:`enqueue`, :meth:`dead_letter` or :meth:`complete`.
@@ -472,7 +491,7 @@ class FeedService:
 
     async def _dispatch_until_stopped(self, work: trio.Nursery) -> None:
         with self.dispatch_scope:
-            await self.dispatch(self.readahead_rx, work)
+            await self.dispatch(ReadAhead(self.readahead_rx, self.feed.refill), work)
 
     # --- for subclasses ------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from invoker.lastresort import HandOff, dead_letter_unexpected
 from invoker.metrics import Metrics
 from invoker.offsets import OffsetToken
 from invoker.records import encode, stored_size
-from invoker.service import FeedService
+from invoker.service import FeedService, ReadAhead
 from overflow.envelope import decode
 from store import Store
 
@@ -39,8 +39,7 @@ class Recorder(FeedService):
     def started_fields(self) -> dict[str, Any]:
         return {"topic": self.config.overflow_topic, "group": self.config.recorder_group_id}
 
-    async def dispatch(self, messages: trio.MemoryReceiveChannel[FeedMessage],
-                       work: trio.Nursery) -> None:
+    async def dispatch(self, messages: ReadAhead, work: trio.Nursery) -> None:
         """Decode in order; blocks on the record channel, which is what pauses the feed.
 
         Whatever goes wrong with one message beyond what decoding expects, it is

@@ -10,6 +10,7 @@ from kafka.structs import TopicPartition
 from invoker.config import Config
 from invoker.daemon import Invoker
 from invoker.feed import FeedMessage
+from invoker.service import ReadAhead
 
 TP = TopicPartition("feed", 0)
 
@@ -40,7 +41,7 @@ async def _dispatching(invoker: _Recording, messages: list[FeedMessage],
     for message in messages:
         tx.send_nowait(message)
     async with trio.open_nursery() as work:
-        work.start_soon(invoker.dispatch, rx, work)
+        work.start_soon(invoker.dispatch, ReadAhead(rx, lambda: None), work)
         if turns is None:
             await trio.testing.wait_all_tasks_blocked()
         for _ in range(turns or 0):

@@ -68,10 +68,12 @@ class ScriptedConsumer:
 
 
 class ScriptedGate:
-    """Takes messages while it has room; saturated when full (until drain())."""
+    """Takes messages while it has room; saturated when full (as the record channel makes the
+    real gate), unless ``saturates`` is False (as a full read-ahead alone)."""
 
-    def __init__(self, room: int) -> None:
+    def __init__(self, room: int, saturates: bool = True) -> None:
         self.room = room
+        self.saturates = saturates
         self.taken: list[FeedMessage] = []
         self.revoking_partitions: list[TopicPartition] = []
         self.revoked_partitions: list[TopicPartition] = []
@@ -87,7 +89,7 @@ class ScriptedGate:
         return len(take), self.saturated()
 
     def saturated(self) -> bool:
-        return len(self.taken) >= self.room
+        return self.saturates and len(self.taken) >= self.room
 
     def assigned(self, partitions) -> dict[TopicPartition, int]:
         return {tp: self.positions[tp] for tp, _ in partitions if tp in self.positions}
@@ -102,11 +104,13 @@ class ScriptedGate:
 
 
 def make_feed(gate: ScriptedGate, metrics: Metrics | None = None, *, max_poll_records: int = 8,
-              commit_interval_s: float = 0.2, revoke_wait_s: float = 5.0) -> Feed:
+              commit_interval_s: float = 0.2, revoke_wait_s: float = 5.0,
+              hold_before_pause_s: float = 1.0) -> Feed:
     feed = Feed(FeedSettings(bootstrap="unused:9092", topic="feed", group_id="g", client_id="c",
                              max_poll_records=max_poll_records, fetch_max_bytes=1 << 20,
                              max_message_bytes=1 << 20, commit_interval_s=commit_interval_s,
-                             revoke_wait_s=revoke_wait_s),
+                             revoke_wait_s=revoke_wait_s,
+                             hold_before_pause_s=hold_before_pause_s),
                 gate, metrics or Metrics())
     feed._token = trio.lowlevel.current_trio_token()
     return feed
@@ -157,6 +161,50 @@ async def test_it_holds_at_most_max_poll_records_pauses_when_refused_and_resumes
     assert not feed.paused and consumer.paused == set()
     # Every poll asked for no more than there was room for in the inbox.
     assert all(1 <= n <= 4 for n in consumer.max_records)
+
+
+async def test_a_full_inbox_is_held_without_polling_and_pauses_only_after_the_hold():
+    # A full read-ahead (a gate with no room that is not saturated): a pause would drop what
+    # kafka-python fetched, so the thread holds its inbox and does not poll, for a while.
+    gate = ScriptedGate(room=4, saturates=False)
+    feed = make_feed(gate, max_poll_records=4, hold_before_pause_s=0.5)
+    consumer = ScriptedConsumer(records=20)
+    await turns(feed, consumer, 2)  # 4 polled and taken, then 4 polled and held
+    assert len(gate.taken) == 4 and feed._held() == 4
+    polls = len(consumer.max_records)
+    began = time.monotonic()
+    await turns(feed, consumer, 3)  # each waits POLL_TIMEOUT_MS for room
+    assert not feed.paused and len(consumer.max_records) == polls  # held, nothing polled
+    while time.monotonic() - began < 0.6:
+        await turns(feed, consumer)
+    assert feed.paused and feed.pause_reason == "read-ahead full" and consumer.paused == {TP}
+    assert feed._held() == 4 and len(gate.taken) == 4
+    gate.taken.clear()
+    await turns(feed, consumer)  # the pump hands the inbox over; the next turn resumes
+    await turns(feed, consumer)
+    assert not feed.paused and consumer.paused == set()
+    assert [m.offset for m in gate.taken] == [4, 5, 6, 7]
+
+
+async def test_a_refill_hands_the_inbox_over_at_once_and_wakes_the_holding_thread():
+    gate = ScriptedGate(room=4, saturates=False)
+    feed = make_feed(gate, max_poll_records=4, hold_before_pause_s=60)
+    consumer = ScriptedConsumer(records=20)
+    await turns(feed, consumer, 2)
+    assert feed._held() == 4 and len(gate.taken) == 4
+    polls = len(consumer.max_records)
+    async with trio.open_nursery() as n:
+        n.start_soon(trio.to_thread.run_sync, feed._turn, consumer)  # waits for room
+        await trio.sleep(0.02)
+        # The dispatcher took two from the read-ahead: its refill offers the inbox at once.
+        del gate.taken[:2]
+        feed.refill()
+        assert [m.offset for m in gate.taken] == [2, 3, 4, 5] and feed._held() == 2
+        with trio.fail_after(5):  # not a timing assertion: a turn that never ends fails here
+            while len(consumer.max_records) == polls:
+                await trio.sleep(0.001)
+    # Half the inbox went: the thread polled again, for the room there was.
+    assert consumer.max_records[polls] == 2
 
 
 async def test_commits_at_most_every_interval_then_on_close_and_times_the_lag():
@@ -349,3 +397,23 @@ async def test_a_revocation_while_stopping_waits_for_the_records_still_being_wri
     assert service.tracker.register(TP, 2, 5) is not None  # cut off: it never completes
     service.writing_finished.set()
     assert gate.revoking([TP]).is_set()  # the writer is done: nothing to wait for
+
+
+async def test_the_services_read_ahead_refills_from_the_inbox_and_a_full_one_is_no_saturation(
+        tmp_path):
+    from invoker.config import Config
+    from invoker.service import FeedService, ReadAhead
+
+    service = FeedService(Config(store_url=f"sqlite:///{tmp_path}/r.sqlite3", read_ahead=2),
+                          topic="feed", group_id="g", client_id="c", metrics_port=0)
+    feed, gate = service.feed, service.feed._gate
+    feed._inbox.extend(FeedMessage(TP, 1, offset, b"{}", 0.0) for offset in range(4))
+    feed._pump()
+    assert service.readahead_depth() == 2 and feed._held() == 2
+    assert not gate.saturated() and not feed._saturated  # a full read-ahead does not pause
+    assert gate.holding_back() == ["read-ahead full (2)"]
+    read_ahead = ReadAhead(service.readahead_rx, feed.refill)
+    assert read_ahead.receive_nowait().offset == 0
+    assert service.readahead_depth() == 2 and feed._held() == 1  # refilled at once
+    assert [(await read_ahead.receive()).offset for _ in range(3)] == [1, 2, 3]
+    assert feed._held() == 0 and gate.holding_back() == []

@@ -32,7 +32,7 @@ DOC = {
     "version": 1, "role": "invoker", "id": "invoker-a-1", "uptime_s": 3725.0, "ok": False,
     "reasons": ["feed paused for 700.0 s"],
     "feed": {"paused": True, "paused_for_s": 700.0, "reason": "pipeline saturated",
-             "pauses": 3, "held_back_by": ["read-ahead full until it drains to 32",
+             "pauses": 3, "held_back_by": ["read-ahead full (64)",
                                            "all 2 slots busy"]},
     "read_ahead": {"depth": 64, "capacity": 64},
     "record_channel": {"depth": 256, "capacity": 256, "low_watermark": 128},
@@ -75,7 +75,7 @@ def test_the_screen_shows_every_section_of_the_document():
     assert lines_with(text, "slots") == ["slots        2 / 2 used, 2 running"]
     assert lines_with(text, "feed") == [
         "feed         PAUSED for 11m40s (pipeline saturated); 3 pauses since start"]
-    assert ("             held back by: read-ahead full until it drains to 32; all 2 slots busy"
+    assert ("             held back by: read-ahead full (64); all 2 slots busy"
             in text.splitlines())
     assert lines_with(text, "read-ahead") == ["read-ahead   64 / 64"]
     assert lines_with(text, "records") == [
