@@ -251,7 +251,10 @@ class Feed:
                 # Nothing to hand over (e.g. the broker is unreachable): still pause when the
                 # pipeline is full, so fetching does not restart before it drained.
                 self._saturated = self._gate.saturated()
-            self._inbox_changed.notify()  # a thread waiting for room may go on (or pause)
+            if self._room_to_poll():
+                # Only then: a refill runs for every message taken, and waking the thread for
+                # each one (to wait again) cost more than the refill itself.
+                self._inbox_changed.notify()
 
     def close(self) -> None:
         """Commit what was requested, leave the group and end the thread."""
@@ -334,7 +337,7 @@ class Feed:
         elif self._saturated:
             self._pause(consumer, "pipeline saturated")
         elif self._held() >= limit:
-            self._hold(consumer, now, limit)
+            self._hold(consumer, now)
         else:
             self._full_since = None
         room = limit - self._held()
@@ -368,7 +371,7 @@ class Feed:
             progress[tp] = PartitionProgress(position, committed, consumer.highwater(tp))
         self.progress = progress
 
-    def _hold(self, consumer: KafkaConsumer, now: float, limit: int) -> None:
+    def _hold(self, consumer: KafkaConsumer, now: float) -> None:
         """The inbox is full: wait (not polling, so fetching nothing more) until the trio side
         took half of it, or the gate says the pipeline is saturated, at most POLL_TIMEOUT_MS.
         Once it has been full for ``hold_before_pause_s``, pause instead."""
@@ -378,9 +381,12 @@ class Feed:
             self._pause(consumer, "read-ahead full")
             return
         with self._inbox_changed:
-            self._inbox_changed.wait_for(
-                lambda: len(self._inbox) <= limit // 2 or self._saturated,
-                POLL_TIMEOUT_MS / 1000)
+            self._inbox_changed.wait_for(self._room_to_poll, POLL_TIMEOUT_MS / 1000)
+
+    def _room_to_poll(self) -> bool:
+        """What a full inbox waits for: half of it taken, or the gate saturated (to pause).
+        Either thread, with the inbox lock held."""
+        return len(self._inbox) <= self._settings.max_poll_records // 2 or self._saturated
 
     def _held(self) -> int:
         with self._inbox_changed:
