@@ -16,6 +16,7 @@ from invoker.loadgen import (
     read_completions,
     run_load,
 )
+from invoker.status import fetch_status, status_url
 from tests.support.daemon import (
     KAFKA,
     container_ids,
@@ -171,6 +172,15 @@ def test_store_outage_pauses_retries_and_recovers(daemons, topics, couchdb_url, 
              "some records stored before the outage")
     couch_proxy.set(latency=0.0, down=True)
     wait_for(lambda: daemon.metrics()["invoker_feed_paused"] == 1, 60, "feed paused")
+
+    def slots_wait_to_enqueue_holding_no_container() -> bool:
+        doc = fetch_status(status_url(daemon.url("")))
+        return doc["slots"]["used"] >= 1 and not any(
+            g["busy"] for g in doc["containers"]["by_action"])
+
+    # The feed is paused, so the slots in use hold records waiting for the full channel; the
+    # containers were given back once their answers were read, so other work could use them.
+    wait_for(slots_wait_to_enqueue_holding_no_container, 30, "slots used, no container busy")
     time.sleep(3)
     failures = daemon.metrics()["invoker_store_write_failures_total"]
     assert failures >= 2, "the batcher should keep retrying during the outage"
