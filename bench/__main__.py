@@ -82,6 +82,10 @@ def summary(results: Results) -> list[str]:
                                       f"{v('e2e.sqlite.added_latency_p99')}   couchdb "
                                       f"{v('e2e.couchdb.added_latency_p50')} / "
                                       f"{v('e2e.couchdb.added_latency_p99')}"),
+        *[(f"  at half max, stage {stage} p50, ms",
+           f"sqlite {v(f'e2e.sqlite.half_load_stage.{stage}')}   couchdb "
+           f"{v(f'e2e.couchdb.half_load_stage.{stage}')}")
+          for stage in STAGES],
         ("  saturated p50/p99, ms", f"sqlite {v('e2e.sqlite.saturated_added_latency_p50')} / "
                                     f"{v('e2e.sqlite.saturated_added_latency_p99')}   couchdb "
                                     f"{v('e2e.couchdb.saturated_added_latency_p50')} / "

@@ -149,12 +149,14 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
         saturated = _added_latencies(report, records)
 
         paced_rate = max(report.throughput_per_s / 2, 1.0)
+        paced_before = metric_samples(daemon) or {}
         paced = run_load(_spec(topics, store_url,
                                count=max(int(paced_rate * params.paced_s), 50),
                                rate=paced_rate,
                                completion_timeout_s=params.completion_timeout_s))
         for problem in load_problems(paced, "paced run"):
             results.error(scenario, problem)
+        paced_stages = stage_figures(paced_before, metric_samples(daemon) or {})
         paced_records = _records(store_url, paced)
         added = _added_latencies(paced, paced_records)
         durations = [r["duration"] for r in paced_records.values()]
@@ -178,6 +180,9 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
                 f"{_fmt(percentile([w for w in waits if w is not None], 50))} ms")
         results.add(f"{prefix}.added_latency_p50", percentile(added, 50), "ms", note)
         results.add(f"{prefix}.added_latency_p99", percentile(added, 99), "ms")
+        for stage, (p50, p99, n) in paced_stages.items():
+            results.add(f"{prefix}.half_load_stage.{stage}", p50, "ms p50",
+                        f"p99 {_fmt(p99)} ms; {n} observations (the paced run)")
         note = f"{len(saturated)} activations of the throughput run (includes queueing)"
         results.add(f"{prefix}.saturated_added_latency_p50", percentile(saturated, 50), "ms",
                     note)
