@@ -30,8 +30,8 @@ holding at most ``max_poll_records`` messages, and resumes when its inbox is emp
 says the pipeline drained below its low watermark. A full read-ahead alone does not pause at
 once: the thread holds its full inbox without polling, which fetches nothing more either, while
 a pause costs a fetch (kafka-python drops what it fetched for paused partitions, up to
-``fetch_max_bytes``, and fetches it again on resume; at ~90 pauses in 10 s of full load that
-was most of the feed thread's and the broker's work). Only an inbox full for
+``fetch_max_bytes``, and fetches it again on resume; at ~90 pauses in 10 s of full load,
+allocating and copying those fetches was most of the feed thread's work). Only an inbox full for
 ``hold_before_pause_s`` pauses, so that the consumer polls (and takes part in rebalances) again.
 
 Rebalances (kafka-python 2.x is eager: every group change revokes all partitions, then assigns)
