@@ -189,7 +189,8 @@ class Config:
         64, group="pipeline bounds", unit="messages",
         help="messages handed over by the consumer thread and not yet dispatched; while it is "
              "full the consumer thread holds its poll and fetches no more (it pauses, dropping "
-             "what kafka-python had fetched, only if it stays full for a second)")
+             "what kafka-python had fetched, only if that leaves it without a poll for a "
+             "second)")
     max_poll_records: int = setting(
         64, group="pipeline bounds", unit="messages",
         help="messages taken per poll(); they wait in the consumer thread while the read-ahead "

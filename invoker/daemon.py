@@ -1,11 +1,11 @@
 """The invoker daemon: feed → slots and container pool → record channel → batcher → store.
 
 Backpressure runs backwards along that line. A slow store keeps bulk writes in flight, so the
-batcher stops draining the bounded record channel; activations then wait to enqueue their
-records while still holding their execution slots; the dispatcher waits for a slot, the
-read-ahead channel fills and the feed thread stops polling, and once the record channel is at
-its bound the feed pauses the consumer (and keeps polling). Nothing on the way is unbounded,
-and nothing is committed before the store (and the completions topic) has it. (The container
+batcher stops draining the bounded record channel; once the channel is at its bound the feed
+pauses the consumer (and keeps polling). Activations then wait to enqueue their records while
+still holding their execution slots, the dispatcher waits for a slot, and the read-ahead fills
+(which alone only has the feed thread hold its poll). Nothing on the way is unbounded, and
+nothing is committed before the store (and the completions topic) has it. (The container
 is given back as soon as its answer and logs are read: the slot, not the container, is what
 bounds the records waiting to be enqueued.)
 

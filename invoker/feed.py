@@ -7,10 +7,11 @@ close) happens on the feed thread. The trio side talks to it only through:
   in it) and asks trio, without waiting, to run the *pump* (``TrioToken.run_sync_soon``, one
   pending call at most). The pump, on the trio thread, offers the inbox to the
   :class:`FeedGate`, removes what the gate took and notes whether the gate is saturated. So the
-  thread never waits for trio to schedule a hand-off; it waits only when the inbox is full
-  (the read-ahead had no room for it), and then at most ``POLL_TIMEOUT_MS`` per turn. The trio
-  side also runs the pump as it takes messages (:meth:`Feed.refill`): the room it makes is
-  filled at once, and the thread, waiting for room, polls again once half the inbox is gone;
+  thread never waits for trio to schedule a hand-off; it waits only while more than half of
+  ``max_poll_records`` is in the inbox (the read-ahead had no room for it), and then at most
+  ``POLL_TIMEOUT_MS`` per turn. The trio side also runs the pump as it takes messages
+  (:meth:`Feed.refill`): the room it makes is filled at once, and the thread, waiting, polls
+  again (up to the limit) once no more than half is left;
 - other :class:`FeedGate` methods, which the thread calls with ``trio.from_thread.run_sync``
   (they run on the trio thread and never block) when a wait does not matter: while paused
   (to decide whether to resume) and on rebalances (see below);
@@ -28,11 +29,12 @@ When the gate says the pipeline is saturated (the record channel reached its bou
 thread pauses every assigned partition and keeps polling (so the consumer stays in its group),
 holding at most ``max_poll_records`` messages, and resumes when its inbox is empty and the gate
 says the pipeline drained below its low watermark. A full read-ahead alone does not pause at
-once: the thread holds its full inbox without polling, which fetches nothing more either, while
-a pause costs a fetch (kafka-python drops what it fetched for paused partitions, up to
+once: the thread holds its inbox without polling, which fetches nothing more either, while a
+pause costs a fetch (kafka-python drops what it fetched for paused partitions, up to
 ``fetch_max_bytes``, and fetches it again on resume; at ~90 pauses in 10 s of full load,
-allocating and copying those fetches was most of the feed thread's work). Only an inbox full for
-``hold_before_pause_s`` pauses, so that the consumer polls (and takes part in rebalances) again.
+allocating and copying those fetches was most of the feed thread's work). Only a hold that
+left the thread without a poll for ``hold_before_pause_s`` pauses, so that the consumer polls
+(and takes part in rebalances) again.
 
 Rebalances (kafka-python 2.x is eager: every group change revokes all partitions, then assigns)
 run inside ``poll()`` on this thread, which is what lets the revocation block poll, as Kafka
@@ -137,7 +139,7 @@ class FeedSettings:
     max_message_bytes: int
     commit_interval_s: float = 0.2
     revoke_wait_s: float = 5.0  # well below max_poll_interval_ms, the rebalance timeout
-    # How long a full inbox is held without polling before the thread pauses to poll again:
+    # How long the thread may hold its inbox without polling before it pauses to poll again:
     # a rebalance that begins meanwhile waits for the next poll.
     hold_before_pause_s: float = 1.0
     session_timeout_ms: int = 10_000
@@ -175,7 +177,7 @@ class Feed:
         self._inbox_changed = threading.Condition()
         self._inbox: deque[FeedMessage] = deque()
         self._saturated = False  # what the gate said at the pump's last hand-off
-        self._full_since: float | None = None  # feed thread: since when the inbox is full
+        self._polled_at = time.monotonic()  # feed thread: its last poll
         self.ready = trio.Event()
 
     # --- trio side -----------------------------------------------------------------------
@@ -336,15 +338,14 @@ class Feed:
                 self._resume(consumer)
         elif self._saturated:
             self._pause(consumer, "pipeline saturated")
-        elif self._held() >= limit:
-            self._hold(consumer, now)
-        else:
-            self._full_since = None
-        room = limit - self._held()
-        if room > 0 or self._paused:
+        elif not self._room_to_poll():
+            self._hold(consumer)
+        if self._paused or self._room_to_poll():
             # While paused, poll only briefly: it returns nothing, and resuming waits for it.
             timeout_ms = PAUSED_POLL_TIMEOUT_MS if self._paused else POLL_TIMEOUT_MS
-            polled = consumer.poll(timeout_ms=timeout_ms, max_records=max(room, 1))
+            polled = consumer.poll(timeout_ms=timeout_ms,
+                                   max_records=max(limit - self._held(), 1))
+            self._polled_at = time.monotonic()
             if polled:
                 now_s = time.time()
                 messages = [FeedMessage(partition, self._epoch_of(partition), record.offset,
@@ -371,22 +372,22 @@ class Feed:
             progress[tp] = PartitionProgress(position, committed, consumer.highwater(tp))
         self.progress = progress
 
-    def _hold(self, consumer: KafkaConsumer, now: float) -> None:
-        """The inbox is full: wait (not polling, so fetching nothing more) until the trio side
-        took half of it, or the gate says the pipeline is saturated, at most POLL_TIMEOUT_MS.
-        Once it has been full for ``hold_before_pause_s``, pause instead."""
-        if self._full_since is None:
-            self._full_since = now
-        elif now - self._full_since >= self._settings.hold_before_pause_s:
+    def _hold(self, consumer: KafkaConsumer) -> None:
+        """More than half the inbox is held: wait (not polling, so fetching nothing more) until
+        the trio side took enough, or the gate says the pipeline is saturated, at most
+        POLL_TIMEOUT_MS. Once the thread has not polled for ``hold_before_pause_s``, pause
+        instead."""
+        if time.monotonic() - self._polled_at >= self._settings.hold_before_pause_s:
             self._pause(consumer, "read-ahead full")
             return
         with self._inbox_changed:
             self._inbox_changed.wait_for(self._room_to_poll, POLL_TIMEOUT_MS / 1000)
 
     def _room_to_poll(self) -> bool:
-        """What a full inbox waits for: half of it taken, or the gate saturated (to pause).
-        Either thread, with the inbox lock held."""
-        return len(self._inbox) <= self._settings.max_poll_records // 2 or self._saturated
+        """At most half of ``max_poll_records`` held, or the gate saturated (to pause): what a
+        holding thread waits for. Either thread; takes the inbox lock, which is reentrant."""
+        with self._inbox_changed:
+            return len(self._inbox) <= self._settings.max_poll_records // 2 or self._saturated
 
     def _held(self) -> int:
         with self._inbox_changed:
@@ -401,7 +402,6 @@ class Feed:
     def _pause(self, consumer: KafkaConsumer, reason: str) -> None:
         consumer.pause(*consumer.assignment())
         self._paused_since = time.monotonic()  # first: /healthz reads both from the trio thread
-        self._full_since = None
         self._pause_reason = reason
         self._paused = True
         self._metrics.paused.set(1)

@@ -167,17 +167,22 @@ async def test_a_full_inbox_is_held_without_polling_and_pauses_only_after_the_ho
     # A full read-ahead (a gate with no room that is not saturated): a pause would drop what
     # kafka-python fetched, so the thread holds its inbox and does not poll, for a while.
     gate = ScriptedGate(room=4, saturates=False)
-    feed = make_feed(gate, max_poll_records=4, hold_before_pause_s=0.5)
+    feed = make_feed(gate, max_poll_records=4, hold_before_pause_s=1.0)
     consumer = ScriptedConsumer(records=20)
     await turns(feed, consumer, 2)  # 4 polled and taken, then 4 polled and held
     assert len(gate.taken) == 4 and feed._held() == 4
     polls = len(consumer.max_records)
-    began = time.monotonic()
     await turns(feed, consumer, 3)  # each waits POLL_TIMEOUT_MS for room
-    assert not feed.paused and len(consumer.max_records) == polls  # held, nothing polled
-    while time.monotonic() - began < 0.6:
-        await turns(feed, consumer)
-    assert feed.paused and feed.pause_reason == "read-ahead full" and consumer.paused == {TP}
+    assert len(consumer.max_records) == polls  # held, nothing polled
+    last_poll = feed._polled_at
+    if time.monotonic() - last_poll < 0.9:  # (else a loaded machine rightly paused)
+        assert not feed.paused
+    with trio.fail_after(10):
+        while not feed.paused:
+            await turns(feed, consumer)
+    # Paused once a second went by without a poll (the turn that paused polls, paused).
+    assert feed._paused_since - last_poll >= 1.0 and len(consumer.max_records) == polls + 1
+    assert feed.pause_reason == "read-ahead full" and consumer.paused == {TP}
     assert feed._held() == 4 and len(gate.taken) == 4
     gate.taken.clear()
     await turns(feed, consumer)  # the pump hands the inbox over; the next turn resumes
@@ -186,7 +191,7 @@ async def test_a_full_inbox_is_held_without_polling_and_pauses_only_after_the_ho
     assert [m.offset for m in gate.taken] == [4, 5, 6, 7]
 
 
-async def test_a_refill_hands_the_inbox_over_at_once_and_wakes_the_holding_thread():
+async def test_a_refill_hands_the_inbox_over_at_once_and_the_thread_polls_once_half_is_gone():
     gate = ScriptedGate(room=4, saturates=False)
     feed = make_feed(gate, max_poll_records=4, hold_before_pause_s=60)
     consumer = ScriptedConsumer(records=20)
@@ -195,14 +200,51 @@ async def test_a_refill_hands_the_inbox_over_at_once_and_wakes_the_holding_threa
     polls = len(consumer.max_records)
     with trio.fail_after(5):  # not a timing assertion: a turn that never ends fails here
         async with trio.open_nursery() as n:
-            n.start_soon(trio.to_thread.run_sync, feed._turn, consumer)  # waits for room
+            n.start_soon(trio.to_thread.run_sync, feed._turn, consumer)  # holds
             await trio.sleep(0.02)
-            # The dispatcher took two from the read-ahead: its refill offers the inbox at once.
-            del gate.taken[:2]
+            # The dispatcher took one from the read-ahead: its refill offers the inbox at once.
+            del gate.taken[:1]
             feed.refill()
-            assert [m.offset for m in gate.taken] == [2, 3, 4, 5] and feed._held() == 2
-    # Half the inbox went: the thread's turn polled again, for the room there was.
-    assert consumer.max_records[polls] == 2
+            assert [m.offset for m in gate.taken] == [1, 2, 3, 4] and feed._held() == 3
+    # Three of four still held: the turn ended (at POLL_TIMEOUT_MS) without polling.
+    assert len(consumer.max_records) == polls
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(trio.to_thread.run_sync, feed._turn, consumer)
+            await trio.sleep(0.02)
+            del gate.taken[:1]
+            feed.refill()
+            assert feed._held() == 2
+    # Half gone: the thread polled again, up to the limit.
+    assert consumer.max_records[polls:] == [2] and feed._held() == 4
+
+
+async def test_a_steady_flow_through_a_full_read_ahead_never_pauses():
+    # The dispatcher takes a message every 2 ms: the read-ahead is full all along, yet the
+    # thread polls whenever half its inbox is gone, so it never goes hold_before_pause_s
+    # without a poll (a pause would drop what kafka-python fetched).
+    gate = ScriptedGate(room=8, saturates=False)
+    feed = make_feed(gate, max_poll_records=8, hold_before_pause_s=0.3, commit_interval_s=100)
+    consumer = ScriptedConsumer(records=100_000)
+    stop = threading.Event()
+
+    def turn_until_stopped() -> None:
+        while not stop.is_set():
+            feed._turn(consumer)
+
+    taken = 0
+    async with trio.open_nursery() as n:
+        n.start_soon(trio.to_thread.run_sync, turn_until_stopped)
+        began = time.monotonic()
+        while time.monotonic() - began < 1.5:
+            await trio.sleep(0.002)
+            if gate.taken:
+                del gate.taken[0]
+                taken += 1
+                feed.refill()
+        stop.set()
+    assert taken > 50 and not feed.paused and consumer.paused == set()
+    assert feed._metrics.pauses._value.get() == 0
 
 
 async def test_commits_at_most_every_interval_then_on_close_and_times_the_lag():
