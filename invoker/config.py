@@ -222,7 +222,8 @@ class Config:
     record_channel_low_watermark: int = setting(
         128, group="pipeline bounds", unit="records",
         help="a paused feed resumes when the record channel is at or below this depth (and the "
-             "read-ahead at half); unused by the invoker with overflow_enabled")
+             "consumer thread has handed over what it held); unused by the invoker with "
+             "overflow_enabled")
     batch_size: int = setting(
         100, group="pipeline bounds", unit="records",
         help="records per bulk store write, and completions per published batch")
