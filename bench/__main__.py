@@ -82,6 +82,8 @@ def summary(results: Results) -> list[str]:
                                       f"{v('e2e.sqlite.added_latency_p99')}   couchdb "
                                       f"{v('e2e.couchdb.added_latency_p50')} / "
                                       f"{v('e2e.couchdb.added_latency_p99')}"),
+        ("  Kafka alone at that rate p50, ms", f"sqlite {v('e2e.sqlite.kafka_alone_p50')}   "
+                                               f"couchdb {v('e2e.couchdb.kafka_alone_p50')}"),
         *[(f"  at half max, stage {stage} p50, ms",
            f"sqlite {v(f'e2e.sqlite.half_load_stage.{stage}')}   couchdb "
            f"{v(f'e2e.couchdb.half_load_stage.{stage}')}")

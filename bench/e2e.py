@@ -33,6 +33,7 @@ from bench.infra import (
     stop_daemon,
     store_rate,
 )
+from bench.kafka_floor import roundtrip_ms
 from bench.machine_cpu import MachineCpu
 from bench.stages import stage_figures
 from invoker.config import Config
@@ -59,13 +60,14 @@ class E2EParams:
     warmup: int = 300
     count: int = 10_000
     paced_s: float = 10.0  # how long the paced run lasts (at half the measured throughput)
+    kafka_floor_s: float = 5.0  # Kafka alone at the paced rate, for as long
     store_records: int = 5000
     store_time_limit_s: float = 20.0
     completion_timeout_s: float = 90.0
 
     @classmethod
     def quick(cls) -> E2EParams:
-        return cls(warmup=100, count=2000, paced_s=4.0, store_records=1000,
+        return cls(warmup=100, count=2000, paced_s=4.0, kafka_floor_s=2.0, store_records=1000,
                    store_time_limit_s=8.0, completion_timeout_s=60.0)
 
 
@@ -164,6 +166,10 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
 
         stop_daemon(daemon)
         daemon = None
+        # On the run's overflow topic, which the daemon (overflow off) never used.
+        kafka_alone = roundtrip_ms(topics.overflow, paced_rate,
+                                   max(int(paced_rate * params.kafka_floor_s), 50),
+                                   params.completion_timeout_s)
 
         if not records:
             raise RuntimeError("no record of the throughput run found in the store")
@@ -180,6 +186,11 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
                 f"{_fmt(percentile([w for w in waits if w is not None], 50))} ms")
         results.add(f"{prefix}.added_latency_p50", percentile(added, 50), "ms", note)
         results.add(f"{prefix}.added_latency_p99", percentile(added, 99), "ms")
+        results.add(f"{prefix}.kafka_alone_p50", percentile(kafka_alone, 50), "ms",
+                    f"Kafka alone, produce -> consumed, {len(kafka_alone)} messages at "
+                    f"{paced_rate:.0f}/s with the load generator's clients, the daemon "
+                    f"stopped; p99 {_fmt(percentile(kafka_alone, 99))} ms: the floor under "
+                    "each of the two Kafka legs of the added latency")
         for stage, (p50, p99, n) in paced_stages.items():
             results.add(f"{prefix}.half_load_stage.{stage}", p50, "ms p50",
                         f"p99 {_fmt(p99)} ms; {n} observations (the paced run)")
