@@ -7,9 +7,10 @@ One daemon subprocess (default bounds, info logging) on fresh topics and a fresh
    its per-activation latencies give the *saturated* invoker-added latency, and the daemon's
    ``invoker_stage_seconds`` histogram (sampled before and after) the per-stage p50/p99;
 3. a paced run at half the measured throughput, whose latencies give the invoker-added
-   latency at half of max load;
-4. the daemon is stopped, then the store's own bulk-insert rate is measured on the same
-   database with copies of a real record of the run, in batches of the daemon's batch size.
+   latency at half of max load (and the histogram, its per-stage p50/p99);
+4. the daemon is stopped; Kafka alone is timed at the paced rate (:mod:`bench.kafka_floor`),
+   then the store's own bulk-insert rate is measured on the same database with copies of a
+   real record of the run, in batches of the daemon's batch size.
 """
 
 from __future__ import annotations
