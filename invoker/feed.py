@@ -253,7 +253,7 @@ class Feed:
                 # Nothing to hand over (e.g. the broker is unreachable): still pause when the
                 # pipeline is full, so fetching does not restart before it drained.
                 self._saturated = self._gate.saturated()
-            if self._room_to_poll():
+            if self._hold_over():
                 # Only then: a refill runs for every message taken, and waking the thread for
                 # each one (to wait again) cost more than the refill itself.
                 self._inbox_changed.notify()
@@ -381,13 +381,18 @@ class Feed:
             self._pause(consumer, "read-ahead full")
             return
         with self._inbox_changed:
-            self._inbox_changed.wait_for(self._room_to_poll, POLL_TIMEOUT_MS / 1000)
+            self._inbox_changed.wait_for(self._hold_over, POLL_TIMEOUT_MS / 1000)
+
+    def _hold_over(self) -> bool:
+        """What a holding thread waits for: room to poll, or the gate saturated (to pause,
+        without polling). Either thread, with the inbox lock held."""
+        return self._room_to_poll() or self._saturated
 
     def _room_to_poll(self) -> bool:
-        """At most half of ``max_poll_records`` held, or the gate saturated (to pause): what a
-        holding thread waits for. Either thread; takes the inbox lock, which is reentrant."""
+        """At most half of ``max_poll_records`` held. Either thread; takes the inbox lock,
+        which is reentrant."""
         with self._inbox_changed:
-            return len(self._inbox) <= self._settings.max_poll_records // 2 or self._saturated
+            return len(self._inbox) <= self._settings.max_poll_records // 2
 
     def _held(self) -> int:
         with self._inbox_changed:

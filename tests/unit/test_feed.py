@@ -219,6 +219,26 @@ async def test_a_refill_hands_the_inbox_over_at_once_and_the_thread_polls_once_h
     assert consumer.max_records[polls:] == [2] and feed._held() == 4
 
 
+async def test_a_hold_ended_by_saturation_polls_nothing_and_the_next_turn_pauses():
+    # The record channel fills while the thread holds a full inbox: it wakes to pause, and
+    # must not poll first (the inbox holds at most max_poll_records).
+    gate = ScriptedGate(room=4, saturates=False)
+    feed = make_feed(gate, max_poll_records=4, hold_before_pause_s=60)
+    consumer = ScriptedConsumer(records=20)
+    await turns(feed, consumer, 2)
+    assert feed._held() == 4
+    polls = len(consumer.max_records)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(trio.to_thread.run_sync, feed._turn, consumer)  # holds
+            await trio.sleep(0.02)
+            gate.saturates = True
+            feed._pump()  # the gate now says saturated: the holding thread is woken
+    assert feed._held() == 4 and len(consumer.max_records) == polls
+    await turns(feed, consumer)
+    assert feed.paused and feed.pause_reason == "pipeline saturated" and feed._held() == 4
+
+
 async def test_a_steady_flow_through_a_full_read_ahead_never_pauses():
     # The dispatcher takes a message every 2 ms: the read-ahead is full all along, yet the
     # thread polls whenever half its inbox is gone, so it never goes hold_before_pause_s
