@@ -261,6 +261,7 @@ class FeedService:
                          fetch_max_bytes=config.fetch_max_bytes,
                          max_message_bytes=config.max_message_bytes,
                          commit_interval_s=config.commit_interval_ms / 1000,
+                         fetch_batch_wait_ms=config.fetch_batch_wait_ms,
                          revoke_wait_s=config.revoke_wait_ms / 1000),
             self._gate, self.metrics)
         self.publisher: Publisher | None = None

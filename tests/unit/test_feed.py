@@ -8,12 +8,20 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import trio
 import trio.testing
 from kafka.structs import TopicPartition
 
-from invoker.feed import Feed, FeedMessage, FeedSettings
+from invoker.config import FETCH_IDLE_WAIT_MS
+from invoker.feed import (
+    FETCH_BATCH_MIN_BYTES,
+    POLL_TIMEOUT_MS,
+    Feed,
+    FeedMessage,
+    FeedSettings,
+)
 from invoker.metrics import Metrics
 
 TP = TopicPartition("feed", 0)
@@ -35,6 +43,9 @@ class ScriptedConsumer:
         self.end = records  # the high watermark
         self.paused: set[TopicPartition] = set()
         self.max_records: list[int] = []
+        self.timeouts: list[int] = []  # of each poll
+        # kafka-python's fetcher settings, which every fetch request is built from
+        self._fetcher = SimpleNamespace(config={"fetch_min_bytes": 1, "fetch_max_wait_ms": 100})
         self.commits: list[tuple[float, dict[TopicPartition, int]]] = []
         self.seeks: list[tuple[TopicPartition, int]] = []
 
@@ -49,6 +60,7 @@ class ScriptedConsumer:
 
     def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
         self.max_records.append(max_records)
+        self.timeouts.append(timeout_ms)
         if TP in self.paused or not self.waiting:
             time.sleep(min(timeout_ms, 5) / 1000)
             return {}
@@ -105,12 +117,13 @@ class ScriptedGate:
 
 def make_feed(gate: ScriptedGate, metrics: Metrics | None = None, *, max_poll_records: int = 8,
               commit_interval_s: float = 0.2, revoke_wait_s: float = 5.0,
-              hold_before_pause_s: float = 1.0) -> Feed:
+              hold_before_pause_s: float = 1.0, fetch_batch_wait_ms: int = 0) -> Feed:
     feed = Feed(FeedSettings(bootstrap="unused:9092", topic="feed", group_id="g", client_id="c",
                              max_poll_records=max_poll_records, fetch_max_bytes=1 << 20,
                              max_message_bytes=1 << 20, commit_interval_s=commit_interval_s,
                              revoke_wait_s=revoke_wait_s,
-                             hold_before_pause_s=hold_before_pause_s),
+                             hold_before_pause_s=hold_before_pause_s,
+                             fetch_batch_wait_ms=fetch_batch_wait_ms),
                 gate, metrics or Metrics())
     feed._token = trio.lowlevel.current_trio_token()
     return feed
@@ -265,6 +278,34 @@ async def test_a_steady_flow_through_a_full_read_ahead_never_pauses():
         stop.set()
     assert taken > 50 and not feed.paused and consumer.paused == set()
     assert feed._metrics.pauses._value.get() == 0
+
+
+async def test_fetches_wait_to_gather_more_only_while_messages_flow():
+    gate = ScriptedGate(room=100)
+    feed = make_feed(gate, max_poll_records=4, fetch_batch_wait_ms=5)
+    consumer = ScriptedConsumer(records=6)
+    idle = {"fetch_min_bytes": 1, "fetch_max_wait_ms": FETCH_IDLE_WAIT_MS}
+    batching = {"fetch_min_bytes": FETCH_BATCH_MIN_BYTES, "fetch_max_wait_ms": 5}
+    await turns(feed, consumer)  # 4 messages: they flow
+    assert consumer._fetcher.config == batching
+    await turns(feed, consumer)  # the last 2
+    assert consumer._fetcher.config == batching
+    await turns(feed, consumer)  # nothing: idle again, a fetch returns with the first message
+    assert consumer._fetcher.config == idle
+    # Polls while batching return to the idle fetch within two waits of nothing.
+    assert consumer.timeouts == [POLL_TIMEOUT_MS, 10, 10]
+    consumer.waiting.append(Record(6, b"m6"))
+    await turns(feed, consumer)
+    assert consumer._fetcher.config == batching and consumer.timeouts[-1] == POLL_TIMEOUT_MS
+    assert [m.offset for m in gate.taken] == list(range(7))
+
+
+async def test_with_no_batch_wait_every_fetch_returns_with_the_first_message():
+    feed = make_feed(ScriptedGate(room=100), fetch_batch_wait_ms=0)
+    consumer = ScriptedConsumer(records=6)
+    await turns(feed, consumer, 3)
+    assert consumer._fetcher.config == {"fetch_min_bytes": 1, "fetch_max_wait_ms": 100}
+    assert consumer.timeouts == [POLL_TIMEOUT_MS] * 3
 
 
 async def test_commits_at_most_every_interval_then_on_close_and_times_the_lag():
