@@ -26,7 +26,6 @@ from typing import Any
 from bench.figures import Results
 from bench.infra import (
     delete_couch_db,
-    delete_topics,
     launch,
     load_problems,
     metric_samples,
@@ -209,7 +208,7 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
                 path.unlink(missing_ok=True)
             Path(sqlite_dir).rmdir()
         if topics is not None:
-            delete_topics(topics)
+            topics.delete()
 
 
 def _add_machine_split(results: Results, prefix: str, per: dict[str, float],

@@ -121,7 +121,7 @@ def launch(errors: Callable[[str], None], store_url: str, log_dir: Path, name: s
         try:
             daemon = start_daemon(topics, store_url, log_dir, suffix, env=env, **settings)
         except BaseException:
-            delete_topics(topics)
+            topics.delete()
             raise
         if wait_assigned(daemon, assign_timeout_s):
             return daemon, topics
@@ -136,7 +136,7 @@ def launch(errors: Callable[[str], None], store_url: str, log_dir: Path, name: s
         errors(f"daemon {daemon.invoker_id} ({suffix}) got no partitions within "
                f"{assign_timeout_s:g} s (CPU while idle: {cpu}); log {daemon.log_path}: {tail}")
         stop_daemon(daemon, graceful=False)
-        delete_topics(topics)
+        topics.delete()
     raise RuntimeError(f"no daemon got partitions in {attempts} attempts")
 
 
@@ -155,25 +155,6 @@ def stop_daemon(daemon: Daemon, *, graceful: bool = True) -> int | None:
     finally:
         remove_containers(daemon.invoker_id)
     return code
-
-
-def delete_topics(topics: Topics) -> None:
-    """Best effort: the bench leaves no topics behind."""
-    from kafka.admin import KafkaAdminClient
-
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=KAFKA, client_id="bench",
-                                 request_timeout_ms=10_000)
-    except Exception:
-        return
-    try:
-        names = [getattr(topics, attr) for attr in ("feed", "completions", "dead_letters",
-                                                     "overflow") if hasattr(topics, attr)]
-        admin.delete_topics(names, timeout_ms=10_000)
-    except Exception:
-        pass
-    finally:
-        admin.close()
 
 
 def new_couch_db() -> tuple[str, str]:

@@ -41,7 +41,6 @@ from typing import Any
 from bench.figures import Figure, Results, fmt_value
 from bench.infra import (
     delete_couch_db,
-    delete_topics,
     launch,
     metric_samples,
     new_couch_db,
@@ -149,7 +148,7 @@ def _run_one(name: str, params: MemoryParams, proxy: ProxyProcess, work: Path,
             stop_daemon(daemon, graceful=False)
         delete_couch_db(direct_url)
         if topics is not None:
-            delete_topics(topics)
+            topics.delete()
 
 
 def run(results: Results, params: MemoryParams, work: Path,
@@ -395,7 +394,7 @@ def run_long(results: Results, params: LongParams, work: Path) -> None:
         proxy.close()
         delete_couch_db(direct_url)
         if topics is not None:
-            delete_topics(topics)
+            topics.delete()
     _report_long(results, params, samples, sent[0])
     if trace_dir is not None:
         _report_memtrace(results, trace_dir)

@@ -46,7 +46,6 @@ import httpx
 from bench.figures import Results
 from bench.infra import (
     delete_couch_db,
-    delete_topics,
     launch,
     load_problems,
     metric_samples,
@@ -242,7 +241,7 @@ def _throughput(variant: str, params: OverflowParams, proxy: ProxyProcess, work:
                 loader.join(timeout=30)
             delete_couch_db(direct_url)
             if topics is not None:
-                delete_topics(topics)
+                topics.delete()
 
 
 # --- 2./3. recorder drain --------------------------------------------------------------------
@@ -503,7 +502,7 @@ def _drain(recorders: int, prefill: bool, params: OverflowParams, work: Path,
             stop_daemon(d, graceful=False)
         if not keep_db:
             delete_couch_db(url)
-        delete_topics(topics)
+        topics.delete()
 
 
 def run(results: Results, params: OverflowParams, work: Path) -> None:

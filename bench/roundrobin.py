@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.figures import Results
-from bench.infra import delete_topics, launch, load_problems, metric_samples, stop_daemon
+from bench.infra import launch, load_problems, metric_samples, stop_daemon
 from invoker.config import Config
 from invoker.loadgen import percentile, run_load
 from tests.support.daemon import load_spec
@@ -57,7 +57,7 @@ def run(results: Results, params: RoundRobinParams, work: Path) -> None:
                     f"{percentile(latencies, 99) or 0:.0f} ms")
     finally:
         stop_daemon(daemon, graceful=False)
-        delete_topics(topics)
+        topics.delete()
         for path in Path(sqlite_dir).glob("*"):
             path.unlink(missing_ok=True)
         Path(sqlite_dir).rmdir()

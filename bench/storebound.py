@@ -29,7 +29,6 @@ from typing import Any
 from bench.figures import Results
 from bench.infra import (
     delete_couch_db,
-    delete_topics,
     launch,
     load_problems,
     metric_samples,
@@ -122,7 +121,7 @@ def run(results: Results, params: StoreBoundParams, work: Path) -> None:
         proxy.close()
         delete_couch_db(direct_url)
         if topics is not None:
-            delete_topics(topics)
+            topics.delete()
 
 
 def _note(report: Report, before: dict[str, float] | None,

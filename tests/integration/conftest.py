@@ -17,7 +17,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def topics():
-    return Topics.create()
+    created = Topics.create()
+    yield created
+    created.delete()
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ def _poll_for(consumer: KafkaConsumer, seconds: float) -> list[bytes]:
 
 
 def test_a_batching_fetch_is_held_by_the_broker_and_an_idle_one_returns_with_the_first_message():
-    topic = Topics.create(partitions=1).feed
+    topics = Topics.create(partitions=1)
+    topic = topics.feed
     consumer = KafkaConsumer(bootstrap_servers=KAFKA, enable_auto_commit=False,
                              auto_offset_reset="earliest", fetch_max_wait_ms=100,
                              fetch_min_bytes=1)
@@ -57,3 +58,4 @@ def test_a_batching_fetch_is_held_by_the_broker_and_an_idle_one_returns_with_the
     finally:
         producer.close()
         consumer.close()
+        topics.delete()

@@ -98,6 +98,7 @@ def daemon(tmp_path_factory):
     d.start()
     yield d
     status = d.terminate()
+    d.topics.delete()
     print("--- daemon log (non-debug tail) ---")
     print("\n".join([line for line in d.log_path.read_text(errors="replace").splitlines()
                      if '"level": "debug"' not in line][-30:]))
