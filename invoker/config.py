@@ -244,8 +244,9 @@ class Config:
     fetch_batch_wait_ms: int = setting(
         5, group="pipeline bounds", unit="ms",
         help="while messages flow, how long the broker may hold the feed's fetch to gather more "
-             "(fewer, fuller fetches at moderate rates); a fetch of an idle feed returns with "
-             "the first message. 0: every fetch returns with the first message")
+             "(fewer, fuller fetches at moderate rates; a message may wait up to this long "
+             "more); a fetch of an idle feed returns with the first message. 0: every fetch "
+             f"does (0 to {FETCH_IDLE_WAIT_MS})")
     commit_interval_ms: int = setting(
         200, group="pipeline bounds", unit="ms",
         help="the feed commits what it may at most this often (and always on revocation and "

@@ -39,8 +39,10 @@ left the thread without a poll for ``hold_before_pause_s`` pauses, so that the c
 While messages flow, each fetch may wait at the broker ``fetch_batch_wait_ms`` to gather more
 (:func:`set_fetch_wait`): a fetch round trip costs kafka-python ~0.4 ms of CPU however little it
 carries, and at moderate rates one per message made the feed thread the daemon's second
-largest. A poll that returns nothing (within two such waits) makes the next fetch return with
-the first message again, so an idle feed adds no wait.
+largest. A poll that returns nothing (within two such waits) switches back to fetches that
+return with the first message. Each switch takes effect one fetch late (kafka-python sends the
+next fetch before ``poll()`` returns): the first message after a pause in the flow may still
+wait up to ``fetch_batch_wait_ms``; a feed idle for longer adds no wait.
 
 Rebalances (kafka-python 2.x is eager: every group change revokes all partitions, then assigns)
 run inside ``poll()`` on this thread, which is what lets the revocation block poll, as Kafka
@@ -388,7 +390,12 @@ class Feed:
         if flowing == self._fetching_batches or not self._settings.fetch_batch_wait_ms:
             return
         self._fetching_batches = flowing
-        set_fetch_wait(consumer, self._settings.fetch_batch_wait_ms if flowing else None)
+        if flowing:
+            # The broker counts at most a fetch's worth towards the minimum.
+            set_fetch_wait(consumer, self._settings.fetch_batch_wait_ms,
+                           min(FETCH_BATCH_MIN_BYTES, self._settings.fetch_max_bytes))
+        else:
+            set_fetch_wait(consumer, None)
 
     def _publish_progress(self, consumer: KafkaConsumer) -> None:
         """Publish the assigned partitions' offsets in ``progress``. Never blocks: a position
@@ -557,9 +564,10 @@ def finish_abandoned_join(consumer: KafkaConsumer) -> bool:
     return True
 
 
-def set_fetch_wait(consumer: KafkaConsumer, wait_ms: int | None) -> None:
+def set_fetch_wait(consumer: KafkaConsumer, wait_ms: int | None,
+                   min_bytes: int = FETCH_BATCH_MIN_BYTES) -> None:
     """Have the consumer's next fetches wait at the broker for up to ``wait_ms`` to gather
-    ``FETCH_BATCH_MIN_BYTES``, or (None) return with the first message, waiting at most
+    ``min_bytes``, or (None) return with the first message, waiting at most
     ``FETCH_IDLE_WAIT_MS`` for one. Never blocks; a fetch already sent keeps its own.
 
     kafka-python has no setter: it builds every fetch request from its fetcher's settings,
@@ -567,7 +575,7 @@ def set_fetch_wait(consumer: KafkaConsumer, wait_ms: int | None) -> None:
     checks that the broker is asked to wait).
     """
     settings = consumer._fetcher.config  # type: ignore[attr-defined]  # private: not in the stubs
-    settings["fetch_min_bytes"] = 1 if wait_ms is None else FETCH_BATCH_MIN_BYTES
+    settings["fetch_min_bytes"] = 1 if wait_ms is None else min_bytes
     settings["fetch_max_wait_ms"] = FETCH_IDLE_WAIT_MS if wait_ms is None else wait_ms
 
 

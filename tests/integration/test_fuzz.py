@@ -102,7 +102,8 @@ def topics():
                          created.overflow)])
     finally:
         admin.close()
-    return created
+    yield created
+    created.delete()
 
 
 def test_hostile_messages_are_each_accounted_for_and_the_daemon_keeps_going(
