@@ -66,6 +66,8 @@ def summary(results: Results) -> list[str]:
         ("machine CPU per activation, ms", f"sqlite {v('e2e.sqlite.machine_cpu_per_activation')}"
                                            f"   couchdb "
                                            f"{v('e2e.couchdb.machine_cpu_per_activation')}"),
+        ("  hypervisor steal meanwhile, ms", f"sqlite {v('e2e.sqlite.steal_per_activation')}   "
+                                             f"couchdb {v('e2e.couchdb.steal_per_activation')}"),
         ("  ceiling if the daemon cost 0, act/s",
          f"sqlite {v('e2e.sqlite.ceiling_without_daemon_cost')}   "
          f"couchdb {v('e2e.couchdb.ceiling_without_daemon_cost')}"),

@@ -7,7 +7,9 @@ the throughput of a run where everything shares one host.
 
 Linux only. A snapshot reads ``/proc/stat`` and every ``/proc/<pid>/stat`` (user + system
 time; a few ms for a few hundred processes); CPU of processes that ended between two snapshots
-is counted only in the machine's total (``unattributed``).
+is counted only in the machine's total (``unattributed``). Time the hypervisor gave another
+guest while this VM had work (``steal``, from ``/proc/stat``) is apart: it is no process's
+here, and a run with much of it ran on a busy host.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 KTHREADD_PID = 2
 GROUPS = ("daemon", "load generator", "Kafka broker", "store server", "Docker",
           "docker-proxy", "action runtimes", "kernel", "other")
+STEAL = "steal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +53,15 @@ def read_processes(proc: str = "/proc") -> dict[int, Process]:
     return processes
 
 
-def read_busy_ticks(proc: str = "/proc") -> int:
-    """The machine's non-idle CPU time so far (all cores), from ``/proc/stat``."""
+def read_busy_ticks(proc: str = "/proc") -> tuple[int, int]:
+    """The machine's non-idle CPU time so far (all cores), steal included, and its steal, from
+    ``/proc/stat``."""
     with open(f"{proc}/stat") as fh:
         values = [int(v) for v in fh.readline().split()[1:]]
-    return sum(values) - values[3] - values[4]  # minus idle and iowait
+    # user nice system idle iowait irq softirq steal (guest and guest_nice, after them, are
+    # already counted in user and nice)
+    busy = sum(values[:8]) - values[3] - values[4]
+    return busy, values[7] if len(values) > 7 else 0
 
 
 def group_of(pid: int, processes: Mapping[int, Process], *, daemon_pid: int,
@@ -91,8 +98,8 @@ def group_of(pid: int, processes: Mapping[int, Process], *, daemon_pid: int,
 
 @dataclass(frozen=True)
 class CpuSplit:
-    seconds: dict[str, float]  # CPU seconds by group (GROUPS, then "unattributed")
-    busy_s: float  # the machine's, all cores
+    seconds: dict[str, float]  # CPU seconds by group (GROUPS, "unattributed", then STEAL)
+    busy_s: float  # the machine's, all cores, steal included
 
     def per_activation_ms(self, activations: int) -> dict[str, float]:
         n = max(activations, 1)
@@ -111,11 +118,12 @@ class MachineCpu:
     def __init__(self, *, daemon_pid: int, loadgen_pid: int | None = None) -> None:
         self._daemon_pid = daemon_pid
         self._loadgen_pid = os.getpid() if loadgen_pid is None else loadgen_pid
-        self._busy = read_busy_ticks()
+        self._ticks = read_busy_ticks()
         self._before = read_processes()
 
     def since(self) -> CpuSplit:
-        busy = read_busy_ticks() - self._busy
+        busy_now, steal_now = read_busy_ticks()
+        busy, steal = busy_now - self._ticks[0], steal_now - self._ticks[1]
         after = read_processes()
         seconds = dict.fromkeys(GROUPS, 0.0)
         attributed = 0
@@ -130,5 +138,6 @@ class MachineCpu:
                              loadgen_pid=self._loadgen_pid)
             seconds[group] += used / TICKS_PER_S
             attributed += used
-        seconds["unattributed"] = max(busy - attributed, 0) / TICKS_PER_S
+        seconds["unattributed"] = max(busy - steal - attributed, 0) / TICKS_PER_S
+        seconds[STEAL] = steal / TICKS_PER_S
         return CpuSplit(seconds, busy / TICKS_PER_S)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from bench.machine_cpu import MachineCpu, Process, group_of
+from bench.machine_cpu import STEAL, MachineCpu, Process, group_of, read_busy_ticks
 
 BURN = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"
 
@@ -79,3 +79,18 @@ def test_cpu_of_the_daemon_and_of_this_process_is_split_from_the_machines():
     finally:
         live.kill()
         live.wait()
+
+
+def test_steal_is_counted_apart_and_guest_time_once(tmp_path):
+    # user nice system idle iowait irq softirq steal guest guest_nice: guest time is already
+    # in user, so it is not added again
+    (tmp_path / "stat").write_text("cpu  100 10 50 1000 40 5 5 30 20 0\ncpu0 ...\n")
+    assert read_busy_ticks(str(tmp_path)) == (200, 30)
+    (tmp_path / "stat").write_text("cpu  100 10 50 1000 40 5 5\n")  # a kernel without steal
+    assert read_busy_ticks(str(tmp_path)) == (170, 0)
+
+
+def test_the_real_machines_steal_is_a_group_of_its_own():
+    split = MachineCpu(daemon_pid=1).since()
+    assert STEAL in split.seconds and split.seconds[STEAL] >= 0
+    assert split.busy_s >= split.seconds[STEAL]
