@@ -243,10 +243,10 @@ class Config:
     # A fetch round trip costs kafka-python ~0.4 ms of CPU however little it carries.
     fetch_batch_wait_ms: int = setting(
         5, group="pipeline bounds", unit="ms",
-        help="while messages flow, how long the broker may hold the feed's fetch to gather more "
-             "(fewer, fuller fetches at moderate rates; a message may wait up to this long "
-             "more); a fetch of an idle feed returns with the first message. 0: every fetch "
-             f"does (0 to {FETCH_IDLE_WAIT_MS})")
+        help="while messages flow (more than one a poll), how long the broker may hold the "
+             "feed's fetch to gather more (fewer, fuller fetches at a few hundred per second; a "
+             "message may wait up to this long more); a fetch of a trickle or an idle feed "
+             f"returns with the first message. 0: every fetch does (0 to {FETCH_IDLE_WAIT_MS})")
     commit_interval_ms: int = setting(
         200, group="pipeline bounds", unit="ms",
         help="the feed commits what it may at most this often (and always on revocation and "

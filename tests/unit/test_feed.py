@@ -286,7 +286,7 @@ async def test_fetches_wait_to_gather_more_only_while_messages_flow():
     consumer = ScriptedConsumer(records=6)
     idle = {"fetch_min_bytes": 1, "fetch_max_wait_ms": FETCH_IDLE_WAIT_MS}
     batching = {"fetch_min_bytes": FETCH_BATCH_MIN_BYTES, "fetch_max_wait_ms": 5}
-    await turns(feed, consumer)  # 4 messages: they flow
+    await turns(feed, consumer)  # 4 messages in one poll: they come faster than fetches
     assert consumer._fetcher.config == batching
     await turns(feed, consumer)  # the last 2
     assert consumer._fetcher.config == batching
@@ -294,10 +294,14 @@ async def test_fetches_wait_to_gather_more_only_while_messages_flow():
     assert consumer._fetcher.config == idle
     # Polls while batching return to the idle fetch within two waits of nothing.
     assert consumer.timeouts == [POLL_TIMEOUT_MS, 10, 10]
+    # One message a poll (a slow trickle) is no flow: batching would only add empty polls.
     consumer.waiting.append(Record(6, b"m6"))
     await turns(feed, consumer)
-    assert consumer._fetcher.config == batching and consumer.timeouts[-1] == POLL_TIMEOUT_MS
-    assert [m.offset for m in gate.taken] == list(range(7))
+    assert consumer._fetcher.config == idle and consumer.timeouts[-1] == POLL_TIMEOUT_MS
+    consumer.waiting.extend([Record(7, b"m7"), Record(8, b"m8")])
+    await turns(feed, consumer)
+    assert consumer._fetcher.config == batching
+    assert [m.offset for m in gate.taken] == list(range(9))
 
 
 async def test_with_no_batch_wait_every_fetch_returns_with_the_first_message():
