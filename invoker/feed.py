@@ -304,6 +304,10 @@ class Feed:
             max_poll_interval_ms=s.max_poll_interval_ms,
             metrics_enabled=False,  # never read; recording them costs CPU on every fetch
         )
+        if s.fetch_batch_wait_ms:
+            # The settings it starts with; fails here, at start, not mid-flow, should a
+            # kafka-python upgrade move what set_fetch_wait changes.
+            set_fetch_wait(consumer, None)
         self._wait_for_topic(consumer)
         consumer.subscribe([s.topic], listener=_Listener(self, consumer))
         self._call(self.ready.set)
@@ -365,12 +369,12 @@ class Feed:
             polled = consumer.poll(timeout_ms=timeout_ms,
                                    max_records=max(limit - self._held(), 1))
             self._polled_at = time.monotonic()
-            self._fetch_in_batches(consumer, sum(map(len, polled.values())) > 1)
-            if polled:
-                now_s = time.time()
-                messages = [FeedMessage(partition, self._epoch_of(partition), record.offset,
-                                        record.value or b"", now_s)
-                            for partition, records in polled.items() for record in records]
+            now_s = time.time()
+            messages = [FeedMessage(partition, self._epoch_of(partition), record.offset,
+                                    record.value or b"", now_s)
+                        for partition, records in polled.items() for record in records]
+            self._fetch_in_batches(consumer, len(messages) > 1)
+            if messages:
                 with self._inbox_changed:
                     self._inbox.extend(messages)
                 for partition, records in polled.items():
