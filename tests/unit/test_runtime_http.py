@@ -222,6 +222,49 @@ async def test_bytes_after_the_answer_mean_the_connection_is_not_reused(
     assert server.connections == 2
 
 
+async def test_garbage_after_a_complete_answer_keeps_the_answer_not_the_connection(
+        nursery: trio.Nursery) -> None:
+    server = await raw_server(lambda n: ok(b'{"n":%d}' % n) + b"\x00junk\r\n").start(nursery)
+    conn = connect(server)
+    assert (await conn.post("/run", {})).body == b'{"n":0}'
+    assert conn._idle == []
+    assert (await conn.post("/run", {})).body == b'{"n":1}'
+    assert server.connections == 2
+
+
+async def test_an_answer_sent_a_byte_at_a_time_is_read_whole(nursery: trio.Nursery) -> None:
+    answer = ok(b'{"slow":true}', b"X-Long: " + b"v" * 300 + b"\r\n")
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        h = h11.Connection(h11.SERVER)
+        while await server.read_request(stream, h, n) is not None:
+            for i in range(len(answer)):
+                await stream.send_all(answer[i:i + 1])
+            h = h11.Connection(h11.SERVER)
+
+    server = Server(handler)
+    await server.start(nursery)
+    conn = connect(server)
+    for _ in range(2):
+        assert await conn.post("/run", {}) == RuntimeResponse(200, b'{"slow":true}', False, 13)
+    assert server.connections == 1  # kept alive across both
+
+
+async def test_http_1_1_answer_without_a_length_ends_at_close(nursery: trio.Nursery) -> None:
+    server = await raw_server(lambda n: b"HTTP/1.1 200 OK\r\n\r\n" + b"z" * 100000,
+                              then="close").start(nursery)
+    conn = connect(server, limit=200000)
+    assert await conn.post("/run", {}) == RuntimeResponse(200, b"z" * 100000, False, 100000)
+    assert conn._idle == []
+
+
+async def test_an_empty_answer_keeps_the_connection(nursery: trio.Nursery) -> None:
+    server = await raw_server(lambda n: b"HTTP/1.1 204 No Content\r\n\r\n").start(nursery)
+    conn = connect(server)
+    assert await conn.post("/run", {}) == RuntimeResponse(204, b"", False, 0)
+    assert len(conn._idle) == 1
+
+
 # ---------------------------------------------------------------- stale idle connections
 async def test_idle_connection_closed_by_the_server_is_replaced_without_resending(
         nursery: trio.Nursery) -> None:
