@@ -6,9 +6,14 @@ in one interpreter without clashing.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Per-stage timings of one activation (see STAGES): finer at the low end, where warm work is.
@@ -125,18 +130,72 @@ class Metrics:
         self.worst_case_bytes = Gauge(
             "invoker_worst_case_buffered_bytes", "Bound on bytes of records buffered", registry=r
         )
-        stage_seconds = Histogram(
-            "invoker_stage_seconds",
-            "Time an activation spends in each stage (see STAGES); store_write and "
-            "completion_publish are observed once per batch, commit_lag once per committed "
-            "partition offset (from committable to committed)",
-            ["stage"], buckets=_STAGE_BUCKETS, registry=r,
-        )
-        # One child per stage, resolved once: labels() costs more than observe() itself.
-        self.stage = {name: stage_seconds.labels(stage=name) for name in STAGES}
+        self.stage = {name: StageTiming() for name in STAGES}
+        r.register(_StageCollector(self.stage))
+        # One child per status, resolved once: labels() costs more than inc() itself.
+        self.activations_by_status = _LabelledCounter(self.activations)
         self.kafka_refused = Counter(
             "invoker_kafka_refused",
             "Messages Kafka can never take (too large, invalid or forbidden topic), by what "
             "was done instead: result_omitted, truncated, stored_instead, dropped",
             ["instead"], registry=r,
         )
+
+
+class StageTiming:
+    """One stage's share of ``invoker_stage_seconds``: bucket counts and a sum, observed without
+    a lock. Each stage is observed from one thread only (``commit_lag`` from the feed thread,
+    the others from the trio thread), so nothing races; a scrape may read a bucket count one
+    observation ahead of the sum, as it may with prometheus_client's own histograms. Several
+    are observed per activation on the trio thread, where prometheus_client's Histogram takes a
+    lock per bucket and per sum (~3 us an observation here, against ~0.3)."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_STAGE_BUCKETS) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(_STAGE_BUCKETS, seconds)] += 1  # le: a bound counts as within
+        self.sum += seconds
+
+
+# the bounds as prometheus_client writes them ("0.0001", "1.0", "+Inf")
+_STAGE_LE = tuple(floatToGoString(b)  # type: ignore[no-untyped-call]
+                  for b in (*_STAGE_BUCKETS, float("inf")))
+
+
+class _StageCollector(Collector):
+    def __init__(self, stages: dict[str, StageTiming]) -> None:
+        self._stages = stages
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(
+            "invoker_stage_seconds",
+            "Time an activation spends in each stage (see STAGES); store_write and "
+            "completion_publish are observed once per batch, commit_lag once per committed "
+            "partition offset (from committable to committed)",
+            labels=["stage"])
+        for name, stage in self._stages.items():
+            counts, total = list(stage.counts), stage.sum
+            cumulative, buckets = 0, []
+            for le, count in zip(_STAGE_LE, counts, strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric([name], buckets, total)
+        yield family
+
+
+class _LabelledCounter:
+    """The children of a counter labelled by one label, each resolved on first use."""
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._children: dict[str, Counter] = {}
+
+    def __getitem__(self, value: str) -> Counter:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = self._counter.labels(value)
+        return child

@@ -258,6 +258,28 @@ class Lease:
         return result
 
 
+class Leasing:
+    """What :meth:`ContainerPool.lease` returns. A class rather than an async generator
+    (``asynccontextmanager``), whose machinery cost more than the lease itself on every
+    activation."""
+
+    __slots__ = ("_pool", "_action", "_namespace", "_lease")
+
+    def __init__(self, pool: ContainerPool, action: Action, namespace: str) -> None:
+        self._pool = pool
+        self._action = action
+        self._namespace = namespace
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        self._lease = await self._pool._acquire(self._action, self._namespace)
+        return self._lease
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._lease is not None:
+            self._lease._give_back()
+
+
 class ContainerPool:
     def __init__(
         self,
@@ -455,18 +477,20 @@ class ContainerPool:
         self._update_gauges()
 
     # -------------------------------------------------------------------- leases
-    @asynccontextmanager
-    async def lease(self, action: Action, namespace: str) -> AsyncIterator[Lease]:
-        """A slot in a container that serves only ``action`` run for ``namespace``.
+    def lease(self, action: Action, namespace: str) -> Leasing:
+        """``async with pool.lease(action, namespace) as lease``: a slot in a container that
+        serves only ``action`` run for ``namespace``, given back when the block is left.
 
-        Waits until a slot is free (see :mod:`invoker.containers.scheduler` for who is served
-        first; cancel to give up). The wait is observed as the ``queue_wait`` stage.
+        Entering waits until a slot is free (see :mod:`invoker.containers.scheduler` for who is
+        served first; cancel to give up). The wait is observed as the ``queue_wait`` stage.
         """
+        return Leasing(self, action, namespace)
+
+    async def _acquire(self, action: Action, namespace: str) -> Lease:
         if self._closed:
             raise RuntimeError("the container pool is closed")
         if action.limits.memory_mb > self.config.user_memory_mb:
-            yield Lease(self, action, None)
-            return
+            return Lease(self, action, None)
         waiter = Waiter(action, action.pool_key(namespace))
         began = trio.current_time()
         if not self._scheduler.arrive(waiter):
@@ -484,11 +508,7 @@ class ContainerPool:
         self._stages["queue_wait"].observe(granted - began)
         container = waiter.container
         assert container is not None
-        lease = Lease(self, action, container, granted)
-        try:
-            yield lease
-        finally:
-            lease._give_back()
+        return Lease(self, action, container, granted)
 
     def _release(self, c: ContainerRecord, granted: float) -> None:
         c.active -= 1
