@@ -315,6 +315,8 @@ class _Http:
                         "the runtime closed the connection before a complete answer")
         except _FAILURES as exc:
             raise _lost(exc) from exc
+        finally:
+            self._body = bytearray()  # an idle connection keeps no answer
         reusable = self._keep_alive and not self._extra
         return RuntimeResponse(status, bytes(body), False, len(body)), reusable
 

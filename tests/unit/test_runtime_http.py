@@ -248,6 +248,7 @@ async def test_an_answer_sent_a_byte_at_a_time_is_read_whole(nursery: trio.Nurse
     for _ in range(2):
         assert await conn.post("/run", {}) == RuntimeResponse(200, b'{"slow":true}', False, 13)
     assert server.connections == 1  # kept alive across both
+    assert conn._idle[0]._body == b""  # an idle connection holds no answer (memory bound)
 
 
 async def test_http_1_1_answer_without_a_length_ends_at_close(nursery: trio.Nursery) -> None:
