@@ -23,6 +23,7 @@ import ipaddress
 import os
 import select
 import socket
+import weakref
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -184,11 +185,13 @@ class RuntimeConnection:
 
 class _Http:
     """One HTTP/1.1 client connection: a non-blocking TCP socket with TCP_NODELAY, and an
-    httptools (llhttp) parser of the answers, whose callbacks are this object's ``on_*``
-    methods. Used by one task at a time. Every failure is raised as ConnectionLost."""
+    httptools (llhttp) parser of the answers, whose callbacks reach this object's ``on_*``
+    methods (through :class:`_Callbacks`). Used by one task at a time. Every failure is raised
+    as ConnectionLost."""
 
     __slots__ = ("_sock", "_poll", "_parser", "_received", "_status", "_head_done",
-                 "_announced", "_chunked", "_body", "_complete", "_extra", "_keep_alive")
+                 "_announced", "_chunked", "_refused", "_body", "_complete", "_extra",
+                 "_keep_alive", "__weakref__")
 
     def __init__(self, family: socket.AddressFamily) -> None:
         try:
@@ -205,7 +208,7 @@ class _Http:
             sock.close()
             raise ConnectionLost(f"cannot set up a socket: {exc}") from exc
         self._sock = sock
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = httptools.HttpResponseParser(_Callbacks(self))
         self._start_answer()
 
     def _start_answer(self) -> None:
@@ -214,27 +217,34 @@ class _Http:
         self._head_done = False
         self._announced: int | None = None  # Content-Length
         self._chunked = False
+        self._refused = ""  # why the head is refused, though llhttp took it
         self._body = bytearray()
         self._complete = False
         self._extra = False  # the peer sent more than one answer
         self._keep_alive = False
 
-    # -- the parser's callbacks (one that raised would end the parse as invalid HTTP) --
+    # -- the parser's callbacks (one that raises ends the parse as invalid HTTP) --
     def on_message_begin(self) -> None:
         if self._head_done:
             self._extra = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._extra:
+        if self._extra or self._head_done:  # a trailer (after a chunked body): ignored
             return
         name = name.lower()
         if name == b"content-length":  # llhttp has checked: digits, one value
             self._announced = int(value)
         elif name == b"transfer-encoding":
-            self._chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
+            # As h11: chunked only, said once. llhttp would read any other coding as a body
+            # ending at EOF, and pass its framing on as the result.
+            if self._chunked or value.strip().lower() != b"chunked":
+                self._refused = "a Transfer-Encoding other than one chunked"
+            self._chunked = True
 
     def on_headers_complete(self) -> None:
         if not self._extra:
+            if self._refused:
+                raise ValueError(self._refused)
             self._head_done = True
             self._status = self._parser.get_status_code()
 
@@ -245,7 +255,9 @@ class _Http:
     def on_message_complete(self) -> None:
         if not self._extra:
             self._complete = True
-            self._keep_alive = self._parser.should_keep_alive()
+            # HTTP/1.0 keep-alive is not taken up (as h11): reused only over HTTP/1.1
+            self._keep_alive = (self._parser.should_keep_alive()
+                                and self._parser.get_http_version() == "1.1")
 
     # -- the connection --
     def close(self) -> None:
@@ -278,6 +290,10 @@ class _Http:
             await self._read_head()
         except _FAILURES as exc:
             raise _lost(exc) from exc
+        except ConnectionLost:
+            if self._head_done:  # what came after the head (its body) does not matter here
+                return True
+            raise
         return True
 
     async def exchange(self, request: bytes, limit: int) -> tuple[RuntimeResponse, bool]:
@@ -300,6 +316,7 @@ class _Http:
             if self._announced is not None and self._announced > limit:
                 return RuntimeResponse(status, b"", True, self._announced), False
             body = self._body
+            framing = 0  # bytes read since the body last grew: chunk framing and trailers
             while True:
                 # chunked, or chunks of a byte in framing of kilobytes
                 if len(body) > limit or self._received > wire_limit:
@@ -307,7 +324,13 @@ class _Http:
                     return RuntimeResponse(status, bytes(body), True, seen), False
                 if self._complete:
                     break
-                if not await self._feed(_RECV_BYTES):
+                if framing > MAX_HEAD_BYTES:  # trailers build up in the parser: bounded so
+                    raise ConnectionLost("the runtime's answer is not valid HTTP/1.1: "
+                                         f"{framing} bytes of chunk framing or trailers")
+                had, received = len(body), self._received
+                more = await self._feed(_RECV_BYTES)
+                framing = 0 if len(body) > had else framing + self._received - received
+                if not more:
                     if self._announced is None and not self._chunked:
                         # delimited by the peer's close (HTTP/1.0 or no length): complete
                         return RuntimeResponse(status, bytes(body), False, len(body)), False
@@ -324,10 +347,10 @@ class _Http:
         """Reads until the answer's status line and headers are parsed, at most
         ``MAX_HEAD_BYTES`` of them (each read is cut so as not to pass that bound)."""
         while not self._head_done:
-            if self._received > MAX_HEAD_BYTES:
+            if self._received >= MAX_HEAD_BYTES:
                 raise ConnectionLost("the runtime's answer is not valid HTTP/1.1: its status "
                                      f"line and headers pass {MAX_HEAD_BYTES} bytes")
-            if not await self._feed(min(_RECV_BYTES, MAX_HEAD_BYTES + 1 - self._received)):
+            if not await self._feed(min(_RECV_BYTES, MAX_HEAD_BYTES - self._received)):
                 raise ConnectionLost("the runtime closed the connection before a complete answer"
                                      if self._received else
                                      "the runtime closed the connection without answering")
@@ -360,13 +383,46 @@ class _Http:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if not self._complete:
+                why = self._refused or repr(exc)
                 raise ConnectionLost(
-                    f"the runtime's answer is not valid HTTP/1.1: {exc!r}"[:300]) from exc
+                    f"the runtime's answer is not valid HTTP/1.1: {why}"[:300]) from exc
             self._extra = True  # bytes after the answer that are not HTTP: not reused
         return True
 
 
 _FAILURES = (OSError, trio.ClosedResourceError)
+
+
+class _Callbacks:
+    """The protocol object of an :class:`_Http`'s parser: passes each callback on through a
+    weak reference. The parser holds its protocol; were that the connection itself, a closed
+    connection (with what its parser holds) would wait for the cyclic garbage collector
+    instead of being freed at once."""
+
+    __slots__ = ("_http",)
+
+    def __init__(self, http: _Http) -> None:
+        self._http = weakref.ref(http)
+
+    def on_message_begin(self) -> None:
+        if http := self._http():
+            http.on_message_begin()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if http := self._http():
+            http.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if http := self._http():
+            http.on_headers_complete()
+
+    def on_body(self, data: bytes) -> None:
+        if http := self._http():
+            http.on_body(data)
+
+    def on_message_complete(self) -> None:
+        if http := self._http():
+            http.on_message_complete()
 
 
 def _post(path: bytes, host: bytes, body: bytes) -> bytes:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import socket
+import weakref
 from collections.abc import Awaitable, Callable
 
 import h11
@@ -23,6 +25,7 @@ from invoker.containers.runtime import (
     RuntimeClient,
     RuntimeConnection,
     RuntimeResponse,
+    _Http,
 )
 
 LIMIT = 4096  # max_result_bytes of the client in these tests
@@ -397,6 +400,81 @@ async def test_header_larger_than_the_bound_is_lost(nursery: trio.Nursery) -> No
     await server.start(nursery)
     with trio.fail_after(5), pytest.raises(ConnectionLost, match="not valid HTTP/1.1"):
         await connect(server).post("/run", {})
+
+
+def head_of(size: int) -> bytes:
+    """A status line and headers of exactly ``size`` bytes, announcing a 2-byte body."""
+    start, end = b"HTTP/1.1 200 OK\r\nX-Pad: ", b"\r\nContent-Length: 2\r\n\r\n"
+    return start + b"p" * (size - len(start) - len(end)) + end
+
+
+async def test_a_head_of_exactly_the_bound_passes_and_one_byte_more_does_not(
+        nursery: trio.Nursery) -> None:
+    server = await raw_server(lambda n: head_of(MAX_HEAD_BYTES + n) + b"{}",
+                              then="close").start(nursery)
+    conn = connect(server)
+    assert (await conn.post("/run", {})).body == b"{}"
+    await until(lambda: conn._idle[0].peer_active())  # the second post takes a new connection
+    with pytest.raises(ConnectionLost, match="headers pass 65536 bytes"):
+        await conn.post("/run", {})
+
+
+async def test_trailers_without_end_are_lost_before_the_wire_limit(
+        nursery: trio.Nursery) -> None:
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        h = h11.Connection(h11.SERVER)
+        if await server.read_request(stream, h, n) is None:
+            return
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              b"2\r\nok\r\n0\r\nX-Trailer: ")
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            for _ in range(1000):  # a trailer that never ends, far past the wire limit
+                await stream.send_all(b"t" * 4096)
+        await trio.sleep_forever()
+
+    server = Server(handler)
+    await server.start(nursery)
+    with trio.fail_after(5), pytest.raises(ConnectionLost, match="chunk framing or trailers"):
+        await connect(server).post("/run", {})
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"chunked, gzip", b"gzip, chunked",
+                                    b"chunked\r\nTransfer-Encoding: chunked"])
+async def test_transfer_codings_other_than_one_chunked_are_lost(
+        nursery: trio.Nursery, coding: bytes) -> None:
+    server = await raw_server(
+        lambda n: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        % coding, then="close").start(nursery)
+    with pytest.raises(ConnectionLost, match="not valid HTTP/1.1"):
+        await connect(server).post("/run", {})
+
+
+async def test_http_1_0_keep_alive_is_not_taken_up(nursery: trio.Nursery) -> None:
+    server = await raw_server(
+        lambda n: b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}"
+    ).start(nursery)
+    conn = connect(server)
+    assert (await conn.post("/run", {})).body == b"{}"
+    assert conn._idle == []
+
+
+async def test_probe_takes_a_valid_head_whatever_follows(nursery: trio.Nursery) -> None:
+    server = await raw_server(
+        lambda n: b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\nzz").start(
+        nursery)
+    assert await connect(server).probe(1.0)
+
+
+async def test_a_dropped_connection_is_freed_without_the_cyclic_collector() -> None:
+    gc.disable()
+    try:
+        http = _Http(socket.AF_INET)
+        ref = weakref.ref(http)
+        http.close()
+        del http
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 async def test_informational_answers_are_lost(nursery: trio.Nursery) -> None:
