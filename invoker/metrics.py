@@ -144,12 +144,12 @@ class Metrics:
 
 class StageTiming:
     """One stage's share of ``invoker_stage_seconds``: bucket counts and a sum, observed without
-    a lock. Each stage is observed from one thread only (``commit_lag`` from the feed thread,
-    the others from the trio thread), so nothing races; a scrape may read a bucket count one
-    observation ahead of the sum, as it may with prometheus_client's own histograms (which
-    also export a ``_created`` series per stage; these do not). Several
-    are observed per activation on the trio thread, where prometheus_client's Histogram takes a
-    lock per bucket and per sum (~3 us an observation here, against ~0.3)."""
+    a lock. Five are observed per activation on the trio thread, where prometheus_client's
+    Histogram takes a lock for its bucket and one for its sum: 1.4 us an observation here,
+    against 0.2. Each stage is observed from one thread only (``commit_lag`` from the feed
+    thread, the others from the trio thread), so nothing races; a scrape may read a bucket
+    count one observation ahead of the sum, as it may with prometheus_client's histograms
+    (which also export a ``_created`` series per stage; these do not)."""
 
     __slots__ = ("counts", "sum")
 

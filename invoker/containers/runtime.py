@@ -291,9 +291,8 @@ class _Http:
         except _FAILURES as exc:
             raise _lost(exc) from exc
         except ConnectionLost:
-            if self._head_done:  # what came after the head (its body) does not matter here
-                return True
-            raise
+            if not self._head_done:  # what came after the head (its body) does not matter
+                raise
         return True
 
     async def exchange(self, request: bytes, limit: int) -> tuple[RuntimeResponse, bool]:
