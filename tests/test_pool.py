@@ -141,9 +141,13 @@ def texts(logs: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+# Docker timestamps each stream's lines as its own copier reads them: under a loaded machine a
+# line printed at /init could be stamped after one printed to the other stream at /run a few ms
+# later (the full suite saw it twice). The pause keeps the order the tests check the pool keeps.
 HELLO = """
-import os, sys
+import os, sys, time
 print("module loaded")
+time.sleep(0.1)
 def main(args):
     print("hello stdout", args.get("name"))
     print("hello stderr", args.get("name"), file=sys.stderr)
