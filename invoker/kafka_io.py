@@ -1,9 +1,13 @@
 """Producing to Kafka from trio, and making sure the daemon's topics exist.
 
-kafka-python's producer is thread-safe but ``send`` can block (metadata) and acks arrive on
-futures, so every call runs on a worker thread; so do making and closing a producer (both
-talk to the brokers). kafka-python has no ``buffer_memory`` bound of its own: what it buffers
-is bounded by its callers, each of which has a bounded number of bounded batches awaiting acks.
+kafka-python's producer is thread-safe; ``send`` blocks only while it lacks the topic's
+metadata, and acks arrive on futures, completed on the producer's network thread. So a message
+to a topic whose metadata (and size limit) is known is sent from the trio thread, and the
+futures' callbacks wake trio (no worker thread on the hot path: two thread hops less per
+publish); anything else (a topic not seen yet, making and closing a producer: all talk to the
+brokers) runs on a worker thread. kafka-python has no ``buffer_memory`` bound of its own:
+what it buffers is bounded by its callers, each of which has a bounded number of bounded
+batches awaiting acks.
 
 **Only what can succeed is retried.** Every message is size-checked before it is sent, against
 the smaller of the producer's ``max_request_size`` and its topic's ``max.message.bytes``
@@ -150,6 +154,38 @@ class _Delivery:
         self.finished = False
 
 
+class _Answers:
+    """Waits on the trio thread until every one of some produce futures is answered, or one
+    of them failed (its retry need not wait for the others). Their callbacks run on the
+    producer's network thread (or at once, for a future already answered) and hand over to
+    trio; one that comes after the wait ended (cancelled) changes nothing."""
+
+    __slots__ = ("_left", "_answered", "_token")
+
+    def __init__(self, futures: list[FutureRecordMetadata]) -> None:
+        self._left = len(futures)
+        self._answered = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        for future in futures:
+            future.add_both(self._on_answer)
+
+    async def wait(self) -> None:
+        await self._answered.wait()
+
+    def _on_answer(self, value: object) -> None:
+        """Any thread."""
+        try:
+            self._token.run_sync_soon(self._counted, isinstance(value, BaseException))
+        except trio.RunFinishedError:
+            pass  # the daemon is gone: nobody waits
+
+    def _counted(self, failed: bool) -> None:
+        """The trio thread."""
+        self._left -= 1
+        if failed or not self._left:
+            self._answered.set()
+
+
 HEADER_TEXT_CHARS = 1000  # of a text header (a dead letter's reason)
 
 
@@ -199,9 +235,11 @@ class Publisher:
         acknowledged is not re-sent), with backoff, for as long as it takes; one that was never
         answered is waited for (the producer retries it itself until its delivery timeout).
         Messages that can never be sent are refused; once all others are acknowledged, raises
-        :class:`Unpublishable` with them. Blocks; the waiting happens on worker threads in
-        slices of at most WAIT_SLICE_S (up to the ack timeout while metadata is missing), which
-        a cancellation abandons at once (what they still do concerns nobody any more).
+        :class:`Unpublishable` with them. Blocks; while a topic's metadata or size limit is
+        not known yet, the sending and waiting happen on worker threads in slices of at most
+        WAIT_SLICE_S (up to the ack timeout while metadata is missing), which a cancellation
+        abandons at once (what they still do concerns nobody any more); otherwise on the trio
+        thread, waiting on the futures' callbacks.
         """
         if not messages:
             return
@@ -212,8 +250,11 @@ class Publisher:
         attempt = 0
         try:
             while True:
-                errors = await trio.to_thread.run_sync(self._advance, deliveries, refused,
-                                                       abandon_on_cancel=True)
+                if self._sendable_here(deliveries):
+                    errors = await self._advance_here(deliveries, refused)
+                else:
+                    errors = await trio.to_thread.run_sync(self._advance, deliveries, refused,
+                                                           abandon_on_cancel=True)
                 if all(d.finished for d in deliveries):
                     break
                 if errors:
@@ -228,20 +269,37 @@ class Publisher:
         if refused:
             raise Unpublishable(sorted(refused, key=lambda r: r.index))
 
+    def _sendable_here(self, deliveries: list[_Delivery]) -> bool:
+        """Whether sending what waits to be sent cannot block: its topics' metadata and size
+        limits are known."""
+        metadata = self._producer._metadata  # type: ignore[attr-defined]  # noqa: SLF001
+        partitions = metadata.partitions_for_topic  # a dict read
+        return all(d.finished or d.future is not None
+                   or (self._limits.known(d.message.topic) is not None
+                       and partitions(d.message.topic))
+                   for d in deliveries)
+
+    async def _advance_here(self, deliveries: list[_Delivery], refused: list[Refusal]
+                            ) -> list[str]:
+        """One round on the trio thread (see :meth:`_sendable_here`): send what waits to be
+        sent, wait until every message sent is answered or one failed, settle what was
+        answered. Returns the failures that are worth a retry."""
+        errors = self._send_waiting(deliveries, refused, here=True)
+        waiting = [d.future for d in deliveries
+                   if not d.finished and d.future is not None and not d.future.is_done]
+        if waiting:
+            await _Answers(waiting).wait()
+        if any(d.future is not None and d.future.is_done and d.future.failed()
+               and isinstance(d.future.exception, _TOO_LARGE) for d in deliveries):
+            # Its topic's limit is learnt again, from the brokers: not on the trio thread.
+            return errors + await trio.to_thread.run_sync(self._settle, deliveries, refused,
+                                                          abandon_on_cancel=True)
+        return errors + self._settle(deliveries, refused)
+
     def _advance(self, deliveries: list[_Delivery], refused: list[Refusal]) -> list[str]:
         """One round on a worker thread: send what waits to be sent, wait for acks (one slice),
         settle what was answered. Returns the failures that are worth a retry."""
-        errors: list[str] = []
-        for index, delivery in enumerate(deliveries):
-            if delivery.finished or delivery.future is not None:
-                continue
-            outcome = self._send(index, delivery)
-            if isinstance(outcome, Refusal):
-                refused.append(outcome)
-                delivery.finished = True
-            elif outcome is not None:  # a failure worth a retry; the rest would fare the same
-                errors.append(outcome)
-                break
+        errors = self._send_waiting(deliveries, refused, here=False)
         deadline = time.monotonic() + WAIT_SLICE_S
         for delivery in deliveries:
             if delivery.future is not None and not delivery.future.is_done:
@@ -252,6 +310,28 @@ class Publisher:
                     delivery.future.get(timeout=remaining)
                 except Exception:  # noqa: BLE001 - inspected below (timeouts leave it pending)
                     pass
+        return errors + self._settle(deliveries, refused)
+
+    def _send_waiting(self, deliveries: list[_Delivery], refused: list[Refusal], *,
+                      here: bool) -> list[str]:
+        """Send every message not sent yet; stops at the first failure worth a retry (the
+        rest would fare the same) and returns it. ``here``: on the trio thread."""
+        for index, delivery in enumerate(deliveries):
+            if delivery.finished or delivery.future is not None:
+                continue
+            outcome = self._send(index, delivery, here=here)
+            if isinstance(outcome, Refusal):
+                refused.append(outcome)
+                delivery.finished = True
+            elif outcome is not None:
+                return [outcome]
+        return []
+
+    def _settle(self, deliveries: list[_Delivery], refused: list[Refusal]) -> list[str]:
+        """Finish the messages Kafka answered; those that failed for a reason that may pass
+        are to be sent again, and their failures are returned. Blocks on the brokers when one
+        was too large (see :meth:`_refusal`)."""
+        errors: list[str] = []
         for index, delivery in enumerate(deliveries):
             future = delivery.future
             if future is None or not future.is_done or delivery.finished:
@@ -259,14 +339,15 @@ class Publisher:
             if future.succeeded():
                 delivery.finished = True
             elif never_succeeds(future.exception):
-                refused.append(self._refusal(index, delivery.message, future.exception))
+                refused.append(self._refusal(index, delivery.message, future.exception,
+                                             relearn=True))
                 delivery.finished = True
             else:
                 errors.append(_error_text(future.exception))
                 delivery.future = None
         return errors
 
-    def _send(self, index: int, delivery: _Delivery) -> Refusal | str | None:
+    def _send(self, index: int, delivery: _Delivery, *, here: bool) -> Refusal | str | None:
         """Size-check and send one message: None when sent (its future is set), a refusal, or
         the error text when sending failed for a reason that may pass."""
         m = delivery.message
@@ -279,18 +360,22 @@ class Publisher:
                                                   headers=list(m.headers))
         except (KafkaError, ValueError, TypeError, AssertionError) as exc:
             if never_succeeds(exc):
-                return self._refusal(index, m, exc)
+                return self._refusal(index, m, exc, relearn=not here)
             return _error_text(exc)
         return None
 
-    def _refusal(self, index: int, message: OutgoingMessage, error: BaseException) -> Refusal:
+    def _refusal(self, index: int, message: OutgoingMessage, error: BaseException, *,
+                 relearn: bool) -> Refusal:
+        """Why ``message`` can never be sent. When too large, the topic takes less than we
+        knew: its limit is forgotten and, if ``relearn`` (not on the trio thread: it asks the
+        brokers), learnt again now, else by the next publish to it (on a worker thread). The
+        limit is below this message's size in any case, which bounds it should the brokers
+        not tell."""
         if not isinstance(error, _TOO_LARGE):
             return Refusal(index, message, f"cannot be sent: {_error_text(error)}")
-        # The topic takes less than we knew: learn its limit again. It is below this message's
-        # size in any case, which bounds it should the brokers not tell.
         self._limits.forget(message.topic)
         size = record_batch_bytes(message.key, message.value, message.headers)
-        limit = min(self._limits.limit(message.topic), size - 1)
+        limit = min(self._limits.limit(message.topic), size - 1) if relearn else size - 1
         return Refusal(index, message, f"too large: {_error_text(error)}", limit)
 
     def close(self) -> None:
@@ -319,10 +404,14 @@ class _TopicLimits:
         self._admin: KafkaAdminClient | None = None
 
     def limit(self, topic: str) -> int:
+        """Blocks on the brokers unless :meth:`known`."""
+        known = self.known(topic)
+        if known is not None:
+            return known
         with self._lock:
-            known = self._known.get(topic)
-            if known is not None and known[1] > time.monotonic():
-                return known[0]
+            known = self.known(topic)  # learnt meanwhile by the thread that held the lock
+            if known is not None:
+                return known
             configured = self._describe(topic)
             if configured is None:
                 self._known[topic] = (self._ceiling, time.monotonic() + DESCRIBE_RETRY_S)
@@ -333,9 +422,15 @@ class _TopicLimits:
                      max_request_size=self._ceiling)
             return limit
 
+    def known(self, topic: str) -> int | None:
+        """The limit :meth:`limit` would answer without asking the brokers, if it would.
+        Never blocks (a lone dict read: the lock may be held by a describe under way)."""
+        known = self._known.get(topic)
+        return known[0] if known is not None and known[1] > time.monotonic() else None
+
     def forget(self, topic: str) -> None:
-        with self._lock:
-            self._known.pop(topic, None)
+        """Never blocks (a lone dict operation), as :meth:`known`."""
+        self._known.pop(topic, None)
 
     def close(self) -> None:
         with self._lock:
