@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from invoker.containers.scheduler import (
     GROWTH_EVICTS_IDLE_S,
     NEW,
@@ -225,3 +228,43 @@ def test_one_pass_packs_a_stem_cell_given_to_a_concurrent_action() -> None:
     assert [x.container for x in waiters[:3]] == [stem] * 3
     assert waiters[3].container is not None and waiters[3].container is not stem
     assert stem.active == 3 and len(w.s.records) == 2
+
+
+class _EveryArrivalPasses(Scheduler):
+    """The scheduler without its arrival shortcut: a pass over the queue on every arrival."""
+
+    def _nothing_to_give(self, waiter: Waiter) -> bool:
+        return False
+
+
+_MIX = (action("a"), action("b"), action("c", memory=256), action("d", concurrency=2))
+_STEPS = st.lists(st.tuples(st.sampled_from(("wait", "ready", "done", "removed", "tick")),
+                            st.integers(0, 7)), max_size=60)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(memory=st.sampled_from((256, 512, 640)), steps=_STEPS)
+def test_an_arrival_without_a_pass_ends_as_a_pass_would(memory: int, steps) -> None:
+    worlds = [World(memory), World(memory)]
+    worlds[1].s = _EveryArrivalPasses(memory, worlds[1]._evict, now=lambda: worlds[1].t)
+    waiters: list[list[Waiter]] = [[], []]
+    for op, n in steps:
+        for world, queue in zip(worlds, waiters, strict=True):
+            records = world.s.records
+            if op == "wait":
+                queue.append(world.wait(_MIX[n % len(_MIX)]))
+            elif op == "ready" and (starting := [c for c in records if c.phase == NEW]):
+                world.ready(starting[n % len(starting)], hold_s=(None, 0.01, 2.0)[n % 3])
+                world.s.assign()
+            elif op == "done" and (busy := [c for c in records if c.active]):
+                world.done(busy[n % len(busy)])
+            elif op == "removed" and (going := [c for c in records if c.phase == REMOVING]):
+                world.removed(going[n % len(going)])
+            elif op == "tick":
+                world.t += n / 4
+        shortcut, passing = (
+            ([(x.container and x.container.seq, x.wants_memory) for x in queue],
+             [(c.seq, c.phase, c.active, c.pool_key) for c in world.s.records],
+             [c.seq for c in world.evicted])
+            for world, queue in zip(worlds, waiters, strict=True))
+        assert shortcut == passing
