@@ -26,6 +26,7 @@ from invoker.containers.engine import (
 from invoker.containers.pool import ContainerPool, PoolConfig
 from invoker.containers.runtime import (
     MSG_ABNORMAL,
+    Deadlines,
     RuntimeResponse,
     encode_body,
     init_body,
@@ -172,7 +173,8 @@ class FakeConnection:
     async def probe(self, timeout_s: float) -> bool:
         return True
 
-    async def post(self, path: str, payload: dict[str, Any]) -> RuntimeResponse:
+    async def post(self, path: str, payload: dict[str, Any], *,
+                   timeout_s: float | None = None) -> RuntimeResponse:
         await trio.lowlevel.checkpoint()
         if path == "/init":
             if "init fails" in payload["value"]["code"]:
@@ -193,6 +195,9 @@ class FakeConnection:
 
 class FakeClient:
     max_result_bytes = 1000
+
+    def __init__(self) -> None:
+        self.deadlines = Deadlines()  # never given a request: the fake's have no time limit
 
     def connect(self, base_url: str) -> FakeConnection:
         return FakeConnection(base_url)

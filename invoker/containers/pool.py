@@ -78,6 +78,7 @@ from invoker.containers.runtime import (
     MSG_OOM,
     MSG_TIMEOUT,
     ConnectionLost,
+    DeadlinePassed,
     RuntimeClient,
     init_body,
     interpret_init,
@@ -346,6 +347,7 @@ class ContainerPool:
                 pool._nursery = nursery
                 pool._replenish_stems()
                 nursery.start_soon(pool._reaper)
+                nursery.start_soon(client.deadlines.run)
                 if networks is not None and networks.per_container:
                     nursery.start_soon(pool._release_networks, networks)
                 try:
@@ -936,14 +938,16 @@ class ContainerPool:
         start_ms = run_start_ns // 1_000_000
         body = run_body(activation, start_ms + limits.timeout_ms)
         lost: ConnectionLost | None = None
+        timed_out = False
         resp = None
         run_began = trio.current_time()
         try:
-            with trio.move_on_after(limits.timeout_ms / 1000) as scope:
-                try:
-                    resp = await c.conn.post("/run", body)
-                except ConnectionLost as exc:
-                    lost = exc
+            try:
+                resp = await c.conn.post("/run", body, timeout_s=limits.timeout_ms / 1000)
+            except ConnectionLost as exc:
+                lost = exc
+            except DeadlinePassed:
+                timed_out = True
         except BaseException:
             # Cancelled from outside while the action runs: it may still be running, so the
             # container must not serve another activation.
@@ -954,8 +958,8 @@ class ContainerPool:
         since_ns = logs_since_ns or run_start_ns
         concurrent = c.concurrency > 1
 
-        if scope.cancelled_caught or lost is not None:
-            if scope.cancelled_caught:
+        if timed_out or lost is not None:
+            if timed_out:
                 status, message = Status.DEVELOPER_ERROR, MSG_TIMEOUT.format(ms=limits.timeout_ms)
                 logger.debug("activation timed out", container=c.name,
                              activation_id=activation.activation_id)
@@ -967,7 +971,7 @@ class ContainerPool:
             else:
                 grabbed = await self._grab_logs(c, since_ns, log_limit, False)
                 logs = self._format_logs(grabbed, log_limit, False)
-            self._destroy(c, reason="timeout" if scope.cancelled_caught else "crashed")
+            self._destroy(c, reason="timeout" if timed_out else "crashed")
             return InvocationResult(status=status, result={"error": message}, start_ms=start_ms,
                                     end_ms=end_ms, logs=logs, init_time_ms=init_time_ms,
                                     start_kind=start_kind)

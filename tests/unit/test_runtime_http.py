@@ -22,6 +22,7 @@ import trio
 from invoker.containers.runtime import (
     MAX_HEAD_BYTES,
     ConnectionLost,
+    DeadlinePassed,
     RuntimeClient,
     RuntimeConnection,
     RuntimeResponse,
@@ -509,6 +510,73 @@ async def test_cancelled_request_closes_its_connection(nursery: trio.Nursery) ->
     assert (await conn.post("/run", {"value": "next"})).body == b'{"echo": {"value": "next"}}'
     assert server.connections == 2
     assert [body for *_, body in server.requests] == [b'{"value":"slow"}', b'{"value":"next"}']
+
+
+# ---------------------------------------------------------------- time limits
+async def test_a_request_past_its_time_limit_ends_and_closes_its_connection(
+        nursery: trio.Nursery) -> None:
+    release = trio.Event()
+    server = await keep_alive_server(delay=release.wait).start(nursery)
+    client = RuntimeClient(LIMIT)
+    nursery.start_soon(client.deadlines.run)
+    conn = client.connect(server.url)
+    began = trio.current_time()
+    with pytest.raises(DeadlinePassed):
+        await conn.post("/run", {"value": "slow"}, timeout_s=0.2)
+    assert 0.2 <= trio.current_time() - began < 2
+    release.set()
+    await until(lambda: 0 in server.closed_by_peer)  # closed: the answer found nobody
+    assert (await conn.post("/run", {"value": "next"}, timeout_s=5)).body == (
+        b'{"echo": {"value": "next"}}')
+    assert server.connections == 2
+
+
+async def test_an_answer_that_stops_midway_ends_at_the_time_limit(
+        nursery: trio.Nursery) -> None:
+    partial = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10
+    server = await raw_server(lambda n: partial, then="stall").start(nursery)
+    client = RuntimeClient(LIMIT)
+    nursery.start_soon(client.deadlines.run)
+    with pytest.raises(DeadlinePassed):
+        await client.connect(server.url).post("/run", {}, timeout_s=0.2)
+
+
+async def test_a_request_due_sooner_than_one_in_flight_ends_first(
+        nursery: trio.Nursery) -> None:
+    release = trio.Event()
+    server = await keep_alive_server(delay=release.wait).start(nursery)
+    client = RuntimeClient(LIMIT)
+    nursery.start_soon(client.deadlines.run)
+    conn = client.connect(server.url)
+    ended: list[str] = []
+
+    async def post(name: str, timeout_s: float) -> None:
+        try:
+            await conn.post("/run", {"value": name}, timeout_s=timeout_s)
+        except DeadlinePassed:
+            ended.append(name)
+
+    began = trio.current_time()
+    async with trio.open_nursery() as posts:
+        posts.start_soon(post, "later", 30)
+        await until(lambda: server.connections == 1)
+        posts.start_soon(post, "sooner", 0.2)  # the deadlines' task sleeps until 30 s
+        await until(lambda: ended == ["sooner"])
+        assert trio.current_time() - began < 5
+        release.set()
+    assert ended == ["sooner"]  # the first got its answer
+
+
+async def test_an_answered_request_leaves_its_connection_to_the_next(
+        nursery: trio.Nursery) -> None:
+    server = await keep_alive_server().start(nursery)
+    client = RuntimeClient(LIMIT)
+    nursery.start_soon(client.deadlines.run)
+    conn = client.connect(server.url)
+    await conn.post("/run", {"value": 1}, timeout_s=0.1)
+    await trio.sleep(0.3)  # past the first request's deadline: nothing is closed
+    await conn.post("/run", {"value": 2}, timeout_s=0.1)
+    assert server.connections == 1 and not server.closed_by_peer
 
 
 async def test_a_cancelled_scope_sends_nothing(nursery: trio.Nursery) -> None:
