@@ -513,13 +513,18 @@ async def test_cancelled_request_closes_its_connection(nursery: trio.Nursery) ->
 
 
 # ---------------------------------------------------------------- time limits
+def connect_with_deadlines(server: Server, nursery: trio.Nursery) -> RuntimeConnection:
+    """A connection of a client whose Deadlines task runs in ``nursery``."""
+    client = RuntimeClient(LIMIT)
+    nursery.start_soon(client.deadlines.run)
+    return client.connect(server.url)
+
+
 async def test_a_request_past_its_time_limit_ends_and_closes_its_connection(
         nursery: trio.Nursery) -> None:
     release = trio.Event()
     server = await keep_alive_server(delay=release.wait).start(nursery)
-    client = RuntimeClient(LIMIT)
-    nursery.start_soon(client.deadlines.run)
-    conn = client.connect(server.url)
+    conn = connect_with_deadlines(server, nursery)
     began = trio.current_time()
     with pytest.raises(DeadlinePassed):
         await conn.post("/run", {"value": "slow"}, timeout_s=0.2)
@@ -535,19 +540,15 @@ async def test_an_answer_that_stops_midway_ends_at_the_time_limit(
         nursery: trio.Nursery) -> None:
     partial = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10
     server = await raw_server(lambda n: partial, then="stall").start(nursery)
-    client = RuntimeClient(LIMIT)
-    nursery.start_soon(client.deadlines.run)
     with pytest.raises(DeadlinePassed):
-        await client.connect(server.url).post("/run", {}, timeout_s=0.2)
+        await connect_with_deadlines(server, nursery).post("/run", {}, timeout_s=0.2)
 
 
 async def test_a_request_due_sooner_than_one_in_flight_ends_first(
         nursery: trio.Nursery) -> None:
     release = trio.Event()
     server = await keep_alive_server(delay=release.wait).start(nursery)
-    client = RuntimeClient(LIMIT)
-    nursery.start_soon(client.deadlines.run)
-    conn = client.connect(server.url)
+    conn = connect_with_deadlines(server, nursery)
     ended: list[str] = []
 
     async def post(name: str, timeout_s: float) -> None:
@@ -570,9 +571,7 @@ async def test_a_request_due_sooner_than_one_in_flight_ends_first(
 async def test_an_answered_request_leaves_its_connection_to_the_next(
         nursery: trio.Nursery) -> None:
     server = await keep_alive_server().start(nursery)
-    client = RuntimeClient(LIMIT)
-    nursery.start_soon(client.deadlines.run)
-    conn = client.connect(server.url)
+    conn = connect_with_deadlines(server, nursery)
     await conn.post("/run", {"value": 1}, timeout_s=0.1)
     await trio.sleep(0.3)  # past the first request's deadline: nothing is closed
     await conn.post("/run", {"value": 2}, timeout_s=0.1)
