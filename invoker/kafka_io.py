@@ -154,26 +154,42 @@ class _Delivery:
         self.finished = False
 
 
+def _answered(deliveries: list[_Delivery]) -> list[tuple[int, _Delivery]]:
+    """The deliveries (with their index) that Kafka answered and that are not finished."""
+    return [(index, d) for index, d in enumerate(deliveries)
+            if not d.finished and d.future is not None and d.future.is_done]
+
+
+def _failed_too_large(future: FutureRecordMetadata | None) -> bool:
+    return future is not None and future.failed() and isinstance(future.exception, _TOO_LARGE)
+
+
 class _Answers:
     """Waits on the trio thread until every one of some produce futures is answered, or one
     of them failed (its retry need not wait for the others). Their callbacks run on the
     producer's network thread (or at once, for a future already answered) and hand over to
     trio; one that comes after the wait ended (cancelled) changes nothing."""
 
-    __slots__ = ("_left", "_answered", "_token")
+    __slots__ = ("_left", "_answered", "_token", "_over")
 
     def __init__(self, futures: list[FutureRecordMetadata]) -> None:
         self._left = len(futures)
         self._answered = trio.Event()
         self._token = trio.lowlevel.current_trio_token()
+        self._over = False  # the wait ended: later answers are the next round's business
         for future in futures:
             future.add_both(self._on_answer)
 
     async def wait(self) -> None:
-        await self._answered.wait()
+        try:
+            await self._answered.wait()
+        finally:
+            self._over = True
 
     def _on_answer(self, value: object) -> None:
         """Any thread."""
+        if self._over:
+            return
         try:
             self._token.run_sync_soon(self._counted, isinstance(value, BaseException))
         except trio.RunFinishedError:
@@ -270,31 +286,35 @@ class Publisher:
             raise Unpublishable(sorted(refused, key=lambda r: r.index))
 
     def _sendable_here(self, deliveries: list[_Delivery]) -> bool:
-        """Whether sending what waits to be sent cannot block: its topics' metadata and size
-        limits are known."""
+        """Whether what waits to be sent can be sent without blocking: its topics' metadata
+        and size limits are known."""
+        return all(d.finished or d.future is not None or self._known_here(d.message.topic)
+                   is not None for d in deliveries)
+
+    def _known_here(self, topic: str) -> int | None:
+        """``topic``'s size limit if it and the topic's partitions are known; never blocks.
+        (kafka-python's send() still waits for metadata if the network thread drops the topic
+        from it between this check and the send: a window of a few bytecodes.)"""
         metadata = self._producer._metadata  # type: ignore[attr-defined]  # noqa: SLF001
-        partitions = metadata.partitions_for_topic  # a dict read
-        return all(d.finished or d.future is not None
-                   or (self._limits.known(d.message.topic) is not None
-                       and partitions(d.message.topic))
-                   for d in deliveries)
+        limit = self._limits.known(topic)
+        return limit if limit is not None and metadata.partitions_for_topic(topic) else None
 
     async def _advance_here(self, deliveries: list[_Delivery], refused: list[Refusal]
                             ) -> list[str]:
         """One round on the trio thread (see :meth:`_sendable_here`): send what waits to be
         sent, wait until every message sent is answered or one failed, settle what was
-        answered. Returns the failures that are worth a retry."""
+        answered by then. Returns the failures that are worth a retry."""
         errors = self._send_waiting(deliveries, refused, here=True)
         waiting = [d.future for d in deliveries
                    if not d.finished and d.future is not None and not d.future.is_done]
         if waiting:
             await _Answers(waiting).wait()
-        if any(d.future is not None and d.future.is_done and d.future.failed()
-               and isinstance(d.future.exception, _TOO_LARGE) for d in deliveries):
+        answered = _answered(deliveries)  # what comes later is settled by the next round
+        if any(_failed_too_large(d.future) for _, d in answered):
             # Its topic's limit is learnt again, from the brokers: not on the trio thread.
-            return errors + await trio.to_thread.run_sync(self._settle, deliveries, refused,
+            return errors + await trio.to_thread.run_sync(self._settle, answered, refused,
                                                           abandon_on_cancel=True)
-        return errors + self._settle(deliveries, refused)
+        return errors + self._settle(answered, refused)
 
     def _advance(self, deliveries: list[_Delivery], refused: list[Refusal]) -> list[str]:
         """One round on a worker thread: send what waits to be sent, wait for acks (one slice),
@@ -310,16 +330,22 @@ class Publisher:
                     delivery.future.get(timeout=remaining)
                 except Exception:  # noqa: BLE001 - inspected below (timeouts leave it pending)
                     pass
-        return errors + self._settle(deliveries, refused)
+        return errors + self._settle(_answered(deliveries), refused)
 
     def _send_waiting(self, deliveries: list[_Delivery], refused: list[Refusal], *,
                       here: bool) -> list[str]:
         """Send every message not sent yet; stops at the first failure worth a retry (the
-        rest would fare the same) and returns it. ``here``: on the trio thread."""
+        rest would fare the same) and returns it. ``here`` (on the trio thread): also stops
+        at a message whose topic is no longer known (:meth:`_known_here`), which the next
+        round sends from a worker thread."""
         for index, delivery in enumerate(deliveries):
             if delivery.finished or delivery.future is not None:
                 continue
-            outcome = self._send(index, delivery, here=here)
+            topic = delivery.message.topic
+            limit = self._known_here(topic) if here else self._limits.limit(topic)
+            if limit is None:
+                break
+            outcome = self._send(index, delivery, limit, here=here)
             if isinstance(outcome, Refusal):
                 refused.append(outcome)
                 delivery.finished = True
@@ -327,15 +353,15 @@ class Publisher:
                 return [outcome]
         return []
 
-    def _settle(self, deliveries: list[_Delivery], refused: list[Refusal]) -> list[str]:
-        """Finish the messages Kafka answered; those that failed for a reason that may pass
-        are to be sent again, and their failures are returned. Blocks on the brokers when one
-        was too large (see :meth:`_refusal`)."""
+    def _settle(self, answered: list[tuple[int, _Delivery]], refused: list[Refusal]
+                ) -> list[str]:
+        """Finish the ``answered`` messages (see :func:`_answered`); those that failed for a
+        reason that may pass are to be sent again, and their failures are returned. Blocks on
+        the brokers when one was too large (see :meth:`_refusal`)."""
         errors: list[str] = []
-        for index, delivery in enumerate(deliveries):
+        for index, delivery in answered:
             future = delivery.future
-            if future is None or not future.is_done or delivery.finished:
-                continue
+            assert future is not None
             if future.succeeded():
                 delivery.finished = True
             elif never_succeeds(future.exception):
@@ -347,12 +373,13 @@ class Publisher:
                 delivery.future = None
         return errors
 
-    def _send(self, index: int, delivery: _Delivery, *, here: bool) -> Refusal | str | None:
-        """Size-check and send one message: None when sent (its future is set), a refusal, or
-        the error text when sending failed for a reason that may pass."""
+    def _send(self, index: int, delivery: _Delivery, limit: int, *,
+              here: bool) -> Refusal | str | None:
+        """Size-check (against ``limit``, its topic's) and send one message: None when sent
+        (its future is set), a refusal, or the error text when sending failed for a reason
+        that may pass."""
         m = delivery.message
         size = record_batch_bytes(m.key, m.value, m.headers)
-        limit = self._limits.limit(m.topic)
         if size > limit:
             return Refusal(index, m, f"too large: {size} bytes > {limit} bytes", limit)
         try:

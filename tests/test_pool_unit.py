@@ -167,8 +167,9 @@ class FakeBackend:
 
 
 class FakeConnection:
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, init_gates: dict[str, trio.Event]) -> None:
         self.base_url = base_url
+        self._init_gates = init_gates
 
     async def probe(self, timeout_s: float) -> bool:
         return True
@@ -177,6 +178,8 @@ class FakeConnection:
                    timeout_s: float | None = None) -> RuntimeResponse:
         await trio.lowlevel.checkpoint()
         if path == "/init":
+            if (gate := self._init_gates.get(payload["value"]["code"])) is not None:
+                await gate.wait()  # /init runs until the test sets it
             if "init fails" in payload["value"]["code"]:
                 return RuntimeResponse(502, b'{"error":"bad code"}')
             return RuntimeResponse(200, b'{"ok":true}')
@@ -198,17 +201,18 @@ class FakeClient:
 
     def __init__(self) -> None:
         self.deadlines = Deadlines()  # never given a request: the fake's have no time limit
+        self.init_gates: dict[str, trio.Event] = {}  # by action code
 
     def connect(self, base_url: str) -> FakeConnection:
-        return FakeConnection(base_url)
+        return FakeConnection(base_url, self.init_gates)
 
     async def aclose(self) -> None:
         pass
 
 
-def open_pool(backend: FakeBackend, **kw: Any):
+def open_pool(backend: FakeBackend, client: FakeClient | None = None, **kw: Any):
     cfg = PoolConfig(invoker_id="unit", **kw)
-    return ContainerPool._open_with(cfg, Metrics(), backend, FakeClient())
+    return ContainerPool._open_with(cfg, Metrics(), backend, client or FakeClient())
 
 
 def gauge(g: Any) -> float:
@@ -240,6 +244,33 @@ async def test_cold_then_warm_and_metrics() -> None:
         assert pool._metrics.container_starts.labels(kind="cold")._value.get() == 1
         assert pool._metrics.container_starts.labels(kind="warm")._value.get() == 1
     assert backend.removed == ["id1"]
+
+
+async def test_a_waiter_for_a_starting_container_gets_free_memory_once_it_is_ready() -> None:
+    client = FakeClient()
+    a, b = make_action("a", memory=256, code="code of a"), make_action("b", code="code of b")
+    starting = client.init_gates[a.code], client.init_gates[b.code] = trio.Event(), trio.Event()
+    running = trio.Event()
+
+    async def run(action: Action, n: int) -> None:
+        async with pool.lease(action, NAMESPACE) as lease:
+            await lease.invoke(make_activation(action, n, gate=running))
+
+    async with open_pool(FakeBackend(), client, user_memory_mb=512) as pool, \
+            trio.open_nursery() as nursery:
+        nursery.start_soon(run, a, 1)
+        nursery.start_soon(run, b, 2)
+        await wait_until(pool, lambda: len(pool._scheduler.records) == 2)
+        await trio.sleep(0.15)  # b's container is expected ready before a new one would be
+        nursery.start_soon(run, b, 3)
+        await wait_until(pool, lambda: pool.waiting == 1)
+        for init in starting:
+            init.set()
+        # Both ready and busy, 128 MB free: the second b gets a container of its own, with no
+        # other arrival or release needed to look at the queue again.
+        await wait_until(pool, lambda: len(pool._scheduler.records) == 3)
+        assert pool.waiting == 0
+        running.set()
 
 
 async def test_oversized_action_does_not_block() -> None:

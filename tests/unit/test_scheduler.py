@@ -255,7 +255,7 @@ def test_an_arrival_without_a_pass_ends_as_a_pass_would(memory: int, steps) -> N
                 queue.append(world.wait(_MIX[n % len(_MIX)]))
             elif op == "ready" and (starting := [c for c in records if c.phase == NEW]):
                 world.ready(starting[n % len(starting)], hold_s=(None, 0.01, 2.0)[n % 3])
-                world.s.assign()
+                world.s.assign()  # as the pool does when a container is ready
             elif op == "done" and (busy := [c for c in records if c.active]):
                 world.done(busy[n % len(busy)])
             elif op == "removed" and (going := [c for c in records if c.phase == REMOVING]):
