@@ -12,6 +12,8 @@ from invoker.containers.scheduler import (
     NEW,
     READY,
     REMOVING,
+    RETIRING,
+    SERVING,
     STEM,
     ContainerRecord,
     Scheduler,
@@ -50,8 +52,11 @@ class World:
         return c
 
     def done(self, c: ContainerRecord) -> None:
-        """The lease on c ends."""
+        """The lease on c ends (the last one on a retiring container starts its removal)."""
         c.active -= 1
+        if c.active == 0 and c.phase == RETIRING:
+            c.phase = REMOVING
+            self.evicted.append(c)
         self.s.release(c)
 
     def removed(self, c: ContainerRecord) -> None:
@@ -238,7 +243,8 @@ class _EveryArrivalPasses(Scheduler):
 
 
 _MIX = (action("a"), action("b"), action("c", memory=256), action("d", concurrency=2))
-_STEPS = st.lists(st.tuples(st.sampled_from(("wait", "ready", "done", "removed", "tick")),
+_STEPS = st.lists(st.tuples(st.sampled_from(("wait", "ready", "done", "retire", "removed",
+                                             "tick")),
                             st.integers(0, 7)), max_size=60)
 
 
@@ -258,6 +264,9 @@ def test_an_arrival_without_a_pass_ends_as_a_pass_would(memory: int, steps) -> N
                 world.s.assign()  # as the pool does when a container is ready
             elif op == "done" and (busy := [c for c in records if c.active]):
                 world.done(busy[n % len(busy)])
+            elif op == "retire" and (busy := [c for c in records
+                                             if c.active and c.phase in SERVING]):
+                busy[n % len(busy)].phase = RETIRING  # as the pool's _destroy: no pass
             elif op == "removed" and (going := [c for c in records if c.phase == REMOVING]):
                 world.removed(going[n % len(going)])
             elif op == "tick":
