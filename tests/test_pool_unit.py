@@ -249,7 +249,8 @@ async def test_cold_then_warm_and_metrics() -> None:
 async def test_a_waiter_for_a_starting_container_gets_free_memory_once_it_is_ready() -> None:
     client = FakeClient()
     a, b = make_action("a", memory=256, code="code of a"), make_action("b", code="code of b")
-    starting = client.init_gates[a.code], client.init_gates[b.code] = trio.Event(), trio.Event()
+    starting = trio.Event(), trio.Event()
+    client.init_gates.update({a.code: starting[0], b.code: starting[1]})
     running = trio.Event()
 
     async def run(action: Action, n: int) -> None:
