@@ -27,7 +27,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -266,8 +266,9 @@ class Publisher:
         attempt = 0
         try:
             while True:
-                if self._sendable_here(deliveries):
-                    errors = await self._advance_here(deliveries, refused)
+                limits = self._limits_here(deliveries)
+                if limits is not None:
+                    errors = await self._advance_here(deliveries, refused, limits)
                 else:
                     errors = await trio.to_thread.run_sync(self._advance, deliveries, refused,
                                                            abandon_on_cancel=True)
@@ -285,26 +286,28 @@ class Publisher:
         if refused:
             raise Unpublishable(sorted(refused, key=lambda r: r.index))
 
-    def _sendable_here(self, deliveries: list[_Delivery]) -> bool:
-        """Whether what waits to be sent can be sent without blocking: its topics' metadata
-        and size limits are known."""
-        return all(d.finished or d.future is not None or self._known_here(d.message.topic)
-                   is not None for d in deliveries)
-
-    def _known_here(self, topic: str) -> int | None:
-        """``topic``'s size limit if it and the topic's partitions are known; never blocks.
-        (kafka-python's send() still waits for metadata if the network thread drops the topic
-        from it between this check and the send: a window of a few bytecodes.)"""
+    def _limits_here(self, deliveries: list[_Delivery]) -> dict[str, int] | None:
+        """The size limits of the topics of what waits to be sent, if each is known with the
+        topic's partitions, so that sending cannot block; else None. Never blocks.
+        (kafka-python's send() would still wait for metadata should its network thread drop a
+        topic from it between this check and a send of the same round: a window of the
+        round's sends, never seen.)"""
         metadata = self._producer._metadata  # type: ignore[attr-defined]  # noqa: SLF001
-        limit = self._limits.known(topic)
-        return limit if limit is not None and metadata.partitions_for_topic(topic) else None
+        limits: dict[str, int] = {}
+        for topic in {d.message.topic for d in deliveries
+                      if not d.finished and d.future is None}:
+            limit = self._limits.known(topic)
+            if limit is None or not metadata.partitions_for_topic(topic):
+                return None
+            limits[topic] = limit
+        return limits
 
-    async def _advance_here(self, deliveries: list[_Delivery], refused: list[Refusal]
-                            ) -> list[str]:
-        """One round on the trio thread (see :meth:`_sendable_here`): send what waits to be
-        sent, wait until every message sent is answered or one failed, settle what was
-        answered by then. Returns the failures that are worth a retry."""
-        errors = self._send_waiting(deliveries, refused, here=True)
+    async def _advance_here(self, deliveries: list[_Delivery], refused: list[Refusal],
+                            limits: dict[str, int]) -> list[str]:
+        """One round on the trio thread, with the ``limits`` of :meth:`_limits_here`: send
+        what waits to be sent, wait until every message sent is answered or one failed,
+        settle what was answered by then. Returns the failures that are worth a retry."""
+        errors = self._send_waiting(deliveries, refused, limits.__getitem__, relearn=False)
         waiting = [d.future for d in deliveries
                    if not d.finished and d.future is not None and not d.future.is_done]
         if waiting:
@@ -319,7 +322,7 @@ class Publisher:
     def _advance(self, deliveries: list[_Delivery], refused: list[Refusal]) -> list[str]:
         """One round on a worker thread: send what waits to be sent, wait for acks (one slice),
         settle what was answered. Returns the failures that are worth a retry."""
-        errors = self._send_waiting(deliveries, refused, here=False)
+        errors = self._send_waiting(deliveries, refused, self._limits.limit, relearn=True)
         deadline = time.monotonic() + WAIT_SLICE_S
         for delivery in deliveries:
             if delivery.future is not None and not delivery.future.is_done:
@@ -332,20 +335,16 @@ class Publisher:
                     pass
         return errors + self._settle(_answered(deliveries), refused)
 
-    def _send_waiting(self, deliveries: list[_Delivery], refused: list[Refusal], *,
-                      here: bool) -> list[str]:
-        """Send every message not sent yet; stops at the first failure worth a retry (the
-        rest would fare the same) and returns it. ``here`` (on the trio thread): also stops
-        at a message whose topic is no longer known (:meth:`_known_here`), which the next
-        round sends from a worker thread."""
+    def _send_waiting(self, deliveries: list[_Delivery], refused: list[Refusal],
+                      limit_of: Callable[[str], int], *, relearn: bool) -> list[str]:
+        """Send every message not sent yet, size-checked against ``limit_of(topic)``; stops
+        at the first failure worth a retry (the rest would fare the same) and returns it.
+        ``relearn``: see :meth:`_refusal` (False on the trio thread)."""
         for index, delivery in enumerate(deliveries):
             if delivery.finished or delivery.future is not None:
                 continue
-            topic = delivery.message.topic
-            limit = self._known_here(topic) if here else self._limits.limit(topic)
-            if limit is None:
-                break
-            outcome = self._send(index, delivery, limit, here=here)
+            outcome = self._send(index, delivery, limit_of(delivery.message.topic),
+                                 relearn=relearn)
             if isinstance(outcome, Refusal):
                 refused.append(outcome)
                 delivery.finished = True
@@ -374,7 +373,7 @@ class Publisher:
         return errors
 
     def _send(self, index: int, delivery: _Delivery, limit: int, *,
-              here: bool) -> Refusal | str | None:
+              relearn: bool) -> Refusal | str | None:
         """Size-check (against ``limit``, its topic's) and send one message: None when sent
         (its future is set), a refusal, or the error text when sending failed for a reason
         that may pass."""
@@ -387,7 +386,7 @@ class Publisher:
                                                   headers=list(m.headers))
         except (KafkaError, ValueError, TypeError, AssertionError) as exc:
             if never_succeeds(exc):
-                return self._refusal(index, m, exc, relearn=not here)
+                return self._refusal(index, m, exc, relearn=relearn)
             return _error_text(exc)
         return None
 
