@@ -906,8 +906,7 @@ class ContainerPool:
             if start_kind == "cold":
                 self._scheduler.cold_started(made_s)
             # Waiters that chose to wait for it while it started may do better now (memory
-            # free for a container of their own): the scheduler's arrival shortcut assumes
-            # every such change is followed by a pass.
+            # free for a container of their own).
             self._changed_state()
             logger.debug("container initialized", container=c.name, action=action.name,
                          start_kind=start_kind, init_ms=init_time_ms)

@@ -195,9 +195,10 @@ class Scheduler:
     def _nothing_to_give(self, waiter: Waiter) -> bool:
         """Whether a pass would leave every waiter as it is, ``waiter`` (queued last) waiting
         for its key's containers: each container is ready with every slot busy (no slot, stem
-        cell or idle container to give, nothing starting or being removed whose outlook moves
-        with the clock), ``waiter``'s key has some, and the free memory is less than it needs.
-        Saturated, a pass over the queue on each arrival was half of the time spent leasing."""
+        cell or idle container to give, nothing starting, retiring or being removed), the free
+        memory is less than any waiter needs, and ``waiter``'s key has containers. Decided
+        from the state alone, not from what earlier passes saw. Saturated, a pass over the
+        queue on each arrival was half of the time spent leasing."""
         used = 0
         has_own = False
         for c in self.records:
@@ -205,7 +206,8 @@ class Scheduler:
                 return False
             used += c.memory_mb
             has_own = has_own or c.pool_key == waiter.key
-        return has_own and self.user_memory_mb - used < waiter.action.limits.memory_mb
+        free = self.user_memory_mb - used
+        return has_own and all(w.action.limits.memory_mb > free for w in self.waiters)
 
     def leave(self, waiter: Waiter) -> None:
         """A waiter gave up (cancelled) before it was served."""
