@@ -267,6 +267,18 @@ async def test_timeout_destroys_container(dclient, invoker_id) -> None:
         assert r2.result["host"] != r0.result["host"]
 
 
+async def test_init_timeout_destroys_container(dclient, invoker_id) -> None:
+    code = "import time\ntime.sleep(5)\ndef main(args):\n    return {}\n"
+    async with open_pool(invoker_id) as pool:
+        r, name = await invoke(pool, make_action("slowinit", code, timeout_ms=1000))
+        assert r.status == Status.DEVELOPER_ERROR
+        assert r.result == {"error": "The action exceeded its time limits of 1000 milliseconds "
+                                     "during initialization."}
+        assert r.start_kind == "cold" and 1000 <= r.init_time_ms < 3000
+        await wait_until(pool, lambda: pool.snapshot() == [])
+        assert not exists(dclient, name)
+
+
 async def test_oom_killed(dclient, invoker_id) -> None:
     code = "def main(args):\n    x = bytearray(1024 * 1024 * 1024)\n    return {'n': len(x)}\n"
     async with open_pool(invoker_id) as pool:

@@ -876,14 +876,17 @@ class ContainerPool:
             assert c.conn is not None
             t0 = trio.current_time()
             lost: ConnectionLost | None = None
+            timed_out = False
             resp = None
-            with trio.move_on_after(limits.timeout_ms / 1000) as scope:
-                try:
-                    resp = await c.conn.post("/init", init_body(action, self.config.api_host))
-                except ConnectionLost as exc:
-                    lost = exc
+            try:
+                resp = await c.conn.post("/init", init_body(action, self.config.api_host),
+                                         timeout_s=limits.timeout_ms / 1000)
+            except ConnectionLost as exc:
+                lost = exc
+            except DeadlinePassed:
+                timed_out = True
             init_time_ms = round((trio.current_time() - t0) * 1000)
-            if scope.cancelled_caught:
+            if timed_out:
                 failure = fail(Status.DEVELOPER_ERROR,
                                MSG_INIT_TIMEOUT.format(ms=limits.timeout_ms))
             elif lost is not None:
