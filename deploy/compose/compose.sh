@@ -65,8 +65,9 @@ label="org.invoker.network=${INVOKER_NETWORK:-$project-net}"
 leftovers="$(docker ps -aq --filter label=org.invoker.managed=true --filter "label=$label")"
 if [[ -n "$leftovers" ]]; then
     echo "[compose] removing action containers left by killed invokers: $(echo $leftovers)" >&2
-    # shellcheck disable=SC2086 # one id per word
-    docker rm -f $leftovers >/dev/null
+    # one at a time: Docker 20.10 can deadlock on endpoints leaving a network at once
+    # (invoker/containers/engine.py, DockerBackend)
+    for id in $leftovers; do docker rm -f "$id" >/dev/null; done
 fi
 status=0
 # every profile: a service only an optional profile starts (monitoring) goes down too

@@ -177,6 +177,13 @@ class DockerBackend:
         self._api = client.api
         self._limiter = trio.CapacityLimiter(threads)
         self._log_limiter = trio.CapacityLimiter(log_threads)
+        # Docker 20.10 (Debian 12's docker.io) can deadlock when two endpoints leave one
+        # network at once: libnetwork's sbLeave and processEndpointDelete take the network's
+        # and the controller's locks in opposite orders (moby/moby#46661; fixed after 20.10.24,
+        # Debian's), and from then on every container and network call hangs. Our action
+        # containers share a network, so the calls that make endpoints leave (remove,
+        # disconnect) go one at a time: one endpoint is deleted before the next leaves.
+        self._leave_limiter = trio.CapacityLimiter(1)
 
     @classmethod
     async def connect(cls, *, threads: int = 8, log_threads: int = 16) -> DockerBackend:
@@ -194,10 +201,14 @@ class DockerBackend:
     async def aclose(self) -> None:
         await trio.to_thread.run_sync(self._client.close)
 
-    async def _call(self, fn: Callable[[*_Ts], _T], *args: *_Ts, abandon: bool = False) -> _T:
+    async def _call(self, fn: Callable[[*_Ts], _T], *args: *_Ts, abandon: bool = False,
+                    leaves: bool = False) -> _T:
+        """``leaves``: the call makes a container's endpoints leave a network (see
+        ``_leave_limiter``)."""
+        limiter = self._leave_limiter if leaves else self._limiter
         try:
             return await trio.to_thread.run_sync(
-                fn, *args, limiter=self._limiter, abandon_on_cancel=abandon
+                fn, *args, limiter=limiter, abandon_on_cancel=abandon
             )
         except docker.errors.ImageNotFound as exc:
             raise DockerError(str(exc)) from exc
@@ -280,7 +291,7 @@ class DockerBackend:
             with contextlib.suppress(docker.errors.NotFound):
                 api.remove_container(container_id, force=True, v=True)
 
-        await self._call(_remove)
+        await self._call(_remove, leaves=True)
 
     async def update_memory(self, container_id: str, memory_mb: int) -> None:
         api = self._api
@@ -409,7 +420,7 @@ class DockerBackend:
                 if "is not connected" not in str(exc.explanation or exc):
                     raise
 
-        await self._call(_disconnect)
+        await self._call(_disconnect, leaves=True)
 
     async def list_networks(self, label: str) -> list[tuple[str, dict[str, str]]]:
         """(name, labels) of every network that has the label ``label`` (any value)."""

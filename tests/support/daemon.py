@@ -269,8 +269,8 @@ def remove_containers(invoker_id: str, timeout_s: float | None = None) -> int:
     hanging."""
     try:
         ids = container_ids(invoker_id, timeout_s)
-        if ids:  # some may be gone already
-            subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=timeout_s)
+        for cid in ids:  # some may be gone already; one at a time, as the daemon removes
+            subprocess.run(["docker", "rm", "-f", cid], capture_output=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
         raise RuntimeError(f"docker did not answer within {timeout_s:g} s removing the "
                            f"containers of {invoker_id} ({' '.join(exc.cmd[:3])})") from None
