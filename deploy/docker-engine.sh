@@ -4,6 +4,9 @@
 #   deploy/docker-engine.sh up      install docker.io + debootstrap if missing, start dockerd
 #   deploy/docker-engine.sh down    stop the dockerd that THIS script started (pidfile)
 #   deploy/docker-engine.sh status  exit 0 if `docker info` answers, 3 otherwise
+#   deploy/docker-engine.sh stacks  have the running dockerd write its goroutine stacks
+#                                   (SIGUSR1); prints the file's path (for an engine that
+#                                   stopped answering: what its requests wait on)
 #
 # Env: INVOKER_STATE (default /tmp/invoker-state)  runtime state, log and pidfile
 #      DOCKERD_TIMEOUT (default 60)                seconds to wait for `docker info`
@@ -124,12 +127,30 @@ cmd_status() {
     return 3
 }
 
+cmd_stacks() {
+    local pid
+    pid="$(our_pid || pgrep -xo dockerd)" || die "no dockerd is running"
+    local dir=/var/run/docker newest=""
+    local before
+    before="$(ls -t "$dir"/goroutine-stacks-*.log 2>/dev/null | head -1 || true)"
+    kill -USR1 "$pid"
+    for _ in $(seq 50); do  # dockerd writes the file within a second, even when wedged
+        newest="$(ls -t "$dir"/goroutine-stacks-*.log 2>/dev/null | head -1 || true)"
+        [[ -n "$newest" && "$newest" != "$before" ]] && break
+        newest=""
+        sleep 0.1
+    done
+    [[ -n "$newest" ]] || die "dockerd (pid $pid) wrote no goroutine stacks to $dir within 5s"
+    echo "$newest"
+}
+
 case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
+    stacks) cmd_stacks ;;
     *)
-        echo "usage: $0 up|down|status" >&2
+        echo "usage: $0 up|down|status|stacks" >&2
         exit 2
         ;;
 esac

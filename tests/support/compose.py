@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from tests.support.daemon import read_metrics, topic_lag, wait_for
+from tests.support.engine import stuck_engine_report
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_SH = REPO / "deploy" / "compose" / "compose.sh"
@@ -45,11 +46,22 @@ class Stack:
             "INVOKER_METRICS_HOST_PORTS": "39180-39189",
             "RECORDER_METRICS_HOST_PORTS": "39190-39199",
         }
+        self.engine_stuck = ""  # why compose commands are no longer run, once they are not
 
     def compose(self, *args: str, timeout_s: float = 300, check: bool = True
                 ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([str(COMPOSE_SH), *args], env=self.env, text=True,
-                                capture_output=True, timeout=timeout_s)
+        if self.engine_stuck:  # every later command would wait out its timeout too
+            raise AssertionError(f"compose {' '.join(args)} not run, as the Docker engine "
+                                 f"stopped answering earlier: {self.engine_stuck}")
+        try:
+            result = subprocess.run([str(COMPOSE_SH), *args], env=self.env, text=True,
+                                    capture_output=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            stuck = stuck_engine_report()
+            self.engine_stuck = stuck or ""
+            raise AssertionError(
+                f"compose {' '.join(args)} did not end within {timeout_s:.0f} s; "
+                f"{stuck or 'the Docker engine answers'}\n{exc.stderr!r:.2000}") from exc
         if check and result.returncode != 0:
             raise AssertionError(f"compose {' '.join(args)} exited {result.returncode}:\n"
                                  f"{result.stderr[-3000:]}")
