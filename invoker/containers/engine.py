@@ -178,12 +178,14 @@ class DockerBackend:
         self._limiter = trio.CapacityLimiter(threads)
         self._log_limiter = trio.CapacityLimiter(log_threads)
         # Docker 20.10 (Debian 12's docker.io) can deadlock when two endpoints leave one
-        # network at once: libnetwork's sbLeave and processEndpointDelete take the network's
-        # and the controller's locks in opposite orders (moby/moby#46661; fixed after 20.10.24,
-        # Debian's), and from then on every container and network call hangs. Our action
-        # containers share a network, so the calls that make endpoints leave (remove,
-        # disconnect) go one at a time: one endpoint is deleted before the next leaves.
-        self._leave_limiter = trio.CapacityLimiter(1)
+        # network at about the same time: libnetwork's sbLeave and processEndpointDelete take
+        # the network's and the controller's locks in opposite orders (moby/moby#46661; fixed
+        # after 20.10.24, Debian's), and from then on container and network calls hang. Our
+        # action containers share a network, so removals go one at a time. That narrows the
+        # window to an endpoint's processEndpointDelete (run on its own once its removal is
+        # under way, microseconds) against the next removal's kill and exit: it does not close
+        # it, nor order containers that exit on their own or other clients of the engine.
+        self._removal_limiter = trio.CapacityLimiter(1)
 
     @classmethod
     async def connect(cls, *, threads: int = 8, log_threads: int = 16) -> DockerBackend:
@@ -202,10 +204,9 @@ class DockerBackend:
         await trio.to_thread.run_sync(self._client.close)
 
     async def _call(self, fn: Callable[[*_Ts], _T], *args: *_Ts, abandon: bool = False,
-                    leaves: bool = False) -> _T:
-        """``leaves``: the call makes a container's endpoints leave a network (see
-        ``_leave_limiter``)."""
-        limiter = self._leave_limiter if leaves else self._limiter
+                    removal: bool = False) -> _T:
+        """``removal``: one at a time with other removals (see ``_removal_limiter``)."""
+        limiter = self._removal_limiter if removal else self._limiter
         try:
             return await trio.to_thread.run_sync(
                 fn, *args, limiter=limiter, abandon_on_cancel=abandon
@@ -291,7 +292,7 @@ class DockerBackend:
             with contextlib.suppress(docker.errors.NotFound):
                 api.remove_container(container_id, force=True, v=True)
 
-        await self._call(_remove, leaves=True)
+        await self._call(_remove, removal=True)
 
     async def update_memory(self, container_id: str, memory_mb: int) -> None:
         api = self._api
@@ -408,7 +409,9 @@ class DockerBackend:
         await self._call(self._api.connect_container_to_network, container_id, network)
 
     async def disconnect_network(self, network: str, container_id: str) -> None:
-        """Force-disconnect; a network or container that is gone is not an error."""
+        """Force-disconnect; a network or container that is gone is not an error. Not one at a
+        time like removals: the daemon leaves only a link network whose container is gone, so
+        no other endpoint leaves that network then."""
         api = self._api
 
         def _disconnect() -> None:
@@ -420,7 +423,7 @@ class DockerBackend:
                 if "is not connected" not in str(exc.explanation or exc):
                     raise
 
-        await self._call(_disconnect, leaves=True)
+        await self._call(_disconnect)
 
     async def list_networks(self, label: str) -> list[tuple[str, dict[str, str]]]:
         """(name, labels) of every network that has the label ``label`` (any value)."""
