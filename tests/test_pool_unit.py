@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import pytest
+import structlog.testing
 import trio
 import trio.lowlevel
 
@@ -685,3 +686,21 @@ def test_an_answer_longer_once_encoded_again_is_truncated_at_the_limit() -> None
     assert status is Status.SUCCESS and result["a"] == [1e15] * 100
     status, result = interpret_run(RuntimeResponse(502, b'{"error":[' + body + b"]}"), 1000)
     assert status is Status.DEVELOPER_ERROR and "exceeded the allowed length" in result["error"]
+
+
+async def test_a_shutdown_deadline_that_cuts_removals_short_says_what_is_left() -> None:
+    class SlowRemovals(FakeBackend):
+        async def remove(self, cid: str) -> None:
+            await trio.sleep(10)
+            await super().remove(cid)
+
+    backend = SlowRemovals()
+    with structlog.testing.capture_logs() as logs:
+        async with open_pool(backend) as pool:
+            action = make_action()
+            async with pool.lease(action, NAMESPACE) as lease:
+                await lease.invoke(make_activation(action, 1))
+            pool.close_deadline = trio.current_time() + 0.1
+    assert backend.removed == []
+    (warning,) = [e for e in logs if e["event"].startswith("the shutdown deadline passed")]
+    assert (warning["log_level"], warning["containers_left"]) == ("warning", 1)

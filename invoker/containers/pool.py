@@ -364,6 +364,10 @@ class ContainerPool:
                     await networks.release_all()
                 await client.aclose()
                 await backend.aclose()
+            if scope.cancelled_caught:  # the next start removes what is left, as leftovers
+                logger.warning("the shutdown deadline passed before the action containers and "
+                               "their networks were all removed",
+                               containers_left=len(pool._docker_ids))
 
     async def _release_networks(self, networks: ActionNetworks) -> None:
         """Removes each per-container network once its container is gone: looked at after
