@@ -63,7 +63,7 @@ images: venv  ## every image of the compose stack, built with no registry (deplo
 # whatever the outcome (the tests do it; the second down covers an interrupted pytest).
 test-compose: images lint
 	status=0; $(PY) -m pytest -q -ra --durations=10 tests/compose || status=$$?; \
-	COMPOSE_PROJECT_NAME=invoker-test timeout 300 deploy/compose/compose.sh down --volumes \
+	COMPOSE_PROJECT_NAME=invoker-test timeout -k 30 300 deploy/compose/compose.sh down --volumes \
 		--remove-orphans >/dev/null 2>&1 || true; \
 	exit $$status
 

@@ -130,10 +130,10 @@ cmd_status() {
 cmd_stacks() {
     local pid
     pid="$(our_pid || pgrep -xo dockerd)" || die "no dockerd is running"
-    local dir=/var/run/docker newest=""
+    local dir=/var/run/docker newest=""  # dockerd's default --exec-root, as started here
     local before
     before="$(ls -t "$dir"/goroutine-stacks-*.log 2>/dev/null | head -1 || true)"
-    kill -USR1 "$pid"
+    kill -USR1 "$pid" || die "could not signal dockerd (pid $pid)"
     for _ in $(seq 50); do  # dockerd writes the file within a second, even when wedged
         newest="$(ls -t "$dir"/goroutine-stacks-*.log 2>/dev/null | head -1 || true)"
         [[ -n "$newest" && "$newest" != "$before" ]] && break

@@ -63,13 +63,13 @@ fi
 "${COMPOSE[@]}" "${files[@]}" -p "$project" stop invoker >&2 || true
 label="org.invoker.network=${INVOKER_NETWORK:-$project-net}"
 leftovers="$(docker ps -aq --filter label=org.invoker.managed=true --filter "label=$label")"
+status=0
 if [[ -n "$leftovers" ]]; then
     echo "[compose] removing action containers left by killed invokers: $(echo $leftovers)" >&2
     # one at a time: Docker 20.10 can deadlock on endpoints leaving a network at once
-    # (invoker/containers/engine.py, DockerBackend)
-    for id in $leftovers; do docker rm -f "$id" >/dev/null; done
+    # (invoker/containers/engine.py, DockerBackend); a failure does not stop the others
+    for id in $leftovers; do docker rm -f "$id" >/dev/null || status=1; done
 fi
-status=0
 # every profile: a service only an optional profile starts (monitoring) goes down too
 "${COMPOSE[@]}" "${files[@]}" --profile monitoring "$@" || status=$?
 # free now that the invoker containers that had joined link networks are gone

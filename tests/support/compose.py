@@ -57,11 +57,16 @@ class Stack:
             result = subprocess.run([str(COMPOSE_SH), *args], env=self.env, text=True,
                                     capture_output=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:
-            stuck = stuck_engine_report()
+            try:
+                stuck = stuck_engine_report()
+            except Exception as report_failed:  # the failure to report is the timeout
+                stuck = f"the Docker engine's state is unknown ({report_failed!r})"
             self.engine_stuck = stuck or ""
+            stderr = exc.stderr if isinstance(exc.stderr, str) else (
+                (exc.stderr or b"").decode(errors="replace"))
             raise AssertionError(
                 f"compose {' '.join(args)} did not end within {timeout_s:.0f} s; "
-                f"{stuck or 'the Docker engine answers'}\n{exc.stderr!r:.2000}") from exc
+                f"{stuck or 'the Docker engine answers'}\n{stderr[-3000:]}") from exc
         if check and result.returncode != 0:
             raise AssertionError(f"compose {' '.join(args)} exited {result.returncode}:\n"
                                  f"{result.stderr[-3000:]}")

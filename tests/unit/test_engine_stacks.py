@@ -1,5 +1,5 @@
 """What a compose test's failure says of a wedged Docker engine: the goroutines of dockerd's
-stack dump (deploy/docker-engine.sh stacks) blocked for minutes, grouped by stack."""
+stack dump (deploy/docker-engine.sh stacks) waiting on a lock for minutes, grouped by stack."""
 
 from tests.support.engine import long_blocked
 
@@ -23,6 +23,14 @@ goroutine 9 [select, 2 minutes]:
 github.com/docker/libnetwork.(*controller).watchLoop(0xc0005)
 \t/build/libnetwork/store.go:400 +0x10
 
+goroutine 11 [sync.Mutex.Lock, 3 minutes]:
+sync.(*Mutex).Lock(...)
+\t/usr/lib/go/src/sync/mutex.go:90
+github.com/docker/libnetwork.(*network).ID(0xc0006)
+\t/build/libnetwork/network.go:230 +0x3c
+github.com/docker/libnetwork.(*controller).processEndpointDelete(0xc0007, 0xc0008)
+\t/build/libnetwork/store.go:380 +0x1d
+
 goroutine 10 [IO wait]:
 internal/poll.runtime_pollWait(0x7f, 0x72)
 \t/usr/lib/go/src/runtime/netpoll.go:305 +0x89
@@ -35,10 +43,13 @@ def test_goroutines_blocked_for_minutes_grouped_by_stack_largest_group_first():
         "2 goroutine(s) [semacquire]:",
         "    sync.runtime_SemacquireMutex",
         "    github.com/docker/libnetwork.(*network).getSvcRecords",
-        "1 goroutine(s) [select]:",
-        "    github.com/docker/libnetwork.(*controller).watchLoop",
-    ]
+        "1 goroutine(s) [sync.Mutex.Lock]:",
+        "    sync.(*Mutex).Lock",
+        "    github.com/docker/libnetwork.(*network).ID",
+        "    github.com/docker/libnetwork.(*controller).processEndpointDelete",
+    ]  # not the select nor the I/O wait: idle, not waiting on a lock
 
 
 def test_none_blocked_that_long():
-    assert long_blocked(DUMP, min_minutes=20) == "no goroutine blocked for 20 minute(s) or more"
+    assert long_blocked(DUMP, min_minutes=20) == (
+        "no goroutine waiting on a lock for 20 minute(s) or more")
