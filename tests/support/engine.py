@@ -47,7 +47,7 @@ def long_blocked(stacks: str, *, min_minutes: int = 1, frames: int = 10, groups:
 
 def stuck_engine_report() -> str | None:
     """None when the engine answers (``engine_answers``); else one paragraph for a failure
-    message: the engine's goroutine stacks, and those blocked for minutes."""
+    message: the engine's goroutine stacks, and those waiting on a lock for minutes."""
     if engine_answers():
         return None
     stuck = "the Docker engine does not list containers or networks"
