@@ -232,9 +232,6 @@ class Invoker(FeedService):
         record = build_record(activation, outcome, self.config.invoker_id,
                               self.config.max_record_bytes)
         self.metrics.activations_by_status[outcome.status.label].inc()
-        log.debug("activation finished", activation_id=activation.activation_id,
-                  action=activation.action.name, status=outcome.status.label,
-                  duration_ms=outcome.end_ms - outcome.start_ms, start=outcome.start_kind)
         await self._deliver(PendingRecord(record, token, activation.blocking), handoff)
 
     async def _deliver(self, pending: PendingRecord, handoff: HandOff) -> None:

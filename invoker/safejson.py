@@ -39,6 +39,8 @@ from array import array
 from itertools import accumulate
 from typing import Any, NoReturn
 
+import orjson
+
 QUOTE_CHARS = 100  # of the input an error text quotes at most
 
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
@@ -80,6 +82,8 @@ def _finite_float(text: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 _FINITE_DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_refuse_constant)
 _NUMBER_SHAPE = bytes.maketrans(b"0123456789eE+-", b"0000000000ee++")
+# orjson reads an integer beyond 64 bits (-9223372036854775809 has 19 digits) as a float.
+_LONG_DIGITS = b"0" * 19
 
 
 def loads(raw: bytes | str, max_depth: int) -> Any:
@@ -87,7 +91,27 @@ def loads(raw: bytes | str, max_depth: int) -> Any:
 
     Raises :class:`JsonRejected` for anything it will not take (see the module docstring);
     MemoryError passes through.
+
+    Bytes within the depth cap go to orjson (it parses an activation message 4-6 times faster
+    than the standard parser, and refuses lone surrogate escapes, NaN and numbers out of range
+    as this module does) unless they hold a run of 19 digits or more (orjson reads an integer
+    beyond 64 bits as a float). What orjson refuses goes the standard way, so the reasons
+    given are always the standard path's; a property test holds the two paths to the same
+    answers.
     """
+    if isinstance(raw, bytes):
+        depth_ok = (raw.count(b"[") + raw.count(b"{") <= max_depth
+                    or nesting_depth(raw) <= max_depth)
+        if depth_ok and _LONG_DIGITS not in raw.translate(_NUMBER_SHAPE):
+            try:
+                return orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                pass  # the standard parser says why
+    return _loads_standard(raw, max_depth)
+
+
+def _loads_standard(raw: bytes | str, max_depth: int) -> Any:
+    """:func:`loads` with the standard library's parser."""
     if isinstance(raw, str):
         text = raw
         try:
@@ -150,12 +174,37 @@ def dumps(value: Any) -> bytes:
     """``value`` as compact UTF-8 JSON (not ASCII-escaped), as Kafka messages carry it.
 
     Raises ValueError for NaN or an infinite float, an integer longer than the interpreter
-    prints,
-    UnicodeEncodeError (a ValueError) for a string holding a lone surrogate, TypeError for a
-    value of no JSON type, RecursionError for nesting beyond the interpreter's recursion limit.
-    A value made of what :func:`loads` returned, plus ordinary str/int/bool/dict/list, raises
-    none of them.
+    prints, UnicodeEncodeError (a ValueError) for a string holding a lone surrogate, TypeError
+    for a value of no JSON type, RecursionError for nesting beyond the interpreter's recursion
+    limit. A value made of what :func:`loads` returned, plus ordinary str/int/bool/dict/list,
+    raises none of them.
+
+    orjson encodes (a record's members 5-10 times faster than the standard encoder); what it
+    refuses, and anything that came out holding a ``null`` (orjson writes NaN and the
+    infinities so), the standard encoder encodes again, and its result or error is the answer.
+    The two write the same JSON but for floats' exponents (orjson ``1e-7``, the standard
+    ``1e-07``); orjson also writes enum members and UUIDs by value, which the standard refused.
     """
+    try:
+        data = orjson.dumps(value, option=_ORJSON_OPTIONS)
+    except TypeError:  # an integer beyond 64 bits, a lone surrogate, a key that is no str...
+        return _dumps_standard(value)
+    if b"null" in data:
+        return _dumps_standard(value)
+    # A copy of its exact size: orjson's bytes keep the buffer it wrote into, 4 KiB at least
+    # (100,000 records of 84 bytes took 393 MiB), and tracemalloc counts what it reserved.
+    return bytes(memoryview(data))
+
+
+# Subclasses of str/int/dict/list, dataclasses and datetimes go to the standard encoder, as
+# orjson would otherwise write what the standard refuses or writes differently.
+_ORJSON_OPTIONS = (orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS
+                   | orjson.OPT_PASSTHROUGH_DATETIME)
+
+
+def _dumps_standard(value: Any) -> bytes:
+    """:func:`dumps` with the standard library's encoder: 5-10 times slower than orjson on a
+    record's members, the reference for what is refused and how."""
     if _encode_chunks is None:  # an interpreter without the C encoder
         return json.dumps(value, ensure_ascii=False, allow_nan=False,
                           separators=(",", ":")).encode("utf-8")

@@ -2,10 +2,19 @@ import json
 import sys
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from invoker.safejson import QUOTE_CHARS, JsonRejected, dumps, loads, nesting_depth, quote
+from invoker.safejson import (
+    QUOTE_CHARS,
+    JsonRejected,
+    _dumps_standard,
+    _loads_standard,
+    dumps,
+    loads,
+    nesting_depth,
+    quote,
+)
 from tests.support.memory import traced
 
 
@@ -147,6 +156,62 @@ def test_any_bytes_either_parse_or_are_rejected(raw):
         loads(raw, 8)
     except JsonRejected:
         pass
+
+
+def _outcome(parse, raw: bytes):
+    try:
+        value = parse(raw)
+    except JsonRejected as exc:
+        return "rejected", str(exc), exc.syntax
+    return "parsed", repr(value)  # repr tells 1 from 1.0 and -0.0 from 0.0
+
+
+_NUMBERS = st.sampled_from(["0", "-0", "-0.0", "1e400", "-1e400", "1e-400", "1.5e308",
+                            "18446744073709551615", "18446744073709551616",
+                            "-9223372036854775808", "-9223372036854775809", "9" * 19,
+                            "12345678901234567890.5", "0.1e1", "01", "1.", "2.5E+3"])
+_ESCAPES = st.sampled_from(["\\ud800", "\\udc00", "\\ud83d\\ude00", "\\u0000",
+                            "\\ud800\\u0041", "\\\\ud800", "\\x", "\\/"])
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.lists(st.sampled_from(list('[]{}":, 1aeE+-.\\')) | _NUMBERS | _ESCAPES
+                | st.sampled_from(["NaN", "Infinity", "true", "nul", "\x01", "\ufeff", "\xe9"]),
+                max_size=24).map("".join),
+       st.sampled_from([b"", b"\xef\xbb\xbf", b"\xed\xa0\x80", b"\xff"]), st.integers(0, 4))
+def test_orjson_and_the_standard_parser_give_the_same_answers(text, odd_bytes, at):
+    """loads parses with orjson where it may and the standard parser otherwise: whichever it
+    takes, the answer (value or reason) is the standard path's."""
+    raw = text.encode("utf-8", "surrogatepass")
+    raw = raw[:at] + odd_bytes + raw[at:]
+    assert _outcome(lambda r: loads(r, 4), raw) == _outcome(lambda r: _loads_standard(r, 4), raw)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(_JSON)
+def test_orjson_and_the_standard_parser_agree_on_json(value):
+    raw = json.dumps(value, ensure_ascii=False).encode()
+    assert _outcome(lambda r: loads(r, 64), raw) == _outcome(lambda r: _loads_standard(r, 64), raw)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text()
+                    | st.sampled_from(["a\ud800", 10**30, -(2**63) - 1, 2**64]),
+                    lambda children: st.lists(children, max_size=3)
+                    | st.dictionaries(st.text(max_size=3) | st.integers(), children, max_size=3),
+                    max_leaves=12))
+@example({"x": [float("nan")]})
+@example([1, float("-inf")])
+@example({"null": "null"})
+def test_dumps_writes_or_refuses_as_the_standard_encoder(value):
+    """Same value back, or the same error (orjson's NaN-as-null goes the standard way)."""
+    try:
+        expected = json.loads(_dumps_standard(value))
+    except (TypeError, ValueError, RecursionError) as exc:
+        with pytest.raises(type(exc)):
+            dumps(value)
+        return
+    assert json.loads(dumps(value)) == expected
 
 
 def test_dumps_is_compact_utf8_and_refuses_what_utf8_json_cannot_hold():
