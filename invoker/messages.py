@@ -26,7 +26,7 @@ from typing import Any
 
 from invoker.config import Config, limits_problem
 from invoker.model import Action, Activation, Limits, RawJson, Status
-from invoker.safejson import JsonRejected, dumps, loads, quote
+from invoker.safejson import JsonRejected, dumps_decoded, loads, quote
 
 _ACTIVATION_ID = re.compile(r"[0-9a-f]{32}")
 # OpenWhisk's entity names, 1-256 characters: no leading "_" (OpenWhisk's alias of the default
@@ -150,7 +150,7 @@ def decode_activation(raw: bytes, config: Config) -> Activation | Rejection:
     if not blackbox and code is None:
         return reject("The action has no code.")
     # Re-encoded, params can outgrow the message a little (1e15 -> 1000000000000000.0).
-    params_json = dumps(params)
+    params_json = dumps_decoded(params)
     if len(params_json) > config.max_message_bytes:
         return reject(f"The params take {len(params_json)} bytes as JSON, more than "
                       f"{config.max_message_bytes}.")

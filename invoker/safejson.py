@@ -196,6 +196,17 @@ def dumps(value: Any) -> bytes:
     return bytes(memoryview(data))
 
 
+def dumps_decoded(value: Any) -> bytes:
+    """:func:`dumps` of a value :func:`loads` returned (an action's answer, a message's params),
+    or one made of such values: it holds no NaN or infinity, so a ``null`` orjson writes is a
+    null and needs no second encoding (results often hold one). Raises as :func:`dumps`."""
+    try:
+        data = orjson.dumps(value, option=_ORJSON_OPTIONS)
+    except TypeError:  # an integer beyond 64 bits
+        return _dumps_standard(value)
+    return bytes(memoryview(data))
+
+
 # Subclasses of str/int/dict/list, dataclasses and datetimes go to the standard encoder, as
 # orjson would otherwise write what the standard refuses or writes differently.
 _ORJSON_OPTIONS = (orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS

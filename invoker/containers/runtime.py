@@ -35,7 +35,7 @@ import trio
 
 from invoker.config import Config
 from invoker.model import Action, Activation, RawJson, Status
-from invoker.safejson import QUOTE_CHARS, JsonRejected, dumps, loads
+from invoker.safejson import QUOTE_CHARS, JsonRejected, dumps, dumps_decoded, loads
 
 # OpenWhisk's messages (common/scala/.../core/entity/ActivationResult.scala and Messages.scala)
 MSG_TIMEOUT = "The action exceeded its time limits of {ms} milliseconds."
@@ -568,7 +568,7 @@ def _invalid_json(body: bytes, why: str) -> str:
 def _error_kept(error: object, max_bytes: int) -> dict[str, Any] | RawJson:
     """The result of a runtime's error answer: its ``error`` member, kept encoded (cut like a
     long answer when encoded again it passes ``max_bytes``)."""
-    data = dumps({"error": error})
+    data = dumps_decoded({"error": error})
     if len(data) > max_bytes:
         return {"error": MSG_TRUNCATED.format(n=len(data), max=max_bytes)}
     return RawJson(data)
@@ -594,7 +594,7 @@ def interpret_run(resp: RuntimeResponse, max_bytes: int, max_depth: int = Config
     if resp.status_code == 200:
         if obj is None:
             return Status.DEVELOPER_ERROR, {"error": _invalid_json(resp.body, why)}
-        data = dumps(obj)
+        data = dumps_decoded(obj)
         if len(data) > max_bytes:
             return truncated_result(len(data), max_bytes)
         return (Status.APPLICATION_ERROR if "error" in obj else Status.SUCCESS), RawJson(data)

@@ -11,6 +11,7 @@ from invoker.safejson import (
     _dumps_standard,
     _loads_standard,
     dumps,
+    dumps_decoded,
     loads,
     nesting_depth,
     quote,
@@ -212,6 +213,14 @@ def test_dumps_writes_or_refuses_as_the_standard_encoder(value):
             dumps(value)
         return
     assert json.loads(dumps(value)) == expected
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(_JSON)
+@example({"n": None, "big": 10**30, "neg": -(2**63) - 1, "f": 1e15})
+def test_dumps_decoded_writes_what_dumps_writes_for_what_loads_returned(value):
+    decoded = loads(json.dumps(value, ensure_ascii=False).encode(), 64)
+    assert json.loads(dumps_decoded(decoded)) == json.loads(dumps(decoded)) == value
 
 
 def test_dumps_is_compact_utf8_and_refuses_what_utf8_json_cannot_hold():
