@@ -167,16 +167,19 @@ def _failed_too_large(future: FutureRecordMetadata | None) -> bool:
 class _Answers:
     """Waits on the trio thread until every one of some produce futures is answered, or one
     of them failed (its retry need not wait for the others). Their callbacks run on the
-    producer's network thread (or at once, for a future already answered) and hand over to
-    trio; one that comes after the wait ended (cancelled) changes nothing."""
+    producer's network thread (or at once, for a future already answered) and count there;
+    only the answer that ends the wait hands over to trio (a hand-over per answer cost a
+    wake-up of trio's loop each: a write to its wake-up socket, a turn of its entry queue).
+    One that comes after the wait ended (cancelled) changes nothing."""
 
-    __slots__ = ("_left", "_answered", "_token", "_over")
+    __slots__ = ("_left", "_lock", "_answered", "_token", "_over")
 
     def __init__(self, futures: list[FutureRecordMetadata]) -> None:
         self._left = len(futures)
+        self._lock = threading.Lock()  # the network thread's callbacks, and the trio thread's
         self._answered = trio.Event()
         self._token = trio.lowlevel.current_trio_token()
-        self._over = False  # the wait ended: later answers are the next round's business
+        self._over = False  # the wait ended, or its end was handed over: no more hand-overs
         for future in futures:
             future.add_both(self._on_answer)
 
@@ -184,22 +187,20 @@ class _Answers:
         try:
             await self._answered.wait()
         finally:
-            self._over = True
+            with self._lock:
+                self._over = True
 
     def _on_answer(self, value: object) -> None:
         """Any thread."""
-        if self._over:
-            return
+        with self._lock:
+            self._left -= 1
+            if self._over or (self._left and not isinstance(value, BaseException)):
+                return
+            self._over = True
         try:
-            self._token.run_sync_soon(self._counted, isinstance(value, BaseException))
+            self._token.run_sync_soon(self._answered.set)
         except trio.RunFinishedError:
             pass  # the daemon is gone: nobody waits
-
-    def _counted(self, failed: bool) -> None:
-        """The trio thread."""
-        self._left -= 1
-        if failed or not self._left:
-            self._answered.set()
 
 
 HEADER_TEXT_CHARS = 1000  # of a text header (a dead letter's reason)

@@ -6,7 +6,9 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
+import trio
 from kafka import errors as kafka_errors
+from kafka.future import Future
 from kafka.record.default_records import DefaultRecordBatchBuilder
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,6 +20,7 @@ from invoker.kafka_io import (
     OutgoingMessage,
     Refusal,
     Unpublishable,
+    _Answers,
     header_text,
     never_succeeds,
     record_batch_bytes,
@@ -195,3 +198,41 @@ def test_header_text_never_raises_and_is_bounded():
     long = header_text("x" * 5000)
     assert len(long) == 1000 and long.endswith(b"...")
     assert header_text("y" * 50, limit=20) == b"y" * 17 + b"..."
+
+
+# _Answers uses what a produce future has of kafka-python's Future: add_both.
+async def test_answers_wait_for_every_future_from_the_network_thread():
+    """The wait ends once the last answer came (each from another thread, as kafka-python's
+    network thread answers), not at the first."""
+    futures = [Future() for _ in range(3)]
+    answers = _Answers(futures)  # type: ignore[arg-type]
+    done: list[bool] = []
+
+    async def wait() -> None:
+        await answers.wait()
+        done.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        for future in futures[:2]:
+            await trio.to_thread.run_sync(future.success, "ack")
+            await trio.sleep(0.01)
+            assert not done
+        await trio.to_thread.run_sync(futures[2].success, "ack")
+    assert done
+
+
+async def test_answers_end_at_the_first_failure_and_ignore_what_comes_later():
+    futures = [Future() for _ in range(3)]
+    futures[0].success("already answered")  # answered before the wait: counted at once
+    answers = _Answers(futures)  # type: ignore[arg-type]
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answers.wait)
+            await trio.to_thread.run_sync(futures[1].failure, kafka_errors.KafkaTimeoutError())
+    await trio.to_thread.run_sync(futures[2].success, "late")  # the wait is over: no effect
+
+    cancelled = _Answers([Future()])  # type: ignore[arg-type]
+    with trio.move_on_after(0.01):
+        await cancelled.wait()
+    assert cancelled._over  # noqa: SLF001 - an answer after a cancelled wait hands nothing over
