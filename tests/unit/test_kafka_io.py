@@ -200,39 +200,63 @@ def test_header_text_never_raises_and_is_bounded():
     assert header_text("y" * 50, limit=20) == b"y" * 17 + b"..."
 
 
-# _Answers uses what a produce future has of kafka-python's Future: add_both.
-async def test_answers_wait_for_every_future_from_the_network_thread():
-    """The wait ends once the last answer came (each from another thread, as kafka-python's
-    network thread answers), not at the first."""
-    futures = [Future() for _ in range(3)]
+class _CountingToken:
+    """Stands for trio's token: counts the hand-overs to trio, then makes them."""
+
+    def __init__(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self.handovers = 0
+
+    def run_sync_soon(self, fn, *args) -> None:  # noqa: ANN001
+        self.handovers += 1
+        self.token.run_sync_soon(fn, *args)
+
+
+def _answers(futures: list[Future]) -> tuple[_Answers, _CountingToken]:
+    """_Answers over kafka-python's own Futures (it uses their add_both, as of a produce
+    future's), with its hand-overs to trio counted."""
     answers = _Answers(futures)  # type: ignore[arg-type]
+    token = _CountingToken()
+    answers._token = token  # type: ignore[assignment]  # noqa: SLF001
+    return answers, token
+
+
+async def test_answers_wait_for_every_future_and_hand_over_once():
+    """The wait ends once the last answer came (each from another thread, as kafka-python's
+    network thread answers), not at the first, and only that answer wakes trio."""
+    futures = [Future() for _ in range(3)]
+    answers, token = _answers(futures)
     done: list[bool] = []
 
     async def wait() -> None:
         await answers.wait()
         done.append(True)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(wait)
-        for future in futures[:2]:
-            await trio.to_thread.run_sync(future.success, "ack")
-            await trio.sleep(0.01)
-            assert not done
-        await trio.to_thread.run_sync(futures[2].success, "ack")
-    assert done
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            for future in futures[:2]:
+                await trio.to_thread.run_sync(future.success, "ack")
+                await trio.sleep(0.01)
+                assert not done
+            await trio.to_thread.run_sync(futures[2].success, "ack")
+    assert done and token.handovers == 1
 
 
 async def test_answers_end_at_the_first_failure_and_ignore_what_comes_later():
     futures = [Future() for _ in range(3)]
     futures[0].success("already answered")  # answered before the wait: counted at once
-    answers = _Answers(futures)  # type: ignore[arg-type]
+    answers, token = _answers(futures)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(answers.wait)
             await trio.to_thread.run_sync(futures[1].failure, kafka_errors.KafkaTimeoutError())
-    await trio.to_thread.run_sync(futures[2].success, "late")  # the wait is over: no effect
+    await trio.to_thread.run_sync(futures[2].success, "late")
+    assert token.handovers == 1
 
-    cancelled = _Answers([Future()])  # type: ignore[arg-type]
+    late = Future()
+    cancelled, token = _answers([late])
     with trio.move_on_after(0.01):
         await cancelled.wait()
-    assert cancelled._over  # noqa: SLF001 - an answer after a cancelled wait hands nothing over
+    await trio.to_thread.run_sync(late.success, "after the wait was cancelled")
+    assert token.handovers == 0
