@@ -97,3 +97,17 @@ def test_missing_blocking_means_not_blocking():
     raw = json.loads(envelope())
     del raw["blocking"]
     assert decode(json.dumps(raw).encode(), 64).blocking is False
+
+
+def test_a_record_encoded_again_by_the_recorder_keeps_its_bytes():
+    """The invoker encodes an action's answer once; the recorder decodes the envelope and
+    encodes the record again: the same bytes, so a record within max_record_bytes stays so
+    (floats orjson and the standard encoder write differently, with a null beside them)."""
+    from invoker.containers.runtime import RuntimeResponse, interpret_run
+    from invoker.records import encode as encode_record
+
+    answer = json.dumps({"p": [3.2e-07, 3.2e-05, 1e16, 0.1], "n": None}).encode()
+    status, result = interpret_run(RuntimeResponse(200, answer), 1 << 20)
+    built = record(result, status)
+    again = encode_record(decode(encode(OverflowedRecord(built, True, "inv-1")), 64).record)
+    assert again.data == built.data
