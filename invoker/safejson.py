@@ -92,12 +92,12 @@ def loads(raw: bytes | str, max_depth: int) -> Any:
     Raises :class:`JsonRejected` for anything it will not take (see the module docstring);
     MemoryError passes through.
 
-    Bytes within the depth cap go to orjson (it parses an activation message 4-6 times faster
-    than the standard parser, and refuses lone surrogate escapes, NaN and numbers out of range
-    as this module does) unless they hold a run of 19 digits or more (orjson reads an integer
-    beyond 64 bits as a float). What orjson refuses goes the standard way, so the reasons
-    given are always the standard path's; a property test holds the two paths to the same
-    answers.
+    Bytes within the depth cap go to orjson (it parses an activation message ~4 times faster
+    than the standard parser, 5.3 -> 2.4 us with this module's checks; it refuses lone
+    surrogate escapes, NaN and numbers out of range as this module does) unless they hold a run
+    of 19 digits or more (orjson reads an integer beyond 64 bits as a float). What orjson
+    refuses goes the standard way, so the reasons given are always the standard path's; a
+    property test holds the two paths to the same answers.
     """
     too_deep: bool | None = None
     if isinstance(raw, bytes):
@@ -187,7 +187,8 @@ def dumps(value: Any) -> bytes:
     limit. A value made of what :func:`loads` returned, plus ordinary str/int/bool/dict/list,
     raises none of them.
 
-    orjson encodes (a record's members 5-10 times faster than the standard encoder). What it
+    orjson encodes (a record's members 2-3.5 times faster than the standard encoder, the copy
+    of its output included). What it
     refuses the standard encoder encodes, and its result or error is the answer. Output that
     holds a ``null`` (orjson writes NaN and the infinities so) is encoded by the standard
     encoder too, but only to raise as it does: the answer stays orjson's, so that a value
@@ -225,8 +226,8 @@ _ORJSON_OPTIONS = (orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATA
 
 
 def _dumps_standard(value: Any) -> bytes:
-    """:func:`dumps` with the standard library's encoder: 5-10 times slower than orjson on a
-    record's members, the reference for what is refused and how."""
+    """:func:`dumps` with the standard library's encoder: the reference for what is refused
+    and how."""
     if _encode_chunks is None:  # an interpreter without the C encoder
         return json.dumps(value, ensure_ascii=False, allow_nan=False,
                           separators=(",", ":")).encode("utf-8")
