@@ -79,10 +79,10 @@ class Action:
         """
         digest = self._code_digest
         if digest is None:
-            # repr quotes and escapes each string, so the header ends at its newline
-            # (json.dumps made an encoder per call: most of the time it took)
+            # repr quotes and escapes each string (lone surrogates too), so the header ends at
+            # its newline (json.dumps made an encoder per call: most of the time it took)
             header = repr((self.kind, self.image, self.main, self.binary, self.code is None))
-            h = hashlib.sha256(header.encode("utf-8", "surrogatepass"))
+            h = hashlib.sha256(header.encode())
             h.update(b"\n")
             # surrogatepass: hashing never fails, whatever the string holds (the decoder refuses
             # lone surrogates, but an Action can be built by other code too)

@@ -99,15 +99,16 @@ def loads(raw: bytes | str, max_depth: int) -> Any:
     refuses goes the standard way, so the reasons given are always the standard path's; a
     property test holds the two paths to the same answers.
     """
-    too_deep: bool | None = None
-    if isinstance(raw, bytes):
-        too_deep = _too_deep(raw, max_depth)
-        if not too_deep and _LONG_DIGITS not in raw.translate(_NUMBER_SHAPE):
-            try:
-                return orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                pass  # the standard parser says why
-    return _loads_standard(raw, max_depth, too_deep=too_deep)
+    if not isinstance(raw, bytes):
+        return _loads_standard(raw, max_depth)
+    too_deep = _too_deep(raw, max_depth)
+    shape = raw.translate(_NUMBER_SHAPE)
+    if not too_deep and _LONG_DIGITS not in shape:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass  # the standard parser says why
+    return _loads_standard(raw, max_depth, scanned=(too_deep, shape))
 
 
 def _too_deep(data: bytes, max_depth: int) -> bool:
@@ -116,9 +117,11 @@ def _too_deep(data: bytes, max_depth: int) -> bool:
     return nesting_depth(data) > max_depth
 
 
-def _loads_standard(raw: bytes | str, max_depth: int, *, too_deep: bool | None = None) -> Any:
-    """:func:`loads` with the standard library's parser; ``too_deep``, if not None, is
-    :func:`_too_deep` of ``raw`` (found already: the scan of 1 MiB can take 50 ms)."""
+def _loads_standard(raw: bytes | str, max_depth: int, *,
+                    scanned: tuple[bool, bytes] | None = None) -> Any:
+    """:func:`loads` with the standard library's parser. ``scanned``: what :func:`loads` found
+    of ``raw`` already, :func:`_too_deep` and its number shape (the depth scan of 1 MiB can take
+    50 ms, and whatever orjson refused would otherwise be scanned twice)."""
     if isinstance(raw, str):
         text = raw
         try:
@@ -135,12 +138,12 @@ def _loads_standard(raw: bytes | str, max_depth: int, *, too_deep: bool | None =
     if text.startswith("\ufeff"):
         raise JsonRejected("starts with a byte order mark (JSON is UTF-8 without one)",
                            syntax=True)
-    if _too_deep(data, max_depth) if too_deep is None else too_deep:
+    too_deep, shape = scanned or (_too_deep(data, max_depth), data.translate(_NUMBER_SHAPE))
+    if too_deep:
         raise JsonRejected(f"nested deeper than {max_depth} levels", syntax=False)
     if _SURROGATE_ESCAPE.search(data) and _has_lone_surrogate(data):
         raise JsonRejected("holds a lone surrogate escape (\\ud800-\\udfff without its pair)",
                            syntax=False)
-    shape = data.translate(_NUMBER_SHAPE)
     may_overflow = b"e000" in shape or b"e+000" in shape or b"0" * 200 in shape
     try:
         return (_FINITE_DECODER if may_overflow else _DECODER).decode(text)
@@ -187,35 +190,34 @@ def dumps(value: Any) -> bytes:
     limit. A value made of what :func:`loads` returned, plus ordinary str/int/bool/dict/list,
     raises none of them.
 
-    orjson encodes (a record's members 2-3.5 times faster than the standard encoder, the copy
-    of its output included). What it
-    refuses the standard encoder encodes, and its result or error is the answer. Output that
-    holds a ``null`` (orjson writes NaN and the infinities so) is encoded by the standard
+    :func:`dumps_decoded` encodes (orjson; what orjson refuses, the standard encoder). Output
+    that holds a ``null`` (orjson writes NaN and the infinities so) is encoded by the standard
     encoder too, but only to raise as it does: the answer stays orjson's, so that a value
     encoded again (a record in an overflow envelope, read back by the recorder) comes out in
     the same bytes. The two write the same JSON but for floats' notation (orjson ``3.2e-7`` and
     ``0.000032``, the standard ``3.2e-07`` and ``3.2e-05``); orjson also writes enum members
     and UUIDs by value, which the standard refused.
     """
-    try:
-        data = orjson.dumps(value, option=_ORJSON_OPTIONS)
-    except TypeError:  # an integer beyond 64 bits, a lone surrogate, a key that is no str...
-        return _dumps_standard(value)
+    data = dumps_decoded(value)
     if b"null" in data:
         _dumps_standard(value)  # raises for NaN and the infinities
-    # A copy of its exact size: orjson's bytes keep the buffer it wrote into, 4 KiB at least
-    # (100,000 records of 84 bytes took 393 MiB), and tracemalloc counts what it reserved.
-    return bytes(memoryview(data))
+    return data
 
 
 def dumps_decoded(value: Any) -> bytes:
     """:func:`dumps` of a value :func:`loads` returned (an action's answer, a message's params),
     or one made of such values: it holds no NaN or infinity, so a ``null`` orjson writes is a
-    null and needs no second encoding (results often hold one). Raises as :func:`dumps`."""
+    null and needs no second encoding (results often hold one). Raises as :func:`dumps`.
+
+    orjson encodes (a record's members 2-3.5 times faster than the standard encoder, the copy
+    of its output included); what it refuses (an integer beyond 64 bits, a lone surrogate, a
+    key that is no str, a subclass...) the standard encoder encodes, or refuses."""
     try:
         data = orjson.dumps(value, option=_ORJSON_OPTIONS)
-    except TypeError:  # an integer beyond 64 bits
+    except TypeError:
         return _dumps_standard(value)
+    # A copy of its exact size: orjson's bytes keep the buffer it wrote into, 4 KiB at least
+    # (100,000 records of 84 bytes took 393 MiB), and tracemalloc counts what it reserved.
     return bytes(memoryview(data))
 
 
