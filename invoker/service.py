@@ -518,14 +518,17 @@ class FeedService:
     async def enqueue(self, pending: PendingRecord, timeout_s: float | None = None) -> bool:
         """Put a record into the bounded record channel. Blocks while the channel is full, at
         most ``timeout_s`` if given (0: not at all); False if it did not get in. How long it
-        waited counts in the ``enqueue_wait`` stage when it got in."""
+        waited counts in the ``enqueue_wait`` stage when it got in.
+
+        With room in the channel it takes no checkpoint: the caller's task ends next, and a
+        scheduler turn per activation for nothing was ~3 % of the trio thread's time."""
         started = time.perf_counter()
-        if timeout_s is None:
-            await self.record_tx.send(pending)
-        else:
-            try:
-                self.record_tx.send_nowait(pending)
-            except trio.WouldBlock:
+        try:
+            self.record_tx.send_nowait(pending)
+        except trio.WouldBlock:
+            if timeout_s is None:
+                await self.record_tx.send(pending)
+            else:
                 with trio.move_on_after(timeout_s) as waited:
                     await self.record_tx.send(pending)
                 if waited.cancelled_caught:

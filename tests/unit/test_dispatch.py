@@ -7,6 +7,7 @@ import trio
 import trio.testing
 from kafka.structs import TopicPartition
 
+from invoker.batcher import PendingRecord
 from invoker.config import Config
 from invoker.daemon import Invoker
 from invoker.feed import FeedMessage
@@ -81,3 +82,20 @@ async def test_the_uncommitted_offsets_bound_stops_the_batch() -> None:
     assert started == [0, 1, 2]  # the fourth waits for an offset to commit
     assert free == 4  # the dispatcher holds the fourth one's slot while it waits
     assert invoker.tracker.outstanding() == 3
+
+
+async def test_a_record_with_room_is_enqueued_without_a_checkpoint() -> None:
+    """With room in the record channel, enqueueing takes no scheduler turn (and so cannot be
+    cancelled: a record made is handed on); with none, it waits, as long as it may."""
+    invoker = Invoker(Config(record_channel_size=1, record_channel_low_watermark=0))
+    pending = PendingRecord({"activationId": "a" * 32}, None, False)
+    with trio.CancelScope() as scope:
+        scope.cancel()  # any checkpoint would raise Cancelled
+        assert await invoker.enqueue(pending)
+    assert invoker._record_rx.receive_nowait() is pending
+    assert await invoker.enqueue(pending)
+    assert not await invoker.enqueue(pending, timeout_s=0.01)
+    with trio.move_on_after(0.01) as waited:
+        await invoker.enqueue(pending)
+    assert waited.cancelled_caught
+    assert invoker.record_depth() == 1
