@@ -15,6 +15,7 @@ from typing import Any
 
 from invoker.messages import Rejection
 from invoker.model import Activation, InvocationResult, RawJson, Status
+from invoker.safejson import SPLICE, dumps_splicing
 from store import EncodedRecord, doc_id_for, encode_json
 
 LOGS_DROPPED_MARKER = "Logs were dropped because the record exceeded its size limit."
@@ -111,14 +112,24 @@ def encode(record: Mapping[str, Any], result_json: bytes | None = None) -> Encod
     knowing where ``response.result`` lies in it. ``result_json`` is that result already
     encoded, if it is. Raises UnencodableRecord.
 
-    The JSON is assembled from the members before ``response``, the response's members around
-    ``result``, the result, and the members after: each encoded once, none twice.
+    The record is encoded around its result, into which the result's JSON is spliced: each
+    part encoded once, none twice. Where orjson refuses the record (a big integer read from an
+    overflow envelope), the members before ``response``, the response's members around
+    ``result`` and the members after are encoded apart and joined around the result.
     """
     response = record.get("response")
     if not isinstance(response, dict) or "result" not in response:
         return EncodedRecord(record, encode_json(record), None)
     if result_json is None:
         result_json = encode_json(response["result"])
+    try:
+        spliced = dumps_splicing({**record, "response": {**response, "result": SPLICE}},
+                                 result_json)
+    except (TypeError, ValueError):
+        spliced = None  # encoding the parts apart says why
+    if spliced is not None:
+        data, start = spliced
+        return EncodedRecord(record, data, slice(start, start + len(result_json)))
     outer_before, outer_after = _members_around(record, "response")
     inner_before, inner_after = _members_around(response, "result")
     head = b"".join((b"{", outer_before, b'"response":{', inner_before, b'"result":'))

@@ -221,6 +221,32 @@ def dumps_decoded(value: Any) -> bytes:
     return bytes(memoryview(data))
 
 
+# Holds the place of the JSON dumps_splicing writes in: one NUL byte, which orjson writes nowhere
+# else (it escapes control characters in strings and keys), so it marks that place alone.
+SPLICE = orjson.Fragment(b"\x00")
+
+
+def dumps_splicing(value: Any, raw: bytes) -> tuple[bytes, int] | None:
+    """:func:`dumps` of ``value`` with ``raw`` (JSON already encoded, copied as it is) where
+    ``value`` holds :data:`SPLICE` (once), and where ``raw`` begins in the answer: a record
+    around a result its action answered, in one encoding instead of one per part. None where
+    orjson refuses ``value`` (see :func:`dumps_decoded`): the caller encodes it otherwise.
+    Raises ValueError for NaN and the infinities, as :func:`dumps`."""
+    try:
+        marked = orjson.dumps(value, option=_ORJSON_OPTIONS)
+    except TypeError:
+        return None
+    if b"null" in marked:  # NaN or an infinity, or a null: the standard encoder tells which
+        json.dumps(value, allow_nan=False, default=_splice_as_null)
+    at = marked.index(b"\x00")
+    return b"".join((marked[:at], raw, marked[at + 1:])), at
+
+
+def _splice_as_null(value: Any) -> None:
+    if value is not SPLICE:
+        _not_json(value)
+
+
 # Subclasses of str/int/dict/list, dataclasses and datetimes go to the standard encoder, as
 # orjson would otherwise write what the standard refuses or writes differently.
 _ORJSON_OPTIONS = (orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS

@@ -173,6 +173,9 @@ def test_a_built_record_carries_the_bytes_the_stores_wrote_before(make):
     {"a": 1, "response": {"result": None, "size": 4}},
     {"response": {"x": True, "result": "s"}, "z": []},
     {1: "int key", "response": {"result": {}}, "tail": {"deep": [[[]]]}},
+    # what marks the result's place, and its key, in strings around it
+    {"a": ',"result":{}\x00', "response": {"\x00": "\x00", "result": {"x": "\x00"}}, "z": "\x00"},
+    {"big": 2**64, "response": {"result": [2**70]}},  # orjson refuses: encoded in parts
 ])
 def test_encoding_any_record_gives_the_bytes_of_encoding_it_whole(record):
     encoded = encode(record)
@@ -207,6 +210,9 @@ def test_a_record_no_encoder_can_write_is_refused_when_built():
         build_record(ACT, result(logs=["a\ud800b"]), "inv0", 1 << 20)
     with pytest.raises(UnencodableRecord):
         build_record(ACT, result(res={"x": float("nan")}), "inv0", 1 << 20)
+    for member in (float("nan"), -float("inf"), "a\ud800", {1, 2}):
+        with pytest.raises(UnencodableRecord, match="record is not JSON"):
+            encode({"x": member, "response": {"result": {}}})
 
 
 @pytest.mark.parametrize("value", [

@@ -1,17 +1,20 @@
 import json
 import sys
 
+import orjson
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from invoker.safejson import (
     QUOTE_CHARS,
+    SPLICE,
     JsonRejected,
     _dumps_standard,
     _loads_standard,
     dumps,
     dumps_decoded,
+    dumps_splicing,
     loads,
     nesting_depth,
     quote,
@@ -228,6 +231,37 @@ def test_dumps_decoded_writes_what_dumps_writes_for_what_loads_returned(value):
     decoded = loads(json.dumps(value, ensure_ascii=False).encode(), 64)
     assert dumps_decoded(decoded) == dumps(decoded)
     assert json.loads(dumps(decoded)) == value
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(_JSON, _JSON, st.lists(_TRICKY_TEXT | st.just("\x00"), max_size=3))
+@example({"a": "\x00", "\x00": [0]}, "\x00", ["\x00"])
+def test_dumps_splicing_writes_what_dumps_writes_with_the_spliced_json_in_place(
+        around, inner, path):
+    """Wherever SPLICE sits (keys and strings holding NUL bytes included), the answer is the
+    bytes of encoding the whole, and it says where the spliced JSON lies in them."""
+    raw = dumps(inner)
+    value, whole = SPLICE, inner
+    for key in path:
+        value, whole = {key: value, "around": around}, {key: whole, "around": around}
+    spliced = dumps_splicing(value, raw)
+    if spliced is None:  # left to the caller: only what orjson refuses (integers beyond 64 bits)
+        with pytest.raises(TypeError):
+            orjson.dumps(whole)
+        return
+    data, start = spliced
+    assert data == dumps(whole)
+    assert data[start:start + len(raw)] == raw
+
+
+def test_dumps_splicing_refuses_as_dumps_or_leaves_it_to_the_caller():
+    with pytest.raises(ValueError):
+        dumps_splicing({"x": float("nan"), "r": SPLICE}, b"1")
+    assert dumps_splicing({"n": None, "r": SPLICE}, b"[]") == (b'{"n":null,"r":[]}', 14)
+    # what orjson refuses: the caller encodes it otherwise (and learns why from dumps)
+    for refused in ({"big": 2**64, "r": SPLICE}, {1: "int key", "r": SPLICE},
+                    {"s": "a\ud800", "r": SPLICE}):
+        assert dumps_splicing(refused, b"{}") is None
 
 
 def test_dumps_is_compact_utf8_and_refuses_what_utf8_json_cannot_hold():
