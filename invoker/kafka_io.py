@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import random
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -61,6 +62,46 @@ _NEVER_SUCCEED = (*_TOO_LARGE, kafka_errors.InvalidTopicError,
                   kafka_errors.CorruptRecordError, kafka_errors.InvalidTimestampError,
                   kafka_errors.UnsupportedForMessageFormatError,
                   kafka_errors.UnsupportedVersionError)
+
+
+_MURMUR2_M = 0x5BD1E995
+_WORDS = [struct.Struct(f"<{n}I") for n in range(64)]  # the little-endian words of a key
+
+
+def murmur2(key: bytes) -> int:
+    """Kafka's murmur2 hash of ``key`` (``Utils.murmur2`` of the Java client), as
+    ``kafka.partitioner.default.murmur2`` computes it, a word at a time: 2.4 us for an
+    activation id against 5.2 (kafka-python assembles each word from bytes and masks after
+    every step). With its partitioner's overhead, a fifth of what ``send()`` cost the trio
+    thread per completion (26-30 us against 33-36)."""
+    length = len(key)
+    count = length // 4
+    words = (_WORDS[count] if count < len(_WORDS) else struct.Struct(f"<{count}I"))
+    h = 0x9747B28C ^ length
+    for k in words.unpack_from(key):
+        k = (k * _MURMUR2_M) & 0xFFFFFFFF
+        k = ((k ^ (k >> 24)) * _MURMUR2_M) & 0xFFFFFFFF
+        h = ((h * _MURMUR2_M) & 0xFFFFFFFF) ^ k
+    tail = length & 3
+    if tail:
+        at = length - tail
+        if tail == 3:
+            h ^= key[at + 2] << 16
+        if tail >= 2:
+            h ^= key[at + 1] << 8
+        h = ((h ^ key[at]) * _MURMUR2_M) & 0xFFFFFFFF
+    h = ((h ^ (h >> 13)) * _MURMUR2_M) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def key_partition(key: bytes | None, all_partitions: Sequence[int],
+                  available: Sequence[int]) -> int:
+    """kafka-python's ``DefaultPartitioner`` (the Java client's for a key: murmur2 of the key
+    modulo the partitions) with :func:`murmur2`: a message lands where the Java client would
+    put it. A message without a key goes to a random available partition."""
+    if key is None:
+        return random.choice(available or all_partitions)
+    return all_partitions[(murmur2(key) & 0x7FFFFFFF) % len(all_partitions)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +274,7 @@ class Publisher:
             acks="all",
             enable_idempotence=True,
             linger_ms=linger_ms,
+            partitioner=key_partition,
             max_request_size=max_message_bytes,
             # A missing topic is waited for (and reported stuck), not created by the brokers
             # with their defaults (such as a smaller max.message.bytes than ensure_topics sets).

@@ -7,8 +7,12 @@ from functools import partial
 
 import pytest
 import trio
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from kafka import errors as kafka_errors
 from kafka.future import Future
+from kafka.partitioner.default import DefaultPartitioner
+from kafka.partitioner.default import murmur2 as kafka_murmur2
 from kafka.record.default_records import DefaultRecordBatchBuilder
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,6 +26,8 @@ from invoker.kafka_io import (
     Unpublishable,
     _Answers,
     header_text,
+    key_partition,
+    murmur2,
     never_succeeds,
     record_batch_bytes,
     value_room,
@@ -260,3 +266,20 @@ async def test_answers_end_at_the_first_failure_and_ignore_what_comes_later():
         await cancelled.wait()
     await trio.to_thread.run_sync(late.success, "after the wait was cancelled")
     assert token.handovers == 0
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(st.binary(max_size=300), st.integers(min_value=1, max_value=64))
+@example(b"", 1)
+@example(b"\xff" * 7, 3)
+@example(b"0123456789abcdef0123456789abcdef", 8)  # an activation id
+def test_a_keyed_message_goes_where_kafka_pythons_default_partitioner_puts_it(key, count):
+    assert murmur2(key) == kafka_murmur2(key)
+    partitions = list(range(count))
+    assert key_partition(key, partitions, partitions) == DefaultPartitioner()(
+        key, partitions, partitions)
+
+
+def test_a_message_without_a_key_goes_to_an_available_partition():
+    assert {key_partition(None, [0, 1, 2, 3], [2]) for _ in range(20)} == {2}
+    assert key_partition(None, [5], []) == 5  # none available: any of them
