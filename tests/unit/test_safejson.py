@@ -260,7 +260,7 @@ def test_dumps_splicing_refuses_as_dumps_or_leaves_it_to_the_caller():
     assert dumps_splicing({"n": None, "r": SPLICE}, b"[]") == (b'{"n":null,"r":[]}', 14)
     # what orjson refuses: the caller encodes it otherwise (and learns why from dumps)
     for refused in ({"big": 2**64, "r": SPLICE}, {1: "int key", "r": SPLICE},
-                    {"s": "a\ud800", "r": SPLICE}):
+                    {"s": "a\ud800", "r": SPLICE}, {"f": orjson.Fragment(b"\x00"), "r": SPLICE}):
         assert dumps_splicing(refused, b"{}") is None
 
 
