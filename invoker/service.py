@@ -521,7 +521,7 @@ class FeedService:
         waited counts in the ``enqueue_wait`` stage when it got in.
 
         With room in the channel it takes no checkpoint: the caller's task ends next, and a
-        scheduler turn per activation for nothing was ~3 % of the trio thread's time."""
+        turn of the scheduler per activation for nothing cost a task step (~5 us here)."""
         started = time.perf_counter()
         try:
             self.record_tx.send_nowait(pending)
