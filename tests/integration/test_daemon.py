@@ -165,8 +165,11 @@ def test_store_outage_pauses_retries_and_recovers(daemons, topics, couchdb_url, 
                      record_channel_low_watermark=2, batch_size=4, max_writes_in_flight=1,
                      backoff_initial_ms=50, backoff_max_ms=1000, store_timeout_s=2)
     result: dict = {}
+    # 200 ms actions at 30/s want 6 of the 4 slots: when the feed pauses, every slot holds an
+    # activation, which then waits for the full channel. (No-op actions at 30/s left the slots
+    # empty when the pause came between two messages, and the check below timed out.)
     loader = threading.Thread(target=lambda: result.update(report=run_load(
-        load_spec(topics, couchdb_url, [daemon], actions=["noop"], count=120, rate=30))))
+        load_spec(topics, couchdb_url, [daemon], actions=["sleep:200"], count=120, rate=30))))
     loader.start()
     wait_for(lambda: daemon.metrics()["invoker_records_stored_total"] >= 5, 60,
              "some records stored before the outage")
