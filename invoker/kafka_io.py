@@ -65,7 +65,6 @@ _NEVER_SUCCEED = (*_TOO_LARGE, kafka_errors.InvalidTopicError,
 
 
 _MURMUR2_M = 0x5BD1E995
-_WORDS = [struct.Struct(f"<{n}I") for n in range(64)]  # the little-endian words of a key
 
 
 def murmur2(key: bytes) -> int:
@@ -75,10 +74,8 @@ def murmur2(key: bytes) -> int:
     every step). As the producers' partitioner it took kafka-python's ``send()`` on the trio
     thread from 33-36 to 26-30 us per completion."""
     length = len(key)
-    count = length // 4
-    words = (_WORDS[count] if count < len(_WORDS) else struct.Struct(f"<{count}I"))
     h = 0x9747B28C ^ length
-    for k in words.unpack_from(key):
+    for k in struct.unpack_from(f"<{length >> 2}I", key):  # its little-endian words
         k = (k * _MURMUR2_M) & 0xFFFFFFFF
         k = ((k ^ (k >> 24)) * _MURMUR2_M) & 0xFFFFFFFF
         h = ((h * _MURMUR2_M) & 0xFFFFFFFF) ^ k

@@ -230,18 +230,19 @@ def dumps_splicing(value: Any, raw: bytes) -> tuple[bytes, int] | None:
     """:func:`dumps` of ``value`` with ``raw`` (JSON already encoded, copied as it is) where
     ``value`` holds :data:`SPLICE` (once), and where ``raw`` begins in the answer: a record
     around a result its action answered, in one encoding instead of one per part. None where
-    orjson refuses ``value`` (see :func:`dumps_decoded`), or where it holds another NUL
-    fragment: the caller encodes it otherwise. Raises as :func:`dumps` for what orjson takes:
-    ValueError for NaN and the infinities, TypeError for what only orjson writes (enum
-    members, UUIDs) in an answer holding a ``null``."""
+    orjson refuses ``value`` (see :func:`dumps_decoded`), or where its answer holds no NUL or
+    more than one (no SPLICE, or another NUL fragment): the caller encodes it otherwise.
+    Raises as :func:`dumps` for what orjson takes: ValueError for NaN and the infinities,
+    TypeError for what only orjson writes (enum members, UUIDs) in an answer holding a
+    ``null``."""
     try:
         marked = orjson.dumps(value, option=_ORJSON_OPTIONS)
     except TypeError:
         return None
     if b"null" in marked:  # NaN or an infinity, or a null: the standard encoder tells which
         json.dumps(value, allow_nan=False, default=_splice_as_null)
-    at = marked.index(b"\x00")
-    if marked.find(b"\x00", at + 1) != -1:
+    at = marked.find(b"\x00")
+    if at < 0 or marked.rfind(b"\x00") != at:
         return None
     return b"".join((marked[:at], raw, marked[at + 1:])), at
 

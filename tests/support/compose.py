@@ -130,18 +130,19 @@ class Stack:
         """Until ``replicas`` invokers answer /healthz and together own every feed partition.
         On a timeout the error says what was last seen (each replica's partitions and health,
         or why /healthz did not answer)."""
-        seen = ["nothing yet"]
+        seen = "nothing yet"
 
         def settled():
+            nonlocal seen
             try:
                 states = [self.healthz(url) for url in self.metrics_urls("invoker")]
             except (httpx.HTTPError, ValueError) as exc:
-                seen[0] = f"/healthz: {type(exc).__name__}: {exc}"
+                seen = f"/healthz: {type(exc).__name__}: {exc}"
                 return None
             owned = [p for s in states for p in s["partitions"]]
             if len(states) == replicas and len(owned) == 4 and len(set(owned)) == 4:
                 return states
-            seen[0] = "; ".join(f"{s.get('id')}: partitions {s.get('partitions')}, ok "
+            seen = "; ".join(f"{s.get('id')}: partitions {s.get('partitions')}, ok "
                                 f"{s.get('ok')} {s.get('reasons')}" for s in states) or "none"
             return None
 
@@ -149,7 +150,7 @@ class Stack:
             return wait_for(settled, timeout_s,
                             f"{replicas} invoker(s) owning the 4 feed partitions", interval_s=1)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; last seen: {seen[0]}") from None
+            raise AssertionError(f"{exc}; last seen: {seen}") from None
 
     def wait_offsets_committed(self, timeout_s: float = 60) -> None:
         wait_for(lambda: topic_lag(INVOKER_GROUP, FEED_TOPIC, BOOTSTRAP) == 0, timeout_s,

@@ -262,6 +262,7 @@ def test_dumps_splicing_refuses_as_dumps_or_leaves_it_to_the_caller():
     for refused in ({"big": 2**64, "r": SPLICE}, {1: "int key", "r": SPLICE},
                     {"s": "a\ud800", "r": SPLICE}, {"f": orjson.Fragment(b"\x00"), "r": SPLICE}):
         assert dumps_splicing(refused, b"{}") is None
+    assert dumps_splicing({"no": "splice"}, b"{}") is None
 
 
 def test_dumps_is_compact_utf8_and_refuses_what_utf8_json_cannot_hold():
