@@ -84,6 +84,15 @@ def summary(results: Results) -> list[str]:
                                       f"{v('e2e.sqlite.added_latency_p99')}   couchdb "
                                       f"{v('e2e.couchdb.added_latency_p50')} / "
                                       f"{v('e2e.couchdb.added_latency_p99')}"),
+        ("  machine busy meanwhile, %", f"sqlite {v('e2e.sqlite.machine_busy')}   "
+                                        f"couchdb {v('e2e.couchdb.machine_busy')}"),
+        ("  at a quarter of max p50/p99, ms",
+         f"sqlite {v('e2e.sqlite.quarter_load_added_latency_p50')} / "
+         f"{v('e2e.sqlite.quarter_load_added_latency_p99')}   couchdb "
+         f"{v('e2e.couchdb.quarter_load_added_latency_p50')} / "
+         f"{v('e2e.couchdb.quarter_load_added_latency_p99')}   (machine busy "
+         f"{v('e2e.sqlite.quarter_load_machine_busy')} / "
+         f"{v('e2e.couchdb.quarter_load_machine_busy')} %)"),
         ("  Kafka alone at that rate p50, ms", f"sqlite {v('e2e.sqlite.kafka_alone_p50')}   "
                                                f"couchdb {v('e2e.couchdb.kafka_alone_p50')}"),
         *[(f"  at half max, stage {stage} p50, ms",

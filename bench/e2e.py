@@ -7,7 +7,9 @@ One daemon subprocess (default bounds, info logging) on fresh topics and a fresh
    its per-activation latencies give the *saturated* invoker-added latency, and the daemon's
    ``invoker_stage_seconds`` histogram (sampled before and after) the per-stage p50/p99;
 3. a paced run at half the measured throughput, whose latencies give the invoker-added
-   latency at half of max load (and the histogram, its per-stage p50/p99);
+   latency at half of max load (and the histogram, its per-stage p50/p99), then one at a
+   quarter; for each, how busy the whole machine was meanwhile (every client batches less at
+   a lower rate, so half the rate takes more than half the machine);
 4. the daemon is stopped; Kafka alone is timed at the paced rate (:mod:`bench.kafka_floor`),
    then the store's own bulk-insert rate is measured on the same database with copies of a
    real record of the run, in batches of the daemon's batch size.
@@ -34,7 +36,7 @@ from bench.infra import (
     store_rate,
 )
 from bench.kafka_floor import roundtrip_ms
-from bench.machine_cpu import STEAL, MachineCpu
+from bench.machine_cpu import STEAL, CpuSplit, MachineCpu
 from bench.stages import stage_figures
 from invoker.config import Config
 from invoker.loadgen import LoadSpec, Report, percentile, run_load
@@ -151,18 +153,10 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
         saturated = _added_latencies(report, records)
 
         paced_rate = max(report.throughput_per_s / 2, 1.0)
-        paced_before = metric_samples(daemon) or {}
-        paced = run_load(_spec(topics, store_url,
-                               count=max(int(paced_rate * params.paced_s), 50),
-                               rate=paced_rate,
-                               completion_timeout_s=params.completion_timeout_s))
-        for problem in load_problems(paced, "paced run"):
-            results.error(scenario, problem)
-        paced_stages = stage_figures(paced_before, metric_samples(daemon) or {})
-        paced_records = _records(store_url, paced)
-        added = _added_latencies(paced, paced_records)
-        durations = [r["duration"] for r in paced_records.values()]
-        waits = [_wait_time(r) for r in paced_records.values()]
+        half = _paced_run(results, scenario, daemon, topics, store_url, paced_rate,
+                          params, "paced run")
+        quarter = _paced_run(results, scenario, daemon, topics, store_url, paced_rate / 2,
+                             params, "quarter-load run")
 
         stop_daemon(daemon)
         daemon = None
@@ -180,18 +174,17 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
                     "one write at a time")
         results.ratio(f"ratio.{kind}.invoker_over_store", f"{prefix}.throughput",
                       f"store.{kind}.bulk_insert_rate")
-        note = (f"{len(added)} activations at {paced_rate:.0f}/s (half the throughput); "
-                f"action run time p50 "
-                f"{_fmt(percentile(durations, 50))} ms; produce -> /run start (waitTime) p50 "
-                f"{_fmt(percentile([w for w in waits if w is not None], 50))} ms")
-        results.add(f"{prefix}.added_latency_p50", percentile(added, 50), "ms", note)
-        results.add(f"{prefix}.added_latency_p99", percentile(added, 99), "ms")
+        saturated_ms = (_machine_ms(split.per_activation_ms(report.completed))
+                        if report.completed else None)
+        half.add(results, prefix, "", "half the throughput", saturated_ms)
+        quarter.add(results, prefix, "quarter_load_", "a quarter of the throughput",
+                    saturated_ms)
         results.add(f"{prefix}.kafka_alone_p50", percentile(kafka_alone, 50), "ms",
                     f"Kafka alone, produce -> consumed, {len(kafka_alone)} messages at "
                     f"{paced_rate:.0f}/s with the load generator's clients, the daemon "
                     f"stopped; p99 {_fmt(percentile(kafka_alone, 99))} ms: the floor under "
                     "each of the two Kafka legs of the added latency")
-        for stage, (p50, p99, n) in paced_stages.items():
+        for stage, (p50, p99, n) in half.stages.items():
             results.add(f"{prefix}.half_load_stage.{stage}", p50, "ms p50",
                         f"p99 {_fmt(p99)} ms; {n} observations (the paced run)")
         note = f"{len(saturated)} activations of the throughput run (includes queueing)"
@@ -211,12 +204,66 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
             topics.delete()
 
 
+@dataclass
+class _Paced:
+    """A paced run's figures."""
+
+    rate: float
+    added: list[float]  # invoker-added latency per activation, ms
+    durations: list[float]  # the action's own run time per activation, ms
+    waits: list[float]  # produce -> start of /run per activation, ms
+    stages: dict[str, tuple[float | None, float | None, int]]
+    machine: CpuSplit
+    wall_s: float
+    completed: int
+
+    def add(self, results: Results, prefix: str, name: str, what: str,
+            saturated_ms: float | None) -> None:
+        """Latency figures ``{prefix}.{name}added_latency_p50``/``_p99``, and how busy the
+        machine was meanwhile (``{prefix}.{name}machine_busy``), with its CPU per activation
+        beside the throughput run's (``saturated_ms``): at a lower rate every client batches
+        less, so half the rate takes more than half the machine."""
+        note = (f"{len(self.added)} activations at {self.rate:.0f}/s ({what}); action run "
+                f"time p50 {_fmt(percentile(self.durations, 50))} ms; produce -> /run start "
+                f"(waitTime) p50 {_fmt(percentile(self.waits, 50))} ms")
+        results.add(f"{prefix}.{name}added_latency_p50", percentile(self.added, 50), "ms",
+                    note)
+        results.add(f"{prefix}.{name}added_latency_p99", percentile(self.added, 99), "ms")
+        if not self.wall_s or not self.completed:
+            return
+        machine = _machine_ms(self.machine.per_activation_ms(self.completed))
+        busy = (self.machine.busy_s - self.machine.seconds[STEAL]) / (self.wall_s * CORES)
+        note = (f"of all {CORES} cores, every process, during the run at {self.rate:.0f}/s: "
+                f"{machine:.2f} ms of CPU per activation (the throughput run's "
+                f"{_fmt(saturated_ms, 2)}): {self.machine.describe(self.completed)}")
+        results.add(f"{prefix}.{name}machine_busy", busy * 100, "%", note)
+
+
+def _paced_run(results: Results, scenario: str, daemon: Any, topics: Topics, store_url: str,
+               rate: float, params: E2EParams, what: str) -> _Paced:
+    """``params.paced_s`` seconds of no-op activations at ``rate``, the machine's CPU split
+    and the daemon's stage histograms sampled around it."""
+    before = metric_samples(daemon) or {}
+    machine = MachineCpu(daemon_pid=daemon.process.pid)
+    report = run_load(_spec(topics, store_url, count=max(int(rate * params.paced_s), 50),
+                            rate=rate, completion_timeout_s=params.completion_timeout_s))
+    split = machine.since()
+    for problem in load_problems(report, what):
+        results.error(scenario, problem)
+    stages = stage_figures(before, metric_samples(daemon) or {})
+    records = _records(store_url, report)
+    return _Paced(rate, _added_latencies(report, records),
+                  [r["duration"] for r in records.values()],
+                  [w for w in (_wait_time(r) for r in records.values()) if w is not None],
+                  stages, split, report.wall_s, report.completed)
+
+
 def _add_machine_split(results: Results, prefix: str, per: dict[str, float],
                        described: str) -> None:
     """The machine's CPU per activation over the throughput run (what the hypervisor gave
     other guests meanwhile, steal, only in the note), and the throughput this host could reach
     if the daemon cost nothing and everything else stayed as it is."""
-    machine = sum(ms for group, ms in per.items() if group != STEAL)
+    machine = _machine_ms(per)
     results.add(f"{prefix}.machine_cpu_per_activation", machine, "ms",
                 f"all {CORES} cores, every process: {described}")
     results.add(f"{prefix}.steal_per_activation", per.get(STEAL), "ms",
@@ -267,8 +314,13 @@ class _Occupancy:
         return ", ".join(parts) + f" ({len(busy)} samples)"
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
+def _machine_ms(per_activation: dict[str, float]) -> float:
+    """The machine's CPU per activation, all processes, without the hypervisor's steal."""
+    return sum(ms for group, ms in per_activation.items() if group != STEAL)
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 
