@@ -93,7 +93,7 @@ def summary(results: Results) -> list[str]:
          f"{v('e2e.couchdb.quarter_load_added_latency_p99')}   (machine busy "
          f"{v('e2e.sqlite.quarter_load_machine_busy')} / "
          f"{v('e2e.couchdb.quarter_load_machine_busy')} %)"),
-        ("  Kafka alone at that rate p50, ms", f"sqlite {v('e2e.sqlite.kafka_alone_p50')}   "
+        ("  Kafka alone at half max p50, ms", f"sqlite {v('e2e.sqlite.kafka_alone_p50')}   "
                                                f"couchdb {v('e2e.couchdb.kafka_alone_p50')}"),
         *[(f"  at half max, stage {stage} p50, ms",
            f"sqlite {v(f'e2e.sqlite.half_load_stage.{stage}')}   couchdb "

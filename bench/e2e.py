@@ -8,9 +8,10 @@ One daemon subprocess (default bounds, info logging) on fresh topics and a fresh
    ``invoker_stage_seconds`` histogram (sampled before and after) the per-stage p50/p99;
 3. a paced run at half the measured throughput, whose latencies give the invoker-added
    latency at half of max load (and the histogram, its per-stage p50/p99), then one at a
-   quarter; for each, how busy the whole machine was meanwhile (every client batches less at
-   a lower rate, so half the rate takes more than half the machine);
-4. the daemon is stopped; Kafka alone is timed at the paced rate (:mod:`bench.kafka_floor`),
+   quarter; for each, how busy the whole machine was from its first message sent until its
+   completions were in (every process spends more per activation at a lower rate, so half
+   the rate takes more than half the machine);
+4. the daemon is stopped; Kafka alone is timed at the half rate (:mod:`bench.kafka_floor`),
    then the store's own bulk-insert rate is measured on the same database with copies of a
    real record of the run, in batches of the daemon's batch size.
 """
@@ -36,7 +37,7 @@ from bench.infra import (
     store_rate,
 )
 from bench.kafka_floor import roundtrip_ms
-from bench.machine_cpu import STEAL, CpuSplit, MachineCpu
+from bench.machine_cpu import STEAL, CpuSplit, LoadWindow
 from bench.stages import stage_figures
 from invoker.config import Config
 from invoker.loadgen import LoadSpec, Report, percentile, run_load
@@ -61,7 +62,7 @@ OCCUPANCY_MAX_SAMPLES = 2000  # the newest kept: 1000 s of a run
 class E2EParams:
     warmup: int = 300
     count: int = 10_000
-    paced_s: float = 10.0  # how long the paced run lasts (at half the measured throughput)
+    paced_s: float = 10.0  # how long each paced run lasts (at half and a quarter of max)
     kafka_floor_s: float = 5.0  # Kafka alone at the paced rate, for as long
     store_records: int = 5000
     store_time_limit_s: float = 20.0
@@ -118,12 +119,11 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
             raise RuntimeError(f"the warm-up run completed nothing; see {daemon.log_path}")
 
         before = metric_samples(daemon) or {}
-        machine = MachineCpu(daemon_pid=daemon.process.pid)
+        window = LoadWindow(daemon_pid=daemon.process.pid)
         with _Occupancy(daemon) as occupancy:
             report = run_load(_spec(topics, store_url, count=params.count,
                                     completion_timeout_s=params.completion_timeout_s,
-                                    daemons=[daemon]))
-        split = machine.since()
+                                    daemons=[daemon], on_window=window))
         after = metric_samples(daemon) or {}
         cpu_before = before.get("process_cpu_seconds_total")
         cpu_after = after.get("process_cpu_seconds_total")
@@ -143,9 +143,9 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
             results.add(f"{prefix}.cpu_per_activation",
                         (cpu_after - cpu_before) * 1000 / report.completed, "ms",
                         "daemon CPU (all threads) over the throughput run / activations")
-        if report.completed:
-            _add_machine_split(results, prefix, split.per_activation_ms(report.completed),
-                               split.describe(report.completed))
+        if report.completed and window.split is not None:
+            _add_machine_split(results, prefix, window.split.per_activation_ms(report.completed),
+                               window.split.describe(report.completed))
         for stage, (p50, p99, n) in stage_figures(before, after).items():
             results.add(f"{prefix}.stage.{stage}", p50, "ms p50",
                         f"p99 {_fmt(p99)} ms; {n} observations")
@@ -155,8 +155,8 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
         paced_rate = max(report.throughput_per_s / 2, 1.0)
         half = _paced_run(results, scenario, daemon, topics, store_url, paced_rate,
                           params, "paced run")
-        quarter = _paced_run(results, scenario, daemon, topics, store_url, paced_rate / 2,
-                             params, "quarter-load run")
+        quarter = _paced_run(results, scenario, daemon, topics, store_url,
+                             max(report.throughput_per_s / 4, 1.0), params, "quarter-load run")
 
         stop_daemon(daemon)
         daemon = None
@@ -174,8 +174,8 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
                     "one write at a time")
         results.ratio(f"ratio.{kind}.invoker_over_store", f"{prefix}.throughput",
                       f"store.{kind}.bulk_insert_rate")
-        saturated_ms = (_machine_ms(split.per_activation_ms(report.completed))
-                        if report.completed else None)
+        saturated_ms = (_machine_ms(window.split.per_activation_ms(report.completed))
+                        if report.completed and window.split is not None else None)
         half.add(results, prefix, "", "half the throughput", saturated_ms)
         quarter.add(results, prefix, "quarter_load_", "a quarter of the throughput",
                     saturated_ms)
@@ -184,9 +184,11 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
                     f"{paced_rate:.0f}/s with the load generator's clients, the daemon "
                     f"stopped; p99 {_fmt(percentile(kafka_alone, 99))} ms: the floor under "
                     "each of the two Kafka legs of the added latency")
-        for stage, (p50, p99, n) in half.stages.items():
-            results.add(f"{prefix}.half_load_stage.{stage}", p50, "ms p50",
-                        f"p99 {_fmt(p99)} ms; {n} observations (the paced run)")
+        for name, paced in (("half_load", half), ("quarter_load", quarter)):
+            for stage, (p50, p99, n) in paced.stages.items():
+                results.add(f"{prefix}.{name}_stage.{stage}", p50, "ms p50",
+                            f"p99 {_fmt(p99)} ms; {n} observations (the paced run at "
+                            f"{paced.rate:.0f}/s)")
         note = f"{len(saturated)} activations of the throughput run (includes queueing)"
         results.add(f"{prefix}.saturated_added_latency_p50", percentile(saturated, 50), "ms",
                     note)
@@ -213,7 +215,7 @@ class _Paced:
     durations: list[float]  # the action's own run time per activation, ms
     waits: list[float]  # produce -> start of /run per activation, ms
     stages: dict[str, tuple[float | None, float | None, int]]
-    machine: CpuSplit
+    machine: CpuSplit | None  # over the load's span, wall_s long (None: it never ended)
     wall_s: float
     completed: int
 
@@ -221,18 +223,18 @@ class _Paced:
             saturated_ms: float | None) -> None:
         """Latency figures ``{prefix}.{name}added_latency_p50``/``_p99``, and how busy the
         machine was meanwhile (``{prefix}.{name}machine_busy``), with its CPU per activation
-        beside the throughput run's (``saturated_ms``): at a lower rate every client batches
-        less, so half the rate takes more than half the machine."""
+        beside the throughput run's (``saturated_ms``): at a lower rate every process on the
+        machine spends more per activation, so half the rate takes more than half of it."""
         note = (f"{len(self.added)} activations at {self.rate:.0f}/s ({what}); action run "
                 f"time p50 {_fmt(percentile(self.durations, 50))} ms; produce -> /run start "
                 f"(waitTime) p50 {_fmt(percentile(self.waits, 50))} ms")
         results.add(f"{prefix}.{name}added_latency_p50", percentile(self.added, 50), "ms",
                     note)
         results.add(f"{prefix}.{name}added_latency_p99", percentile(self.added, 99), "ms")
-        if not self.wall_s or not self.completed:
+        if self.machine is None or not self.wall_s or not self.completed:
             return
         machine = _machine_ms(self.machine.per_activation_ms(self.completed))
-        busy = (self.machine.busy_s - self.machine.seconds[STEAL]) / (self.wall_s * CORES)
+        busy = machine * self.completed / 1000 / (self.wall_s * CORES)
         note = (f"of all {CORES} cores, every process, during the run at {self.rate:.0f}/s: "
                 f"{machine:.2f} ms of CPU per activation (the throughput run's "
                 f"{_fmt(saturated_ms, 2)}): {self.machine.describe(self.completed)}")
@@ -241,13 +243,13 @@ class _Paced:
 
 def _paced_run(results: Results, scenario: str, daemon: Any, topics: Topics, store_url: str,
                rate: float, params: E2EParams, what: str) -> _Paced:
-    """``params.paced_s`` seconds of no-op activations at ``rate``, the machine's CPU split
-    and the daemon's stage histograms sampled around it."""
+    """``params.paced_s`` seconds of no-op activations at ``rate``, with the machine's CPU
+    split over the load's span and the daemon's stage histograms sampled around the run."""
     before = metric_samples(daemon) or {}
-    machine = MachineCpu(daemon_pid=daemon.process.pid)
+    window = LoadWindow(daemon_pid=daemon.process.pid)
     report = run_load(_spec(topics, store_url, count=max(int(rate * params.paced_s), 50),
-                            rate=rate, completion_timeout_s=params.completion_timeout_s))
-    split = machine.since()
+                            rate=rate, completion_timeout_s=params.completion_timeout_s,
+                            on_window=window))
     for problem in load_problems(report, what):
         results.error(scenario, problem)
     stages = stage_figures(before, metric_samples(daemon) or {})
@@ -255,7 +257,7 @@ def _paced_run(results: Results, scenario: str, daemon: Any, topics: Topics, sto
     return _Paced(rate, _added_latencies(report, records),
                   [r["duration"] for r in records.values()],
                   [w for w in (_wait_time(r) for r in records.values()) if w is not None],
-                  stages, split, report.wall_s, report.completed)
+                  stages, window.split, window.wall_s, report.completed)
 
 
 def _add_machine_split(results: Results, prefix: str, per: dict[str, float],

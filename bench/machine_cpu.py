@@ -15,6 +15,7 @@ here, and a run with much of it ran on a busy host.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -141,3 +142,25 @@ class MachineCpu:
         seconds["unattributed"] = max(busy - steal - attributed, 0) / TICKS_PER_S
         seconds[STEAL] = steal / TICKS_PER_S
         return CpuSplit(seconds, busy / TICKS_PER_S)
+
+
+class LoadWindow:
+    """A ``LoadSpec.on_window`` callback: the machine's CPU split (:attr:`split`) and the wall
+    time (:attr:`wall_s`) over just the load, from the first message sent until the
+    completions are in, without the run's setup and the store's read-back after it. Both
+    stay None and 0 if the run never got that far."""
+
+    def __init__(self, *, daemon_pid: int) -> None:
+        self._daemon_pid = daemon_pid
+        self._machine: MachineCpu | None = None
+        self._started = 0.0
+        self.split: CpuSplit | None = None
+        self.wall_s = 0.0
+
+    def __call__(self, phase: str) -> None:
+        if phase == "start":
+            self._machine = MachineCpu(daemon_pid=self._daemon_pid)
+            self._started = time.monotonic()
+        elif phase == "end" and self._machine is not None:
+            self.split = self._machine.since()
+            self.wall_s = time.monotonic() - self._started

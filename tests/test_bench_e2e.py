@@ -35,10 +35,27 @@ def test_machine_busy_is_the_share_of_all_cores_without_steal():
     assert "100/s (a quarter)" in p50.note
 
 
-def test_a_run_that_completed_nothing_states_no_machine_figure():
+def test_machine_busy_and_cpu_per_activation_share_one_total():
+    # /proc/stat's busy time can fall short of what the processes' own counters add up to
+    # (unattributed is then 0): both figures count the processes' CPU
     results = Results(out=io.StringIO())
-    _paced(busy_s=6.0, steal_s=0.0, wall_s=5.0, completed=0).add(
-        results, "e2e.x", "", "half", saturated_ms=None)
+    paced = _paced(busy_s=2.0, steal_s=0.0, wall_s=5.0, completed=1000)
+    paced.machine.seconds["unattributed"] = 0.0  # daemon 2 + load generator 1: 3 s
+    paced.add(results, "e2e.x", "", "half", saturated_ms=None)
+
+    busy = results.get("e2e.x.machine_busy")
+    assert busy is not None
+    assert busy.value == pytest.approx(3.0 / (5.0 * CORES) * 100)
+    assert "3.00 ms of CPU per activation (the throughput run's n/a)" in busy.note
+
+
+@pytest.mark.parametrize("completed, ended", [(0, True), (1000, False)])
+def test_a_run_that_completed_nothing_or_never_ended_states_no_machine_figure(completed, ended):
+    results = Results(out=io.StringIO())
+    paced = _paced(busy_s=6.0, steal_s=0.0, wall_s=5.0, completed=completed)
+    if not ended:
+        paced.machine = None
+    paced.add(results, "e2e.x", "", "half", saturated_ms=None)
 
     assert results.get("e2e.x.machine_busy") is None
     assert results.get("e2e.x.added_latency_p50") is not None

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from bench.machine_cpu import STEAL, MachineCpu, Process, group_of, read_busy_ticks
+from bench.machine_cpu import STEAL, LoadWindow, MachineCpu, Process, group_of, read_busy_ticks
 
 BURN = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"
 
@@ -94,3 +94,20 @@ def test_the_real_machines_steal_is_a_group_of_its_own():
     split = MachineCpu(daemon_pid=1).since()
     assert STEAL in split.seconds and split.seconds[STEAL] >= 0
     assert split.busy_s >= split.seconds[STEAL]
+
+
+def test_a_load_window_splits_the_cpu_between_its_start_and_end_only():
+    window = LoadWindow(daemon_pid=1)
+    window("end")  # an end before any start is no window
+    assert window.split is None and window.wall_s == 0
+
+    _burn(0.3)  # before the window: not counted
+    window("start")
+    _burn(0.2)
+    window("end")
+    _burn(0.3)  # after it: not counted either
+
+    assert window.split is not None
+    mine = window.split.seconds["load generator"]  # this process stands for it
+    assert 0.15 <= mine <= 0.35
+    assert window.wall_s >= 0.2

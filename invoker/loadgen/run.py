@@ -64,6 +64,8 @@ def run_load(spec: LoadSpec) -> Report:
     try:
         if sampler is not None:
             sampler.start()
+        if spec.on_window is not None:
+            spec.on_window("start")
         produce_run(spec, encoders, sending)
         report.errors.extend(sending.errors)
         produced = sending.produced()
@@ -72,6 +74,8 @@ def run_load(spec: LoadSpec) -> Report:
             progress.phase = "waiting"
         assert sending.end is not None
         all_done = collector.wait_for(produced, sending.end + spec.completion_timeout_s)
+        if spec.on_window is not None:
+            spec.on_window("end")
         report.completion_wait_timed_out = not all_done and collector.error is None
         if collector.error is not None:
             report.errors.append(collector.error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,10 @@ class LoadSpec:
     ``metrics_urls``: each daemon's /metrics; a URL whose host resolves to several addresses
     stands for that many daemons (:mod:`invoker.loadgen.daemon_metrics`). ``plot``: write
     ``<plot>.png`` and ``<plot>.html`` with the run over time (:mod:`invoker.loadgen.plot`).
+    ``on_window``: called (on the calling thread) with ``"start"`` just before the first
+    message is sent and ``"end"`` once the completions are in or waited for, before the store
+    is read back, for a caller that measures something over just that span; it should return
+    at once.
     """
 
     bootstrap: str = "127.0.0.1:9092"
@@ -52,6 +57,7 @@ class LoadSpec:
     limits: dict[str, Any] | None = None  # passed to activation_message for every message
     copies: int = 1  # distinct actions per spec, at most actions.MAX_COPIES
     plot: str | None = None
+    on_window: Callable[[str], None] | None = None
 
     def validate(self) -> None:
         """Raise ValueError for anything that makes the spec unusable."""
