@@ -63,7 +63,7 @@ class E2EParams:
     warmup: int = 300
     count: int = 10_000
     paced_s: float = 10.0  # how long each paced run lasts (at half and a quarter of max)
-    kafka_floor_s: float = 5.0  # Kafka alone at the paced rate, for as long
+    kafka_floor_s: float = 5.0  # how long Kafka alone is timed (at the half-load rate)
     store_records: int = 5000
     store_time_limit_s: float = 20.0
     completion_timeout_s: float = 90.0
@@ -143,20 +143,32 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
             results.add(f"{prefix}.cpu_per_activation",
                         (cpu_after - cpu_before) * 1000 / report.completed, "ms",
                         "daemon CPU (all threads) over the throughput run / activations")
-        if report.completed and window.split is not None:
-            _add_machine_split(results, prefix, window.split.per_activation_ms(report.completed),
-                               window.split.describe(report.completed))
+        # run_load returned: on_window saw the load's start and end
+        assert window.split is not None
+        saturated_ms = None
+        if report.completed:
+            per = window.split.per_activation_ms(report.completed)
+            _add_machine_split(results, prefix, per, window.split.describe(report.completed))
+            saturated_ms = _machine_ms(per)
         for stage, (p50, p99, n) in stage_figures(before, after).items():
             results.add(f"{prefix}.stage.{stage}", p50, "ms p50",
                         f"p99 {_fmt(p99)} ms; {n} observations")
         records = _records(store_url, report)
+        if not records:
+            raise RuntimeError("no record of the throughput run found in the store")
         saturated = _added_latencies(report, records)
 
+        # Each paced run's figures as soon as it is over: a later failure keeps them.
         paced_rate = max(report.throughput_per_s / 2, 1.0)
         half = _paced_run(results, scenario, daemon, topics, store_url, paced_rate,
-                          params, "paced run")
+                          params, "half-load run")
+        half.add(results, prefix, "", "half the throughput", saturated_ms)
+        half.add_stages(results, f"{prefix}.half_load_stage")
         quarter = _paced_run(results, scenario, daemon, topics, store_url,
                              max(report.throughput_per_s / 4, 1.0), params, "quarter-load run")
+        quarter.add(results, prefix, "quarter_load_", "a quarter of the throughput",
+                    saturated_ms)
+        quarter.add_stages(results, f"{prefix}.quarter_load_stage")
 
         stop_daemon(daemon)
         daemon = None
@@ -164,9 +176,12 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
         kafka_alone = roundtrip_ms(topics.overflow, paced_rate,
                                    max(int(paced_rate * params.kafka_floor_s), 50),
                                    params.completion_timeout_s)
+        results.add(f"{prefix}.kafka_alone_p50", percentile(kafka_alone, 50), "ms",
+                    f"Kafka alone, produce -> consumed, {len(kafka_alone)} messages at "
+                    f"{paced_rate:.0f}/s with the load generator's clients, the daemon "
+                    f"stopped; p99 {_fmt(percentile(kafka_alone, 99))} ms: the floor under "
+                    "each of the two Kafka legs of the added latency")
 
-        if not records:
-            raise RuntimeError("no record of the throughput run found in the store")
         written, seconds = store_rate(store_url, next(iter(records.values())), batch_size,
                                       params.store_records, params.store_time_limit_s)
         results.add(f"store.{kind}.bulk_insert_rate", written / seconds if seconds else None,
@@ -174,21 +189,6 @@ def run(results: Results, kind: str, params: E2EParams, work: Path) -> None:
                     "one write at a time")
         results.ratio(f"ratio.{kind}.invoker_over_store", f"{prefix}.throughput",
                       f"store.{kind}.bulk_insert_rate")
-        saturated_ms = (_machine_ms(window.split.per_activation_ms(report.completed))
-                        if report.completed and window.split is not None else None)
-        half.add(results, prefix, "", "half the throughput", saturated_ms)
-        quarter.add(results, prefix, "quarter_load_", "a quarter of the throughput",
-                    saturated_ms)
-        results.add(f"{prefix}.kafka_alone_p50", percentile(kafka_alone, 50), "ms",
-                    f"Kafka alone, produce -> consumed, {len(kafka_alone)} messages at "
-                    f"{paced_rate:.0f}/s with the load generator's clients, the daemon "
-                    f"stopped; p99 {_fmt(percentile(kafka_alone, 99))} ms: the floor under "
-                    "each of the two Kafka legs of the added latency")
-        for name, paced in (("half_load", half), ("quarter_load", quarter)):
-            for stage, (p50, p99, n) in paced.stages.items():
-                results.add(f"{prefix}.{name}_stage.{stage}", p50, "ms p50",
-                            f"p99 {_fmt(p99)} ms; {n} observations (the paced run at "
-                            f"{paced.rate:.0f}/s)")
         note = f"{len(saturated)} activations of the throughput run (includes queueing)"
         results.add(f"{prefix}.saturated_added_latency_p50", percentile(saturated, 50), "ms",
                     note)
@@ -215,9 +215,10 @@ class _Paced:
     durations: list[float]  # the action's own run time per activation, ms
     waits: list[float]  # produce -> start of /run per activation, ms
     stages: dict[str, tuple[float | None, float | None, int]]
-    machine: CpuSplit | None  # over the load's span, wall_s long (None: it never ended)
+    machine: CpuSplit  # over the load's span, wall_s long
     wall_s: float
     completed: int
+    timed_out: bool  # waiting for the completions: the span holds that wait
 
     def add(self, results: Results, prefix: str, name: str, what: str,
             saturated_ms: float | None) -> None:
@@ -231,7 +232,7 @@ class _Paced:
         results.add(f"{prefix}.{name}added_latency_p50", percentile(self.added, 50), "ms",
                     note)
         results.add(f"{prefix}.{name}added_latency_p99", percentile(self.added, 99), "ms")
-        if self.machine is None or not self.wall_s or not self.completed:
+        if self.timed_out or not self.wall_s or not self.completed:
             return
         machine = _machine_ms(self.machine.per_activation_ms(self.completed))
         busy = machine * self.completed / 1000 / (self.wall_s * CORES)
@@ -239,6 +240,13 @@ class _Paced:
                 f"{machine:.2f} ms of CPU per activation (the throughput run's "
                 f"{_fmt(saturated_ms, 2)}): {self.machine.describe(self.completed)}")
         results.add(f"{prefix}.{name}machine_busy", busy * 100, "%", note)
+
+    def add_stages(self, results: Results, name: str) -> None:
+        """The daemon's per-stage p50 (p99 in the note) over the run, as ``{name}.<stage>``."""
+        for stage, (p50, p99, n) in self.stages.items():
+            results.add(f"{name}.{stage}", p50, "ms p50",
+                        f"p99 {_fmt(p99)} ms; {n} observations (the paced run at "
+                        f"{self.rate:.0f}/s)")
 
 
 def _paced_run(results: Results, scenario: str, daemon: Any, topics: Topics, store_url: str,
@@ -254,10 +262,12 @@ def _paced_run(results: Results, scenario: str, daemon: Any, topics: Topics, sto
         results.error(scenario, problem)
     stages = stage_figures(before, metric_samples(daemon) or {})
     records = _records(store_url, report)
+    assert window.split is not None  # run_load returned: on_window saw the load's end
     return _Paced(rate, _added_latencies(report, records),
                   [r["duration"] for r in records.values()],
                   [w for w in (_wait_time(r) for r in records.values()) if w is not None],
-                  stages, window.split, window.wall_s, report.completed)
+                  stages, window.split, window.wall_s, report.completed,
+                  report.completion_wait_timed_out)
 
 
 def _add_machine_split(results: Results, prefix: str, per: dict[str, float],

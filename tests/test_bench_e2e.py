@@ -11,12 +11,13 @@ from bench.figures import Results
 from bench.machine_cpu import STEAL, CpuSplit
 
 
-def _paced(busy_s: float, steal_s: float, wall_s: float, completed: int) -> _Paced:
+def _paced(busy_s: float, steal_s: float, wall_s: float, completed: int,
+           timed_out: bool = False) -> _Paced:
     seconds = {"daemon": 2.0, "load generator": 1.0, "unattributed": busy_s - steal_s - 3.0,
                STEAL: steal_s}
     return _Paced(rate=100.0, added=[1.0, 2.0, 3.0, 4.0], durations=[1.0], waits=[2.0],
-                  stages={}, machine=CpuSplit(seconds, busy_s), wall_s=wall_s,
-                  completed=completed)
+                  stages={"run": (2.0, 9.0, 1000)}, machine=CpuSplit(seconds, busy_s),
+                  wall_s=wall_s, completed=completed, timed_out=timed_out)
 
 
 def test_machine_busy_is_the_share_of_all_cores_without_steal():
@@ -49,13 +50,23 @@ def test_machine_busy_and_cpu_per_activation_share_one_total():
     assert "3.00 ms of CPU per activation (the throughput run's n/a)" in busy.note
 
 
-@pytest.mark.parametrize("completed, ended", [(0, True), (1000, False)])
-def test_a_run_that_completed_nothing_or_never_ended_states_no_machine_figure(completed, ended):
+@pytest.mark.parametrize("completed, timed_out", [(0, False), (1000, True)])
+def test_a_run_that_completed_nothing_or_timed_out_states_no_machine_figure(completed,
+                                                                            timed_out):
+    # timed out: the span holds the wait for completions that never came
     results = Results(out=io.StringIO())
-    paced = _paced(busy_s=6.0, steal_s=0.0, wall_s=5.0, completed=completed)
-    if not ended:
-        paced.machine = None
-    paced.add(results, "e2e.x", "", "half", saturated_ms=None)
+    _paced(busy_s=6.0, steal_s=0.0, wall_s=5.0, completed=completed,
+           timed_out=timed_out).add(results, "e2e.x", "", "half", saturated_ms=None)
 
     assert results.get("e2e.x.machine_busy") is None
     assert results.get("e2e.x.added_latency_p50") is not None
+
+
+def test_stages_are_stated_under_the_given_name_with_the_run_s_rate():
+    results = Results(out=io.StringIO())
+    _paced(busy_s=6.0, steal_s=0.0, wall_s=5.0, completed=1000).add_stages(
+        results, "e2e.x.quarter_load_stage")
+
+    run = results.get("e2e.x.quarter_load_stage.run")
+    assert run is not None and run.value == 2.0
+    assert run.note == "p99 9.0 ms; 1000 observations (the paced run at 100/s)"

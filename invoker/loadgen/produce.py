@@ -107,6 +107,8 @@ def produce_run(spec: LoadSpec, encoders: list[MessageEncoder], sending: Sending
             partitions = sorted(producer.partitions_for(spec.feed_topic))
         except KafkaError as exc:
             raise LoadgenError(f"no partitions for {spec.feed_topic!r}: {exc!r}") from exc
+        if spec.on_window is not None:
+            spec.on_window("start")
         unsettled = _send_all(producer, partitions, spec, encoders, sending)
         try:
             producer.flush(timeout=KAFKA_TIMEOUT_S)

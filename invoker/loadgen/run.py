@@ -64,8 +64,6 @@ def run_load(spec: LoadSpec) -> Report:
     try:
         if sampler is not None:
             sampler.start()
-        if spec.on_window is not None:
-            spec.on_window("start")
         produce_run(spec, encoders, sending)
         report.errors.extend(sending.errors)
         produced = sending.produced()

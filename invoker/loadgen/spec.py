@@ -34,9 +34,10 @@ class LoadSpec:
     stands for that many daemons (:mod:`invoker.loadgen.daemon_metrics`). ``plot``: write
     ``<plot>.png`` and ``<plot>.html`` with the run over time (:mod:`invoker.loadgen.plot`).
     ``on_window``: called (on the calling thread) with ``"start"`` just before the first
-    message is sent and ``"end"`` once the completions are in or waited for, before the store
-    is read back, for a caller that measures something over just that span; it should return
-    at once.
+    message is sent (the producer made) and ``"end"`` once the completions are in or their
+    wait timed out, before the store is read back, for a caller that measures something over
+    just that span; it should return at once, and what it raises ends the run (no report).
+    A run that raises meanwhile makes no ``"end"`` call.
     """
 
     bootstrap: str = "127.0.0.1:9092"

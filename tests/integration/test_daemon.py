@@ -34,15 +34,12 @@ def test_happy_path_records_completions_and_commits(daemons, topics, sqlite_url)
     daemon = daemons(sqlite_url)
     actions = ["echo", "sleep:50", "error", "raise", "noop"]
     window: list[tuple[str, float]] = []
-    called = time.monotonic()
     report = run_load(load_spec(topics, sqlite_url, [daemon], actions=actions, count=60,
                                 on_window=lambda phase: window.append((phase, time.monotonic()))))
-    returned = time.monotonic()
     assert (report.produced, report.completed, report.stored, report.lost) == (60, 60, 60, 0)
-    # the load's window: once each way, inside the call, spanning every produce -> completion
+    # the load's window: once each way, spanning every produce -> completion
     assert [phase for phase, _ in window] == ["start", "end"]
     (_, start), (_, end) = window
-    assert called <= start and end <= returned
     assert end - start >= max(report.latencies_ms.values()) / 1000
     assert report.duplicate_records == 0
     assert report.by_status == {"success": 36, "application error": 12,
